@@ -1,0 +1,333 @@
+"""Requests and replies of the platform's API: the same structs over HTTP and over NATS.
+
+Every input from outside is decoded into one of these with msgspec; a value that does not fit is a
+`BadRequest` naming the field, and nothing is appended.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from sdk.errors import BadRequest
+from sdk.events import ErrorInfo, GpuInfo, JobEvent
+from sdk.jobs import Job
+
+JobType = Literal["echo", "llm", "image"]
+#: Regions, names and ids become NATS subject tokens: no dots, spaces or wildcards.
+Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+
+MAX_BODY_BYTES = 1_048_576
+
+
+class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of inputs from outside: an unknown field is an error, not silently dropped."""
+
+
+# --- Jobs ----------------------------------------------------------------------------------------
+
+
+class SubmitJob(Strict):
+    type: JobType
+    model: ModelName | None = None
+    params: dict[str, Any] = {}
+    region: Token | None = None
+    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 300.0
+    idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type in ("llm", "image") and self.model is None:
+            raise ValueError(f"`model` is required for {self.type} jobs")
+
+
+class Submitted(msgspec.Struct, kw_only=True):
+    id: str
+    status: str
+    seq: int
+    #: False when an idempotency key matched an earlier submission (nothing was appended).
+    created: bool = True
+
+
+class GetJob(Strict):
+    id: str
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class ListJobs(Strict):
+    status: str | None = None
+    type: str | None = None
+    worker_id: str | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
+    cursor: str | None = None
+    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class CancelJob(Strict):
+    id: str
+    reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
+
+
+class CancelAccepted(msgspec.Struct, kw_only=True):
+    id: str
+    #: `cancelled` for a job that was still queued, `cancel_requested` for one a worker holds.
+    status: str
+    seq: int
+
+
+class JobEventsRequest(Strict):
+    id: str
+
+
+class EventRecord(msgspec.Struct, kw_only=True):
+    seq: int
+    event: JobEvent
+
+
+class JobEvents(msgspec.Struct, kw_only=True):
+    items: list[EventRecord]
+
+
+class JobView(msgspec.Struct, kw_only=True):
+    id: str
+    type: str
+    model: str | None
+    status: str
+    region: str | None
+    worker_id: str | None
+    attempt: int
+    params: dict[str, Any]
+    result: Any
+    error: ErrorInfo | None
+    submitted_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float = 300.0
+    progress: float | None = None
+    cancel_requested: bool = False
+    seq: int = 0
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("completed", "failed", "cancelled", "expired")
+
+
+class JobPage(msgspec.Struct, kw_only=True):
+    items: list[JobView]
+    next_cursor: str | None = None
+
+
+def ms_to_datetime(ms: int | None) -> dt.datetime | None:
+    return None if ms is None else dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC)
+
+
+def job_view(job: Job) -> JobView:
+    return JobView(
+        id=job.id,
+        type=job.type,
+        model=job.model,
+        status=job.status.value,
+        region=job.region,
+        worker_id=job.worker_id,
+        attempt=job.attempt,
+        params=job.params,
+        result=job.result,
+        error=job.error,
+        submitted_at=ms_to_datetime(job.submitted_at_ms),
+        started_at=ms_to_datetime(job.started_at_ms),
+        finished_at=ms_to_datetime(job.finished_at_ms),
+        priority=job.priority,
+        max_attempts=job.max_attempts,
+        timeout_s=job.timeout_s,
+        progress=job.progress,
+        cancel_requested=job.cancel_requested,
+        seq=job.seq,
+    )
+
+
+# --- Workers -------------------------------------------------------------------------------------
+
+
+class WorkerView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    region: str
+    #: `online`, `draining`, `lost` or `deregistered`.
+    status: str
+    capabilities: list[str]
+    #: How many jobs it runs at once (its `max_concurrency`).
+    capacity: int
+    in_flight: list[str]
+    last_heartbeat: dt.datetime | None
+    loaded_models: list[str] = []
+    gpus: list[GpuInfo] = []
+    seq: int = 0
+
+
+class WorkerPage(msgspec.Struct, kw_only=True):
+    items: list[WorkerView]
+
+
+class GetWorker(Strict):
+    id: str
+
+
+class ListWorkers(Strict):
+    region: str | None = None
+    status: str | None = None
+
+
+class RegisterWorker(Strict):
+    name: Token
+    region: Token
+    capabilities: list[JobType] = msgspec.field(default_factory=lambda: ["echo"])
+    gpus: list[GpuInfo] = []
+    #: A worker that registered before passes its id to come back as itself.
+    worker_id: Token | None = None
+    #: One-use enrollment token (required when the platform runs with auth).
+    enrollment_token: str | None = None
+
+
+class Registered(msgspec.Struct, kw_only=True):
+    worker_id: str
+    region: str
+    seq: int
+    #: Credentials, present only when the platform runs with auth (shown once).
+    credentials: dict[str, Any] | None = None
+
+
+class ModelSettings(Strict):
+    #: Runs code shipped with the model; off unless the platform turns it on for that model.
+    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class LoadControl(Strict):
+    #: The share of offered work this worker accepts (0..1), honoured by the scheduler.
+    acceptance_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+
+
+class WorkerConfig(Strict):
+    """Runtime configuration: owned by the platform, pushed to the worker through a KV watch."""
+
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 4
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
+    load_control: LoadControl = msgspec.field(default_factory=LoadControl)
+    #: Allowed models and their settings; empty means any model may run.
+    models: dict[str, ModelSettings] = {}
+
+
+class GetWorkerConfig(Strict):
+    id: str
+
+
+class SetWorkerConfig(Strict):
+    id: str
+    #: A partial config (nested keys allowed); merged over the worker's current overrides.
+    changes: dict[str, Any]
+
+
+class WorkerConfigView(msgspec.Struct, kw_only=True):
+    worker_id: str
+    effective: WorkerConfig
+    overrides: dict[str, Any]
+    revision: int = 0
+
+
+# --- Worker reports (api.workers.report.<worker_id>) ---------------------------------------------
+
+
+class Report(Strict, tag_field="kind"):
+    pass
+
+
+class JobReport(Report):
+    job_id: str
+    attempt: Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ReportStarted(JobReport, tag="started"):
+    pass
+
+
+class ReportProgress(JobReport, tag="progress"):
+    progress: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+    message: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
+
+
+class ReportCompleted(JobReport, tag="completed"):
+    result: Any = None
+
+
+class ReportFailed(JobReport, tag="failed"):
+    error: ErrorInfo
+
+
+class ReportCancelled(JobReport, tag="cancelled"):
+    pass
+
+
+class ReportModelLoaded(Report, tag="model_loaded"):
+    model: ModelName
+    memory_bytes: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class ReportModelUnloaded(Report, tag="model_unloaded"):
+    model: ModelName
+
+
+class ReportDraining(Report, tag="draining"):
+    pass
+
+
+WorkerReport = (
+    ReportStarted
+    | ReportProgress
+    | ReportCompleted
+    | ReportFailed
+    | ReportCancelled
+    | ReportModelLoaded
+    | ReportModelUnloaded
+    | ReportDraining
+)
+
+
+class Accepted(msgspec.Struct, kw_only=True, tag_field="kind", tag="ok"):
+    seq: int = 0
+
+
+class HeartbeatAck(msgspec.Struct, kw_only=True, tag_field="kind", tag="ok"):
+    #: False when the platform no longer knows this worker as online: it must register again.
+    registered: bool = True
+
+
+# --- Decoding from outside -----------------------------------------------------------------------
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+def decode(data: bytes, kind: Any) -> Any:
+    """Decode untrusted JSON into `kind`; any mismatch becomes a `BadRequest` naming the field."""
+    decoder = _decoders.get(kind)
+    if decoder is None:
+        decoder = _decoders[kind] = msgspec.json.Decoder(kind)
+    if len(data) > MAX_BODY_BYTES:
+        raise BadRequest(f"body is {len(data)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        return decoder.decode(data)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise BadRequest(str(exc)) from None
+
+
+def convert(obj: Any, kind: Any) -> Any:
+    """Validate an already-parsed object (query parameters, a merged config) into `kind`."""
+    try:
+        return msgspec.convert(obj, kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(str(exc)) from None

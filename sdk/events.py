@@ -1,0 +1,233 @@
+"""The event log's vocabulary: immutable, past-tense facts about jobs and workers.
+
+Schemas evolve by adding fields with defaults or new event types, never by changing a field's type.
+`SCHEMA_VERSION` travels with every event so old readers can tell what they are looking at.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    at_ms: int = msgspec.field(default_factory=now_ms)
+    v: int = SCHEMA_VERSION
+
+
+class ErrorInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a job failed: a stable machine-readable code plus a sentence for people."""
+
+    code: str
+    message: str
+    details: dict[str, Any] | None = None
+
+
+# --- Job events (subject `jobs.<job_id>`) --------------------------------------------------------
+
+
+class JobSubmitted(Event, frozen=True, tag="job.submitted"):
+    job_id: str
+    job_type: str
+    model: str | None = None
+    params: dict[str, Any] = {}
+    region: str | None = None
+    priority: int = 0
+    max_attempts: int = 3
+    timeout_s: float = 300.0
+    idempotency_key: str | None = None
+    #: The principal that submitted the job (an API key id); None when auth is off.
+    owner: str | None = None
+
+
+class JobAssigned(Event, frozen=True, tag="job.assigned"):
+    job_id: str
+    worker_id: str
+    region: str
+    attempt: int
+
+
+class JobStarted(Event, frozen=True, tag="job.started"):
+    job_id: str
+    worker_id: str
+    attempt: int
+
+
+class JobProgress(Event, frozen=True, tag="job.progress"):
+    job_id: str
+    worker_id: str
+    attempt: int
+    progress: float
+    message: str | None = None
+
+
+class JobCompleted(Event, frozen=True, tag="job.completed"):
+    job_id: str
+    worker_id: str
+    attempt: int
+    result: Any = None
+
+
+class JobFailed(Event, frozen=True, tag="job.failed"):
+    job_id: str
+    worker_id: str | None
+    attempt: int
+    error: ErrorInfo
+
+
+class JobRequeued(Event, frozen=True, tag="job.requeued"):
+    job_id: str
+    #: The attempt the job will run as next (the previous one + 1).
+    attempt: int
+    reason: str
+
+
+class JobCancelRequested(Event, frozen=True, tag="job.cancel_requested"):
+    job_id: str
+    reason: str | None = None
+
+
+class JobCancelled(Event, frozen=True, tag="job.cancelled"):
+    job_id: str
+    reason: str | None = None
+
+
+class JobExpired(Event, frozen=True, tag="job.expired"):
+    job_id: str
+
+
+JobEvent = (
+    JobSubmitted
+    | JobAssigned
+    | JobStarted
+    | JobProgress
+    | JobCompleted
+    | JobFailed
+    | JobRequeued
+    | JobCancelRequested
+    | JobCancelled
+    | JobExpired
+)
+
+# --- Worker events (subject `workers.<worker_id>`) -----------------------------------------------
+
+
+class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+    index: int
+    name: str
+    memory_total_bytes: int
+    memory_used_bytes: int = 0
+    memory_free_bytes: int = 0
+    utilization_pct: float | None = None
+    temperature_c: float | None = None
+    power_w: float | None = None
+
+
+class WorkerRegistered(Event, frozen=True, tag="worker.registered"):
+    worker_id: str
+    name: str
+    region: str
+    #: Job types this worker has engines for (`echo`, `llm`, `image`).
+    capabilities: tuple[str, ...] = ("echo",)
+    gpus: tuple[GpuInfo, ...] = ()
+
+
+class WorkerModelLoaded(Event, frozen=True, tag="worker.model_loaded"):
+    worker_id: str
+    model: str
+    memory_bytes: int = 0
+
+
+class WorkerModelUnloaded(Event, frozen=True, tag="worker.model_unloaded"):
+    worker_id: str
+    model: str
+
+
+class WorkerDraining(Event, frozen=True, tag="worker.draining"):
+    worker_id: str
+
+
+class WorkerLost(Event, frozen=True, tag="worker.lost"):
+    worker_id: str
+    reason: str
+
+
+class WorkerDeregistered(Event, frozen=True, tag="worker.deregistered"):
+    worker_id: str
+    reason: str | None = None
+
+
+class WorkerCredentialsRotated(Event, frozen=True, tag="worker.credentials_rotated"):
+    """Credentials changed; the event names the new generation, never the secret itself."""
+
+    worker_id: str
+    generation: int
+
+
+WorkerEvent = (
+    WorkerRegistered
+    | WorkerModelLoaded
+    | WorkerModelUnloaded
+    | WorkerDraining
+    | WorkerLost
+    | WorkerDeregistered
+    | WorkerCredentialsRotated
+)
+
+# --- Telemetry (stream HEARTBEATS, subject `heartbeats.<region>.<worker_id>`) --------------------
+
+
+class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str
+    region: str
+    at_ms: int = msgspec.field(default_factory=now_ms)
+    #: The worker's own interval, so the scheduler knows when three have been missed.
+    interval_s: float = 30.0
+    max_concurrency: int = 1
+    in_flight: tuple[str, ...] = ()
+    loaded_models: tuple[str, ...] = ()
+    gpus: tuple[GpuInfo, ...] = ()
+    memory_free_bytes: int | None = None
+    jobs_done: int = 0
+    draining: bool = False
+
+
+# --- Dispatch (stream DISPATCH, subject `dispatch.<region>.<worker_id>`) -------------------------
+
+
+class Assignment(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="assign"):
+    job_id: str
+    attempt: int
+    job_type: str
+    model: str | None
+    params: dict[str, Any]
+    timeout_s: float
+
+
+class CancelOrder(msgspec.Struct, frozen=True, kw_only=True, tag_field="kind", tag="cancel"):
+    job_id: str
+    attempt: int
+
+
+Dispatch = Assignment | CancelOrder
+
+# --- Codecs, built once ----------------------------------------------------------------------------
+
+encoder = msgspec.json.Encoder()
+job_event_decoder = msgspec.json.Decoder(JobEvent)
+worker_event_decoder = msgspec.json.Decoder(WorkerEvent)
+heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+dispatch_decoder = msgspec.json.Decoder(Dispatch)
+
+
+def event_type(event: Event) -> str:
+    """The tag of an event, as written to the `Event-Type` header."""
+    return type(event).__struct_config__.tag  # type: ignore[return-value]

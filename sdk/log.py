@@ -1,0 +1,157 @@
+"""The event log on JetStream: stream definitions, appends with optimistic concurrency, and reads.
+
+Every component that writes events goes through `append`, so the headers (event type, message id,
+expected sequence) are set the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
+
+from sdk import subjects
+from sdk.errors import Conflict
+from sdk.events import Event, JobEvent, encoder, event_type, job_event_decoder
+from sdk.jobs import Job, apply
+
+logger = logging.getLogger(__name__)
+
+#: How long an idempotency key is remembered by JetStream's de-duplication.
+IDEMPOTENCY_WINDOW_S = 3600.0
+HEARTBEAT_MAX_AGE_S = 600.0
+LEASE_TTL_S = 5.0
+
+
+class WrongLastSequence(Exception):
+    """Another writer appended to the subject first; re-read and decide again."""
+
+
+def stream_configs() -> list[js_api.StreamConfig]:
+    file = js_api.StorageType.FILE
+    return [
+        js_api.StreamConfig(
+            name=subjects.JOBS_STREAM,
+            subjects=[subjects.JOBS_SUBJECTS],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            duplicate_window=IDEMPOTENCY_WINDOW_S,
+            allow_direct=True,
+        ),
+        js_api.StreamConfig(
+            name=subjects.WORKERS_STREAM,
+            subjects=[subjects.WORKERS_SUBJECTS],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            allow_direct=True,
+        ),
+        js_api.StreamConfig(
+            name=subjects.HEARTBEATS_STREAM,
+            subjects=[subjects.HEARTBEATS_SUBJECTS],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            max_age=HEARTBEAT_MAX_AGE_S,
+            max_msgs_per_subject=2,
+            allow_direct=True,
+        ),
+        js_api.StreamConfig(
+            name=subjects.DISPATCH_STREAM,
+            subjects=[subjects.DISPATCH_SUBJECTS],
+            retention=js_api.RetentionPolicy.WORK_QUEUE,
+            storage=file,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    """Create (or bring up to date) every stream and bucket; safe to run from every service at start."""
+    for config in stream_configs():
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.update_stream(config)
+    await _ensure_kv(js, subjects.WORKER_CONFIG_BUCKET, history=10)
+    await _ensure_kv(js, subjects.SCHEDULER_LEASE_BUCKET, ttl=LEASE_TTL_S)
+    await _ensure_kv(js, subjects.AUTH_BUCKET, history=1)
+    try:
+        await js.object_store(subjects.RESULTS_BUCKET)
+    except BucketNotFoundError:
+        await js.create_object_store(subjects.RESULTS_BUCKET, storage=js_api.StorageType.FILE)
+
+
+async def _ensure_kv(js: JetStreamContext, bucket: str, **options: Any) -> None:
+    try:
+        await js.key_value(bucket)
+    except BucketNotFoundError:
+        await js.create_key_value(js_api.KeyValueConfig(bucket=bucket, **options))
+
+
+async def append(
+    js: JetStreamContext,
+    subject: str,
+    event: Event,
+    *,
+    expected_seq: int | None = None,
+    msg_id: str | None = None,
+) -> js_api.PubAck:
+    """Append one event. `expected_seq` = the subject's last sequence (0: the subject must be empty)."""
+    headers = {subjects.EVENT_TYPE_HEADER: event_type(event)}
+    if expected_seq is not None:
+        headers[subjects.EXPECTED_LAST_SUBJECT_SEQ_HEADER] = str(expected_seq)
+    if msg_id is not None:
+        headers[subjects.MSG_ID_HEADER] = msg_id
+    try:
+        return await js.publish(subject, encoder.encode(event), headers=headers)
+    except APIError as exc:
+        if exc.err_code in subjects.WRONG_LAST_SEQUENCE_ERR_CODES:
+            raise WrongLastSequence(f"{subject} moved past {expected_seq}") from None
+        raise
+
+
+async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[tuple[bytes, int]]:
+    """Every message on `subject`, oldest first, as `(data, seq)`, through direct gets."""
+    out: list[tuple[bytes, int]] = []
+    seq = 1
+    while True:
+        try:
+            msg = await js.get_msg(stream, seq=seq, subject=subject, next=True, direct=True)
+        except NotFoundError:
+            return out
+        out.append((msg.data or b"", msg.seq))
+        seq = msg.seq + 1
+
+
+async def read_job_events(js: JetStreamContext, job_id: str) -> list[tuple[JobEvent, int]]:
+    raw = await read_subject(js, subjects.JOBS_STREAM, subjects.job_subject(job_id))
+    return [(job_event_decoder.decode(data), seq) for data, seq in raw]
+
+
+async def load_job(js: JetStreamContext, job_id: str) -> Job | None:
+    """A job's current state, folded from its subject."""
+    job: Job | None = None
+    for event, seq in await read_job_events(js, job_id):
+        job = apply(job, event, seq)
+    return job
+
+
+async def decide_and_append(
+    js: JetStreamContext, job_id: str, decide: Any, *, attempts: int = 5
+) -> tuple[Job, JobEvent, int]:
+    """Load, decide, save: fold the job, let `decide(job)` return the event, append it at the expected
+    sequence, and retry from a fresh read when another writer got there first."""
+    for _ in range(attempts):
+        job = await load_job(js, job_id)
+        event = decide(job)
+        new = apply(job, event)  # refuse an impossible transition before anything is written
+        try:
+            ack = await append(js, subjects.job_subject(job_id), event, expected_seq=job.seq if job else 0)
+        except WrongLastSequence:
+            logger.info("job %s changed under us; deciding again", job_id)
+            continue
+        new.seq = ack.seq
+        return new, event, ack.seq
+    raise Conflict(f"job {job_id} kept changing; gave up after {attempts} tries")

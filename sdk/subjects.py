@@ -1,0 +1,119 @@
+"""Every stream, subject, bucket and header name of the platform, in one place.
+
+Components share only this contract and NATS; a name that appears anywhere else is a bug.
+"""
+
+from __future__ import annotations
+
+# --- Streams -------------------------------------------------------------------------------------
+
+#: Every job event, one subject per job: the subject is the aggregate, so
+#: `Nats-Expected-Last-Subject-Sequence` gives one writer per decision about a job.
+JOBS_STREAM = "JOBS"
+JOBS_SUBJECTS = "jobs.*"
+
+#: Worker lifecycle events (registered, model loaded, lost, ...), one subject per worker.
+WORKERS_STREAM = "WORKERS"
+WORKERS_SUBJECTS = "workers.*"
+
+#: The latest telemetry of each worker; short-lived, a few messages per subject.
+HEARTBEATS_STREAM = "HEARTBEATS"
+HEARTBEATS_SUBJECTS = "heartbeats.*.*"
+
+#: Assignments and cancel orders waiting for a worker; work-queue retention, so an acked message is gone.
+DISPATCH_STREAM = "DISPATCH"
+DISPATCH_SUBJECTS = "dispatch.*.*"
+
+# --- Buckets -------------------------------------------------------------------------------------
+
+#: Runtime configuration pushed to workers: key `_defaults` plus one key per worker id.
+WORKER_CONFIG_BUCKET = "worker-config"
+WORKER_CONFIG_DEFAULTS_KEY = "_defaults"
+
+#: The scheduler leader lease; the bucket's TTL is the lease timeout, so a dead leader's key vanishes.
+SCHEDULER_LEASE_BUCKET = "scheduler-lease"
+SCHEDULER_LEASE_KEY = "leader"
+
+#: Large results (images); events carry an object name, never the bytes.
+RESULTS_BUCKET = "results"
+
+#: Credentials (API keys, token families, worker secrets), stored hashed or encrypted.
+AUTH_BUCKET = "auth"
+
+# --- Request-reply endpoints ---------------------------------------------------------------------
+
+#: The gateway's endpoints, answered by a queue group so any number of gateways can serve them.
+API_QUEUE = "gateway"
+API_JOBS_SUBMIT = "api.jobs.submit"
+API_JOBS_GET = "api.jobs.get"
+API_JOBS_LIST = "api.jobs.list"
+API_JOBS_CANCEL = "api.jobs.cancel"
+API_JOBS_EVENTS = "api.jobs.events"
+API_WORKERS_LIST = "api.workers.list"
+API_WORKERS_GET = "api.workers.get"
+API_WORKERS_REGISTER = "api.workers.register"
+API_WORKERS_CONFIG_GET = "api.workers.config.get"
+API_WORKERS_CONFIG_SET = "api.workers.config.set"
+API_WORKERS_REPORT_PREFIX = "api.workers.report"
+API_WORKERS_HEARTBEAT_PREFIX = "api.workers.heartbeat"
+API_AUTH_TOKEN = "api.auth.token"
+API_AUTH_REFRESH = "api.auth.refresh"
+
+#: The projections' query endpoints (read models), answered by a queue group.
+PROJ_QUEUE = "projections"
+PROJ_JOBS_GET = "proj.jobs.get"
+PROJ_JOBS_LIST = "proj.jobs.list"
+PROJ_WORKERS_GET = "proj.workers.get"
+PROJ_WORKERS_LIST = "proj.workers.list"
+
+# --- Headers -------------------------------------------------------------------------------------
+
+#: The event's type tag, so tools can filter a stream without decoding bodies.
+EVENT_TYPE_HEADER = "Event-Type"
+#: JetStream de-duplication; an idempotency key becomes the submit's message id.
+MSG_ID_HEADER = "Nats-Msg-Id"
+#: Optimistic concurrency on a job's subject.
+EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
+#: Access token on requests from the SDK (and the worker's token on its reports).
+AUTH_HEADER = "Authorization"
+
+#: JetStream's error code for a failed `Nats-Expected-Last-Subject-Sequence` (10164 on some clusters).
+WRONG_LAST_SEQUENCE_ERR_CODES = frozenset({10071, 10164})
+
+
+def job_subject(job_id: str) -> str:
+    return f"jobs.{job_id}"
+
+
+def worker_subject(worker_id: str) -> str:
+    return f"workers.{worker_id}"
+
+
+def heartbeat_subject(region: str, worker_id: str) -> str:
+    return f"heartbeats.{region}.{worker_id}"
+
+
+def dispatch_subject(region: str, worker_id: str) -> str:
+    return f"dispatch.{region}.{worker_id}"
+
+
+def dispatch_consumer(worker_id: str) -> str:
+    """The durable consumer name a worker reads its own dispatch subject through."""
+    return f"worker-{worker_id}"
+
+
+def report_subject(worker_id: str) -> str:
+    return f"{API_WORKERS_REPORT_PREFIX}.{worker_id}"
+
+
+def heartbeat_request_subject(worker_id: str) -> str:
+    return f"{API_WORKERS_HEARTBEAT_PREFIX}.{worker_id}"
+
+
+def stream_subject(job_id: str) -> str:
+    """Core pub/sub subject of a running job's token/progress stream (not in the log)."""
+    return f"stream.{job_id}"
+
+
+def direct_subject(worker_id: str) -> str:
+    return f"direct.{worker_id}"
