@@ -79,6 +79,11 @@ class CancelAccepted(msgspec.Struct, kw_only=True):
     seq: int
 
 
+class WaitJob(Strict):
+    id: str
+    timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 60.0
+
+
 class JobEventsRequest(Strict):
     id: str
 

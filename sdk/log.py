@@ -7,9 +7,9 @@ expected sequence) are set the same way everywhere.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
-import msgspec
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
@@ -138,14 +138,27 @@ async def load_job(js: JetStreamContext, job_id: str) -> Job | None:
     return job
 
 
+Decide = Callable[[Job | None], JobEvent | None]
+
+
 async def decide_and_append(
-    js: JetStreamContext, job_id: str, decide: Any, *, attempts: int = 5
-) -> tuple[Job, JobEvent, int]:
-    """Load, decide, save: fold the job, let `decide(job)` return the event, append it at the expected
-    sequence, and retry from a fresh read when another writer got there first."""
-    for _ in range(attempts):
-        job = await load_job(js, job_id)
+    js: JetStreamContext,
+    job_id: str,
+    decide: Decide,
+    *,
+    known: Job | None = None,
+    attempts: int = 5,
+) -> tuple[Job | None, JobEvent | None]:
+    """Load, decide, save: fold the job (or start from `known`, a recent copy), let `decide(job)` return
+    the event (or None: nothing to do), append it at the job's sequence, and decide again from a fresh
+    read when another writer got there first. Returns the job after the event, and the event."""
+    job = known
+    for attempt in range(attempts):
+        if job is None or attempt > 0:
+            job = await load_job(js, job_id)
         event = decide(job)
+        if event is None:
+            return job, None
         new = apply(job, event)  # refuse an impossible transition before anything is written
         try:
             ack = await append(js, subjects.job_subject(job_id), event, expected_seq=job.seq if job else 0)
@@ -153,5 +166,5 @@ async def decide_and_append(
             logger.info("job %s changed under us; deciding again", job_id)
             continue
         new.seq = ack.seq
-        return new, event, ack.seq
+        return new, event
     raise Conflict(f"job {job_id} kept changing; gave up after {attempts} tries")

@@ -1,0 +1,107 @@
+"""The gateway's live view of recent jobs, fed by one ordered consumer on `jobs.*`.
+
+Two things ride on it: `wait` (a caller waiting for a job's terminal state is woken by the event that
+ends it, with no polling and no consumer per waiter), and a cache of recent job states that makes a
+worker's report one append instead of a fold of the job's subject. The cache is a first guess only:
+an append at a stale sequence fails, and the caller folds the subject and decides again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
+
+from sdk import subjects
+from sdk.errors import InvalidTransition, StaleAttempt
+from sdk.events import job_event_decoder
+from sdk.jobs import Job, apply
+from sdk.log import load_job
+
+logger = logging.getLogger(__name__)
+
+CACHE_SIZE = 50_000
+
+
+class JobFeed:
+    def __init__(self, nc: NatsClient, cache_size: int = CACHE_SIZE) -> None:
+        self._js = nc.jetstream()
+        self._cache: OrderedDict[str, Job] = OrderedDict()
+        self._cache_size = cache_size
+        self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
+        self._sub = None
+
+    async def start(self) -> None:
+        self._sub = await self._js.subscribe(
+            subjects.JOBS_SUBJECTS,
+            stream=subjects.JOBS_STREAM,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.NEW,
+            cb=self._on_event,
+        )
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        for futures in self._waiters.values():
+            for future in futures:
+                future.cancel()
+        self._waiters.clear()
+
+    def get(self, job_id: str) -> Job | None:
+        return self._cache.get(job_id)
+
+    def remember(self, job: Job) -> None:
+        """Keep a state this gateway just read or wrote (newer sequences win)."""
+        known = self._cache.get(job.id)
+        if known is None or known.seq < job.seq:
+            self._cache[job.id] = job
+            self._cache.move_to_end(job.id)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        if job.status.terminal:
+            self._wake(job)
+
+    def waiter(self, job_id: str) -> asyncio.Future[Job]:
+        """A future resolved with the job once it is terminal; register it before reading the job."""
+        future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(job_id, []).append(future)
+        return future
+
+    def forget_waiter(self, job_id: str, future: asyncio.Future[Job]) -> None:
+        futures = self._waiters.get(job_id)
+        if futures and future in futures:
+            futures.remove(future)
+            if not futures:
+                del self._waiters[job_id]
+
+    def _wake(self, job: Job) -> None:
+        for future in self._waiters.pop(job.id, []):
+            if not future.done():
+                future.set_result(job)
+
+    async def _on_event(self, msg: Msg) -> None:
+        event = job_event_decoder.decode(msg.data)
+        seq = msg.metadata.sequence.stream
+        known = self._cache.get(event.job_id)
+        if known is not None and known.seq >= seq:
+            return
+        try:
+            job = apply(known, event, seq)
+        except (InvalidTransition, StaleAttempt):
+            # The cache missed events of this job (it was evicted or started late): drop the guess.
+            self._cache.pop(event.job_id, None)
+            if event.job_id in self._waiters:
+                asyncio.get_running_loop().create_task(self._refresh(event.job_id))
+            return
+        self.remember(job)
+
+    async def _refresh(self, job_id: str) -> None:
+        job = await load_job(self._js, job_id)
+        if job is not None:
+            self.remember(job)

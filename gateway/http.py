@@ -1,0 +1,202 @@
+"""The HTTP API (litestar). Handlers are thin: validate (msgspec, through litestar), call the gateway
+service, return its struct. Errors map to statuses in one place (`sdk.errors.HTTP_STATUS`).
+
+OpenAPI: `/schema/openapi.json`, interactive docs at `/schema`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from litestar import Litestar, Request, Response, get, post, put
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.params import Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
+from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from gateway.nats_api import NatsApi
+from gateway.service import MAX_WAIT_S, Gateway
+from sdk.api import (
+    MAX_BODY_BYTES,
+    CancelAccepted,
+    CancelJob,
+    GetJob,
+    JobEvents,
+    JobPage,
+    JobView,
+    ListJobs,
+    ListWorkers,
+    SubmitJob,
+    Submitted,
+    WorkerConfigView,
+    WorkerPage,
+    WorkerView,
+)
+from sdk.connection import connect
+from sdk.errors import HTTP_STATUS, PlatformError
+from sdk.log import ensure_streams
+
+logger = logging.getLogger(__name__)
+
+NATS_DOWN = (ConnectionClosedError, NoServersError, OutboundBufferLimitError, NatsTimeoutError)
+
+
+async def provide_gateway(state: State) -> Gateway:
+    return state.gateway
+
+
+# --- Jobs ------------------------------------------------------------------------------------------
+
+
+@post("/api/v1/jobs", status_code=HTTP_201_CREATED, summary="Submit a job")
+async def submit_job(data: SubmitJob, gateway: Gateway) -> Response[Submitted]:
+    submitted = await gateway.submit(data)
+    return Response(submitted, status_code=HTTP_201_CREATED if submitted.created else HTTP_200_OK)
+
+
+@get("/api/v1/jobs/{job_id:str}", summary="A job's current view")
+async def get_job(
+    job_id: str, gateway: Gateway, min_seq: Annotated[int | None, Parameter(ge=0)] = None
+) -> JobView:
+    return await gateway.get(GetJob(id=job_id, min_seq=min_seq))
+
+
+@get("/api/v1/jobs", summary="List jobs, newest first")
+async def list_jobs(
+    gateway: Gateway,
+    status: str | None = None,
+    job_type: Annotated[str | None, Parameter(query="type")] = None,
+    worker_id: str | None = None,
+    limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+    min_seq: Annotated[int | None, Parameter(ge=0)] = None,
+) -> JobPage:
+    req = ListJobs(status=status, type=job_type, worker_id=worker_id, limit=limit, cursor=cursor, min_seq=min_seq)
+    return await gateway.list(req)
+
+
+@post("/api/v1/jobs/{job_id:str}/cancel", status_code=HTTP_202_ACCEPTED, summary="Cancel a job")
+async def cancel_job(
+    job_id: str, gateway: Gateway, reason: Annotated[str | None, Parameter(max_length=500)] = None
+) -> CancelAccepted:
+    return await gateway.cancel(CancelJob(id=job_id, reason=reason))
+
+
+@get("/api/v1/jobs/{job_id:str}/events", summary="A job's history, oldest first")
+async def job_events(job_id: str, gateway: Gateway) -> JobEvents:
+    return await gateway.events(job_id)
+
+
+@get("/api/v1/jobs/{job_id:str}/wait", summary="Wait until a job is finished")
+async def wait_job(
+    job_id: str, gateway: Gateway, timeout_s: Annotated[float, Parameter(gt=0, le=MAX_WAIT_S)] = 60.0
+) -> JobView:
+    return await gateway.wait(job_id, timeout_s)
+
+
+# --- Workers ---------------------------------------------------------------------------------------
+
+
+@get("/api/v1/workers", summary="List workers")
+async def list_workers(gateway: Gateway, region: str | None = None, status: str | None = None) -> WorkerPage:
+    return await gateway.workers(ListWorkers(region=region, status=status))
+
+
+@get("/api/v1/workers/{worker_id:str}", summary="One worker")
+async def get_worker(worker_id: str, gateway: Gateway) -> WorkerView:
+    return await gateway.worker(worker_id)
+
+
+@get("/api/v1/workers/{worker_id:str}/config", summary="A worker's runtime configuration")
+async def get_worker_config(worker_id: str, gateway: Gateway) -> WorkerConfigView:
+    return await gateway.get_config(worker_id)
+
+
+@put("/api/v1/workers/{worker_id:str}/config", summary="Change a worker's runtime configuration")
+async def put_worker_config(worker_id: str, data: dict[str, Any], gateway: Gateway) -> WorkerConfigView:
+    return await gateway.set_config(worker_id, data)
+
+
+# --- Health ----------------------------------------------------------------------------------------
+
+
+@get("/health", summary="Each dependency's state; 503 while NATS is unreachable")
+async def health(gateway: Gateway) -> Response[dict[str, str]]:
+    state = await gateway.health()
+    ok = all(value == "ok" for value in state.values())
+    return Response(
+        {"status": "ok" if ok else "unavailable", **state},
+        status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE,
+    )
+
+
+# --- Errors ----------------------------------------------------------------------------------------
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> Response[dict[str, Any]]:
+    return Response({"code": code, "message": message, "details": details}, status_code=status)
+
+
+def platform_error(_: Request, exc: PlatformError) -> Response[dict[str, Any]]:
+    return _error(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, exc.details)
+
+
+def validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
+    return _error(400, "bad_request", str(exc.detail), exc.extra)
+
+
+def http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
+    code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "bad_request")
+    return _error(exc.status_code, code, str(exc.detail), exc.extra or None)
+
+
+def nats_down(_: Request, exc: Exception) -> Response[dict[str, Any]]:
+    return _error(503, "unavailable", f"NATS is unreachable: {type(exc).__name__}")
+
+
+# --- App -------------------------------------------------------------------------------------------
+
+
+def create_app(nats_url: str | None = None, *, serve_nats_api: bool = True) -> Litestar:
+    """The HTTP app; its lifespan connects to NATS and (by default) also serves the `api.>` endpoints."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        nc = await connect(nats_url, name="gateway")
+        await ensure_streams(nc.jetstream())
+        gateway = Gateway(nc)
+        await gateway.start()
+        api = NatsApi(gateway)
+        if serve_nats_api:
+            await api.start()
+        app.state.gateway = gateway
+        try:
+            yield
+        finally:
+            await api.stop()
+            await gateway.stop()
+            await nc.drain()
+
+    return Litestar(
+        route_handlers=[
+            submit_job, get_job, list_jobs, cancel_job, job_events, wait_job,
+            list_workers, get_worker, get_worker_config, put_worker_config, health,
+        ],
+        dependencies={"gateway": Provide(provide_gateway)},
+        lifespan=[lifespan],
+        exception_handlers={
+            PlatformError: platform_error,
+            ValidationException: validation_error,
+            HTTPException: http_error,
+            **{cls: nats_down for cls in NATS_DOWN},
+        },
+        openapi_config=OpenAPIConfig(title="gpu-fabric", version="0.1.0", path="/schema"),
+        request_max_body_size=MAX_BODY_BYTES,
+    )

@@ -1,0 +1,126 @@
+"""The Python SDK: `Client` speaks NATS request-reply to the gateway; `HttpClient` (sdk.http) speaks
+HTTP. Both have the same methods, return the same typed structs and raise the same typed errors.
+
+    async with await Client.connect("nats://127.0.0.1:4222") as client:
+        job = await client.submit("echo", params={"hello": "world"})
+        done = await client.wait(job.id)
+        print(done.status, done.result)
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+from nats.aio.client import Client as NatsClient
+
+from sdk import subjects
+from sdk.api import (
+    CancelAccepted,
+    CancelJob,
+    EventRecord,
+    GetJob,
+    GetWorker,
+    JobEvents,
+    JobEventsRequest,
+    JobPage,
+    JobView,
+    ListJobs,
+    ListWorkers,
+    SubmitJob,
+    Submitted,
+    WaitJob,
+    WorkerPage,
+    WorkerView,
+)
+from sdk.connection import connect, request
+from sdk.errors import Timeout
+
+#: The gateway answers a wait within this long; longer waits are several requests.
+WAIT_SLICE_S = 60.0
+
+
+class Client:
+    def __init__(self, nc: NatsClient, *, timeout_s: float = 10.0) -> None:
+        self.nc = nc
+        self.timeout_s = timeout_s
+
+    @classmethod
+    async def connect(cls, url: str | None = None, **options: Any) -> Client:
+        return cls(await connect(url, name="sdk-client", **options))
+
+    async def close(self) -> None:
+        await self.nc.drain()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        await self.close()
+
+    async def _call(self, subject: str, payload: Any, reply_type: Any, timeout_s: float | None = None) -> Any:
+        return await request(self.nc, subject, payload, reply_type, timeout_s=timeout_s or self.timeout_s)
+
+    async def submit(
+        self,
+        type: str,
+        *,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+        region: str | None = None,
+        priority: int = 0,
+        max_attempts: int = 3,
+        timeout_s: float = 300.0,
+        idempotency_key: str | None = None,
+    ) -> Submitted:
+        req = SubmitJob(
+            type=type, model=model, params=params or {}, region=region, priority=priority,
+            max_attempts=max_attempts, timeout_s=timeout_s, idempotency_key=idempotency_key,
+        )
+        return await self._call(subjects.API_JOBS_SUBMIT, req, Submitted)
+
+    async def get(self, job_id: str, *, min_seq: int | None = None) -> JobView:
+        return await self._call(subjects.API_JOBS_GET, GetJob(id=job_id, min_seq=min_seq), JobView)
+
+    async def wait(self, job_id: str, *, timeout_s: float = 300.0) -> JobView:
+        """The job once it is completed, failed, cancelled or expired; raises `Timeout` after `timeout_s`.
+
+        The gateway watches the job's subject and answers when the ending event lands (no polling).
+        """
+        remaining = timeout_s
+        while True:
+            slice_s = min(remaining, WAIT_SLICE_S)
+            try:
+                return await self._call(
+                    subjects.API_JOBS_WAIT, WaitJob(id=job_id, timeout_s=slice_s), JobView, timeout_s=slice_s + 5
+                )
+            except Timeout:
+                remaining -= slice_s
+                if remaining <= 0:
+                    raise
+
+    async def cancel(self, job_id: str, *, reason: str | None = None) -> CancelAccepted:
+        return await self._call(subjects.API_JOBS_CANCEL, CancelJob(id=job_id, reason=reason), CancelAccepted)
+
+    async def list(
+        self,
+        *,
+        status: str | None = None,
+        type: str | None = None,
+        worker_id: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        req = ListJobs(status=status, type=type, worker_id=worker_id, limit=limit, cursor=cursor)
+        return await self._call(subjects.API_JOBS_LIST, req, JobPage)
+
+    async def events(self, job_id: str) -> list[EventRecord]:
+        page: JobEvents = await self._call(subjects.API_JOBS_EVENTS, JobEventsRequest(id=job_id), JobEvents)
+        return page.items
+
+    async def workers(self, *, region: str | None = None, status: str | None = None) -> list[WorkerView]:
+        page: WorkerPage = await self._call(subjects.API_WORKERS_LIST, ListWorkers(region=region, status=status), WorkerPage)
+        return page.items
+
+    async def worker(self, worker_id: str) -> WorkerView:
+        return await self._call(subjects.API_WORKERS_GET, GetWorker(id=worker_id), WorkerView)
