@@ -124,6 +124,16 @@ async def put_worker_config(worker_id: str, data: dict[str, Any], gateway: Gatew
     return await gateway.set_config(worker_id, data)
 
 
+@get("/api/v1/config/defaults", summary="Runtime configuration every worker inherits")
+async def get_config_defaults(gateway: Gateway) -> dict[str, Any]:
+    return await gateway.get_defaults()
+
+
+@put("/api/v1/config/defaults", summary="Change the runtime configuration every worker inherits")
+async def put_config_defaults(data: dict[str, Any], gateway: Gateway) -> dict[str, Any]:
+    return await gateway.set_defaults(data)
+
+
 # --- Health ----------------------------------------------------------------------------------------
 
 
@@ -187,7 +197,8 @@ def create_app(nats_url: str | None = None, *, serve_nats_api: bool = True) -> L
     return Litestar(
         route_handlers=[
             submit_job, get_job, list_jobs, cancel_job, job_events, wait_job,
-            list_workers, get_worker, get_worker_config, put_worker_config, health,
+            list_workers, get_worker, get_worker_config, put_worker_config, get_config_defaults,
+            put_config_defaults, health,
         ],
         dependencies={"gateway": Provide(provide_gateway)},
         lifespan=[lifespan],

@@ -12,6 +12,8 @@ import secrets
 import time
 from typing import Any
 
+import msgspec
+
 from nats.aio.client import Client as NatsClient
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 
@@ -30,6 +32,7 @@ from sdk.api import (
     JobView,
     ListJobs,
     ListWorkers,
+    OwnedListJobs,
     Registered,
     RegisterWorker,
     ReportCancelled,
@@ -49,7 +52,16 @@ from sdk.api import (
     job_view,
 )
 from sdk.connection import request
-from sdk.errors import BadRequest, Conflict, InvalidTransition, JobNotFound, StaleAttempt, Timeout, WorkerNotFound
+from sdk.errors import (
+    BadRequest,
+    Conflict,
+    InvalidTransition,
+    JobNotFound,
+    StaleAttempt,
+    Timeout,
+    Unavailable,
+    WorkerNotFound,
+)
 from sdk.events import (
     Heartbeat,
     JobCancelled,
@@ -102,6 +114,7 @@ class Gateway:
 
     async def submit(self, req: SubmitJob, owner: str | None = None) -> Submitted:
         """Append `JobSubmitted`; the same idempotency key (per owner) returns the first job instead."""
+        self._require_nats()
         job_id = new_id()
         event = JobSubmitted(
             job_id=job_id,
@@ -135,6 +148,7 @@ class Gateway:
     async def cancel(self, req: CancelJob, owner: str | None = None) -> CancelAccepted:
         """A queued job is cancelled at once; a job a worker holds is asked to stop (the scheduler tells
         the worker); asking twice appends nothing; a finished job is a conflict."""
+        self._require_nats()
 
         def decide(job: Job | None) -> JobEvent | None:
             if job is None or not _visible(job, owner):
@@ -163,11 +177,8 @@ class Gateway:
         return view
 
     async def list(self, req: ListJobs, owner: str | None = None) -> JobPage:
-        body = encoder.encode(req)
-        if owner is not None:
-            # The projection filters by owner; the field is not part of the public request.
-            body = body[:-1] + b',"owner":' + encoder.encode(owner) + b"}"
-        return await request(self.nc, subjects.PROJ_JOBS_LIST, body, JobPage, timeout_s=PROJECTION_TIMEOUT_S)
+        query = OwnedListJobs(**msgspec.structs.asdict(req), owner=owner)
+        return await request(self.nc, subjects.PROJ_JOBS_LIST, query, JobPage, timeout_s=PROJECTION_TIMEOUT_S)
 
     async def events(self, job_id: str, owner: str | None = None) -> JobEvents:
         records = await read_job_events(self.js, job_id)
@@ -243,6 +254,7 @@ class Gateway:
 
     async def report(self, worker_id: str, report: WorkerReport) -> Accepted:
         """Turn a worker's report into an event, if it is about the attempt the worker holds now."""
+        self._require_nats()
         match report:
             case ReportModelLoaded():
                 event: Any = WorkerModelLoaded(worker_id=worker_id, model=report.model, memory_bytes=report.memory_bytes)
@@ -321,12 +333,31 @@ class Gateway:
             return WorkerConfigView(worker_id=worker_id, effective=effective, overrides=merged, revision=revision)
         raise Conflict(f"config of worker {worker_id} kept changing")
 
+    async def get_defaults(self) -> dict[str, Any]:
+        defaults, _ = await self._kv_get(subjects.WORKER_CONFIG_DEFAULTS_KEY)
+        return msgspec.to_builtins(effective_config(defaults, None))
+
+    async def set_defaults(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge `changes` into the platform-wide defaults every worker inherits."""
+        defaults, revision = await self._kv_get(subjects.WORKER_CONFIG_DEFAULTS_KEY)
+        merged = deep_merge(defaults, changes)
+        effective = effective_config(merged, None)  # raises BadRequest naming the key
+        await self._config_kv.put(subjects.WORKER_CONFIG_DEFAULTS_KEY, encoder.encode(merged))
+        logger.info("worker config defaults changed: %s", sorted(changes))
+        return msgspec.to_builtins(effective)
+
     async def _kv_get(self, key: str) -> tuple[dict[str, Any], int]:
         try:
             entry = await self._config_kv.get(key)
         except KeyNotFoundError:
             return {}, 0
         return parse_partial(entry.value), entry.revision or 0
+
+    def _require_nats(self) -> None:
+        # nats-py buffers publishes while reconnecting; a write that might land after we answered 503
+        # would be an outcome the caller never learns about, so refuse before writing.
+        if not self.nc.is_connected:
+            raise Unavailable("NATS is unreachable; nothing was written, retry later")
 
     # --- Health ------------------------------------------------------------------------------------
 

@@ -67,6 +67,13 @@ class ListJobs(Strict):
     min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
+class OwnedListJobs(ListJobs):
+    """`ListJobs` as the gateway forwards it to the projections: with the caller's principal when auth
+    is on, so a client lists only its own jobs. Never accepted from a client."""
+
+    owner: str | None = None
+
+
 class CancelJob(Strict):
     id: str
     reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None

@@ -110,6 +110,8 @@ async def request(
     except NoRespondersError:
         raise Unavailable(f"nobody answers {subject}") from None
     except NatsTimeoutError:
+        if not nc.is_connected:
+            raise Unavailable(f"NATS is unreachable; {subject} got no reply") from None
         raise Timeout(f"no reply on {subject} within {timeout_s}s") from None
     return decode_reply(msg.data, reply_type)
 

@@ -10,18 +10,15 @@ import asyncio
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 from cyclopts import App, Parameter, validators
 from rich.console import Console
 from rich.live import Live
-from rich.table import Table
 
 from sdk.connection import nats_url_from_env
 
@@ -95,54 +92,6 @@ def replay(
 # --- gpuctl up -------------------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    name: str
-    cmd: list[str]
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    started_at: float = 0.0
-    env: dict[str, str] = field(default_factory=dict)
-
-    def start(self) -> None:
-        log = open(self.log_path, "ab")
-        self.process = subprocess.Popen(
-            self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
-        )
-        log.close()
-        self.started_at = time.monotonic()
-        logger.info("started %s (pid %s)", self.name, self.process.pid)
-
-    @property
-    def state(self) -> str:
-        if self.process is None:
-            return "not started"
-        code = self.process.poll()
-        return "running" if code is None else f"exited ({code})"
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-def _table(children: list[Child], http_port: int, nats_url: str) -> Table:
-    table = Table(title=f"gpu-fabric  ·  API http://127.0.0.1:{http_port}/api/v1  ·  docs /schema  ·  NATS {nats_url}")
-    for column in ("component", "pid", "state", "restarts", "log"):
-        table.add_column(column)
-    for child in children:
-        style = "green" if child.state == "running" else "red"
-        pid = str(child.process.pid) if child.process else "-"
-        table.add_row(child.name, pid, f"[{style}]{child.state}[/]", str(child.restarts), str(child.log_path))
-    return table
-
-
 @app.command
 def up(
     *,
@@ -156,31 +105,10 @@ def up(
 
     Ctrl-C or SIGTERM stops every child it started and exits 0. A child that dies is restarted.
     """
-    from sdk.broker import EmbeddedNats
+    from sdk.local import LocalStack
 
     _setup_logging("WARNING")
-    data_dir = data_dir.resolve()
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    broker = None
-    if nats_url is None:
-        broker = EmbeddedNats(data_dir / "nats", port=nats_port, log_file=logs / "nats-server.log")
-        broker.start()
-        nats_url = broker.url
-    ctl = [sys.executable, "-m", "sdk.ctl"]
-    children = [
-        Child("gateway", [*ctl, "gateway", "--nats-url", nats_url, "--http-port", str(http_port)], logs / "gateway.log"),
-        Child("scheduler", [*ctl, "scheduler", "--nats-url", nats_url], logs / "scheduler.log"),
-        Child("projections", [*ctl, "projections", "--nats-url", nats_url, "--db", str(data_dir / "projections.db")],
-              logs / "projections.log"),
-    ]
-    if worker:
-        children.append(Child(
-            "worker",
-            [sys.executable, "-m", "worker", "start", "--nats-url", nats_url, "--name", "local", "--region", "local",
-             "--state-dir", str(data_dir / "worker")],
-            logs / "worker.log",
-        ))
+    stack = LocalStack(data_dir, http_port=http_port, nats_port=nats_port, nats_url=nats_url)
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -190,23 +118,15 @@ def up(
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
-        for child in children:
-            child.start()
-        console.print(f"API  http://127.0.0.1:{http_port}/api/v1   docs http://127.0.0.1:{http_port}/schema")
-        with Live(_table(children, http_port, nats_url), console=console, refresh_per_second=2) as live:
+        stack.start(workers=["local"] if worker else [])
+        console.print(f"API  {stack.http_url}/api/v1   docs {stack.http_url}/schema   NATS {stack.nats_url}")
+        with Live(stack.table(), console=console, refresh_per_second=2) as live:
             while not stopping:
-                for child in children:
-                    # Restart a crashed child, but not in a tight loop.
-                    if child.state != "running" and time.monotonic() - child.started_at > 2:
-                        child.restarts += 1
-                        child.start()
-                live.update(_table(children, http_port, nats_url))
+                stack.restart_crashed()
+                live.update(stack.table())
                 time.sleep(0.5)
     finally:
-        for child in reversed(children):
-            child.stop()
-        if broker is not None:
-            broker.stop()
+        stack.stop()
         console.print("stopped every component")
 
 

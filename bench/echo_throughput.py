@@ -1,0 +1,132 @@
+"""Echo jobs through the whole platform (SDK -> gateway -> scheduler -> worker -> gateway -> SDK), next
+to the raw JetStream limit measured on the same server in the same run.
+
+    python -m bench.echo_throughput --jobs 2000 --concurrency 64
+
+Prints jobs/s, submit-to-completed latency percentiles (at concurrency 1 and under load), and the
+acknowledged publishes/s of an event-sized message with nats-py, as a ratio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+from cyclopts import App, Parameter
+from rich.console import Console
+from rich.table import Table
+
+from sdk.client import Client
+from sdk.connection import connect
+from sdk.events import JobSubmitted, encoder
+from sdk.local import LocalStack
+
+app = App(name="bench-echo", help=__doc__)
+console = Console()
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+
+
+async def raw_jetstream(nats_url: str, count: int) -> tuple[float, float]:
+    """Acked publishes/s of an event-sized message: one at a time, and pipelined with publish_async."""
+    nc = await connect(nats_url, name="bench-raw")
+    js = nc.jetstream()
+    await js.add_stream(name="BENCH", subjects=["bench.*"])
+    body = encoder.encode(JobSubmitted(job_id="0" * 27, job_type="echo", params={"n": 1}))
+    start = time.perf_counter()
+    for i in range(count):
+        await js.publish(f"bench.{i}", body)
+    sequential = count / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for i in range(count):
+        await js.publish_async(f"bench.{i}", body)
+    await js.publish_async_completed()
+    pipelined = count / (time.perf_counter() - start)
+    await js.delete_stream("BENCH")
+    await nc.close()
+    return sequential, pipelined
+
+
+async def run_jobs(client: Client, count: int, concurrency: int) -> tuple[float, list[float]]:
+    latencies_ms: list[float] = []
+    semaphore = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> None:
+        async with semaphore:
+            start = time.perf_counter()
+            job = await client.submit("echo", params={"i": i})
+            done = await client.wait(job.id, timeout_s=120)
+            assert done.status == "completed", done
+            latencies_ms.append((time.perf_counter() - start) * 1000)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return count / (time.perf_counter() - start), latencies_ms
+
+
+async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: int) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        stack = LocalStack(Path(data_dir))
+        stack.start()
+        try:
+            async with httpx.AsyncClient(base_url=stack.http_url) as http:
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        if (await http.get("/health")).status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("gateway did not come up")
+                    await asyncio.sleep(0.1)
+                await http.put("/api/v1/config/defaults", json={"max_concurrency": worker_concurrency})
+            for n in range(workers):
+                stack.start_worker(f"bench{n}", "local", "--engines", "echo")
+            client = await Client.connect(stack.nats_url)
+            while len([w for w in await client.workers() if w.status == "online"]) < workers:
+                await asyncio.sleep(0.2)
+            await run_jobs(client, 100, concurrency)  # warm up every path
+            _, single = await run_jobs(client, 200, 1)
+            rate, loaded = await run_jobs(client, jobs, concurrency)
+            await client.close()
+            sequential, pipelined = await raw_jetstream(stack.nats_url, 5000)
+        finally:
+            stack.stop()
+
+    table = Table(title=f"echo jobs through the platform ({workers} worker(s), max_concurrency {worker_concurrency})")
+    for column in ("measure", "value"):
+        table.add_column(column)
+    table.add_row("jobs/s (concurrency %d, %d jobs)" % (concurrency, jobs), f"{rate:,.0f}")
+    table.add_row("latency p50 / p95 / p99, concurrency 1 (ms)",
+                  " / ".join(f"{percentile(single, q):.1f}" for q in (50, 95, 99)))
+    table.add_row(f"latency p50 / p95 / p99, concurrency {concurrency} (ms)",
+                  " / ".join(f"{percentile(loaded, q):.1f}" for q in (50, 95, 99)))
+    table.add_row("mean latency, concurrency 1 (ms)", f"{statistics.fmean(single):.1f}")
+    table.add_row("raw JetStream acked publishes/s, one at a time", f"{sequential:,.0f}")
+    table.add_row("raw JetStream acked publishes/s, pipelined", f"{pipelined:,.0f}")
+    table.add_row("jobs/s ÷ pipelined publishes/s", f"{rate / pipelined:.3f}")
+    console.print(table)
+
+
+@app.default
+def main(
+    *,
+    jobs: Annotated[int, Parameter(help="jobs in the loaded run")] = 2000,
+    concurrency: Annotated[int, Parameter(help="jobs in flight at once")] = 64,
+    workers: int = 1,
+    worker_concurrency: int = 64,
+) -> None:
+    asyncio.run(bench(jobs, concurrency, workers, worker_concurrency))
+
+
+if __name__ == "__main__":
+    app()

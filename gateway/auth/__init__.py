@@ -1,0 +1,23 @@
+"""Authentication of clients and workers: API keys, rotating access/refresh tokens, worker enrollment
+and rotation, and verification of signed worker requests. docs/security.md explains the threat model.
+
+The parts: `master_key` (the root secret and derivation), `tokens` (credential formats, pure),
+`records` (what the `auth` bucket holds), `revocations` (the in-memory revocation mirror), `replay`
+(timestamp window and nonces) and `credentials` (the service the gateway calls).
+"""
+
+from gateway.auth.credentials import ApiKeyInfo, AuthSettings, Credentials, WorkerCredentials
+from gateway.auth.master_key import load_or_create_master_key
+from gateway.auth.replay import NonceWindow
+from gateway.auth.tokens import Principal, TokenPair
+
+__all__ = [
+    "ApiKeyInfo",
+    "AuthSettings",
+    "Credentials",
+    "NonceWindow",
+    "Principal",
+    "TokenPair",
+    "WorkerCredentials",
+    "load_or_create_master_key",
+]

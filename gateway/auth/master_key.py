@@ -1,0 +1,66 @@
+"""The platform's master key: 32 random bytes in the data directory, and the keys derived from it.
+
+Every secret the platform hands out is either random and stored only as a keyed digest, or derived from
+this key (worker HMAC secrets, token MACs). So the `auth` bucket alone reveals nothing, and losing the
+key file invalidates every credential at once (which is also how to revoke everything).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import stat
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+MASTER_KEY_BYTES = 32
+
+
+def load_or_create_master_key(path: Path) -> bytes:
+    """Read the key at `path`, or create it (mode 0600) on first run.
+
+    Runs once at start-up, before the event loop has anything else to do, so it uses plain file I/O.
+    """
+    path = Path(path)
+    if not path.exists():
+        _create(path)
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        # Like ssh with a private key: a key others can read may already have leaked.
+        raise PermissionError(f"master key {path} has mode {mode:o}; run `chmod 600 {path}`")
+    key = path.read_bytes()
+    if len(key) != MASTER_KEY_BYTES:
+        raise ValueError(f"master key {path} holds {len(key)} bytes, expected {MASTER_KEY_BYTES}")
+    return key
+
+
+def _create(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(secrets.token_bytes(MASTER_KEY_BYTES))
+            file.flush()
+            os.fsync(file.fileno())
+        # link() fails if the name exists: of two processes starting at once, exactly one key wins.
+        os.link(tmp, path)
+        logger.info("created master key %s", path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+
+
+def derive_key(master_key: bytes, purpose: str) -> bytes:
+    """A key for one purpose, so a MAC made for one use (an access token) is never valid for another."""
+    return hmac.new(master_key, purpose.encode(), hashlib.sha256).digest()
+
+
+def worker_secret(master_key: bytes, worker_id: str, generation: int) -> bytes:
+    """The HMAC secret of a worker's credential generation; derived, so nothing secret is stored."""
+    return derive_key(master_key, f"worker:{worker_id}:{generation}")

@@ -1,0 +1,112 @@
+"""What the `auth` bucket holds: one key per credential, none of them secret.
+
+| key                        | record             | why it exists                                             |
+| -------------------------- | ------------------ | --------------------------------------------------------- |
+| `apikey.<key_id>`          | `ApiKeyRecord`     | the keyed digest of an API key, its name and role         |
+| `family.<family>`          | `FamilyRecord`     | a login session: which refresh counter is current         |
+| `enroll.<token_id>`        | `EnrollmentRecord` | a one-use enrollment token's digest, expiry and use       |
+| `worker.<worker_id>`       | `WorkerRecord`     | a worker's credential generation (its secret is derived)  |
+| `revoked.family.<family>`  | `Revocation`       | access tokens of that family stop verifying               |
+| `revoked.client.<key_id>`  | `Revocation`       | access tokens issued for that API key until then stop     |
+
+Revocations get their own keys so every gateway can watch just them (`revoked.>`) and verify access
+tokens without reading the bucket per request.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from gateway.auth.tokens import Kind, Role
+
+APIKEY_PREFIX = "apikey."
+FAMILY_PREFIX = "family."
+ENROLL_PREFIX = "enroll."
+WORKER_PREFIX = "worker."
+REVOKED_PREFIX = "revoked."
+
+
+class ApiKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    name: str
+    role: Role
+    digest: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None
+
+
+class FamilyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A chain of refresh tokens; only the one with `counter` is current, earlier ones are spent."""
+
+    family: str
+    subject: str
+    kind: Kind
+    role: Role
+    counter: int
+    refresh_expires_at_ms: int
+    created_at_ms: int
+    revoked_at_ms: int | None = None
+    revoked_reason: str | None = None
+
+
+class EnrollmentRecord(msgspec.Struct, frozen=True, kw_only=True):
+    token_id: str
+    digest: str
+    expires_at_ms: int
+    #: When set, the token may only enroll this worker id (re-enrolling a known worker needs this).
+    worker_id: str | None = None
+    used_at_ms: int | None = None
+    used_by: str | None = None
+
+
+class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
+    worker_id: str
+    #: The current secret is derived from (master key, worker id, generation).
+    generation: int
+    family: str
+    enrolled_at_ms: int
+    #: After a rotation, the previous generation's secret and tokens still verify until this instant.
+    previous_generation: int | None = None
+    previous_family: str | None = None
+    previous_valid_until_ms: int = 0
+    revoked_at_ms: int | None = None
+
+
+class Revocation(msgspec.Struct, frozen=True, kw_only=True):
+    #: For a family: tokens stop verifying from this instant (later than now during a rotation's grace).
+    #: For a subject: tokens issued at or before this instant stop verifying.
+    at_ms: int
+    reason: str
+
+
+def apikey_key(key_id: str) -> str:
+    return f"{APIKEY_PREFIX}{key_id}"
+
+
+def family_key(family: str) -> str:
+    return f"{FAMILY_PREFIX}{family}"
+
+
+def enroll_key(token_id: str) -> str:
+    return f"{ENROLL_PREFIX}{token_id}"
+
+
+def worker_key(worker_id: str) -> str:
+    return f"{WORKER_PREFIX}{worker_id}"
+
+
+def family_revocation_key(family: str) -> str:
+    return f"{REVOKED_PREFIX}family.{family}"
+
+
+def subject_revocation_key(kind: Kind, subject: str) -> str:
+    """Workers need none: a worker has one live family at a time, so revoking it is revoking the family."""
+    return f"{REVOKED_PREFIX}{kind}.{subject}"
+
+
+encoder = msgspec.json.Encoder()
+apikey_decoder = msgspec.json.Decoder(ApiKeyRecord)
+family_decoder = msgspec.json.Decoder(FamilyRecord)
+enrollment_decoder = msgspec.json.Decoder(EnrollmentRecord)
+worker_decoder = msgspec.json.Decoder(WorkerRecord)
+revocation_decoder = msgspec.json.Decoder(Revocation)

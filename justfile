@@ -1,0 +1,23 @@
+# Recipes for gpu-fabric. Quick start: `just up` runs the platform, `just test` runs the tests.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Run the whole platform locally: NATS, gateway, scheduler, projections and one worker (Ctrl-C stops it all).
+up *ARGS:
+    gpuctl up {{ARGS}}
+
+# Run the test suite (a real nats-server from the wheel; slow end-to-end tests included).
+test *ARGS:
+    python -m pytest -q --durations=15 {{ARGS}}
+
+# Run only the fast tests (no multi-process end-to-end stacks).
+test-fast *ARGS:
+    python -m pytest -q -m "not slow" {{ARGS}}
+
+# Benchmarks: echo jobs through the platform vs raw JetStream, and the LLM overhead. Figures go to docs/benchmarks.md.
+bench *ARGS:
+    python -m bench.echo_throughput {{ARGS}}
+    python -m bench.llm_overhead
+
+# Rebuild the read models from the streams.
+replay *ARGS:
+    gpuctl replay {{ARGS}}

@@ -1,0 +1,235 @@
+"""The projections service: folds JOBS, WORKERS and HEARTBEATS into SQLite and answers `proj.>` queries.
+
+Thin by design: consumers put messages on a queue, one task writes them in batches through the store,
+and the query handlers read the store. Readers that passed `min_seq` wait on a condition that every
+committed batch signals (DESIGN, invariant 6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from projections.feed import FOLDED_STREAMS, QUEUE_SIZE, Delivered, follow, next_batch
+from projections.store import Store, WorkerStatus, worker_view
+from sdk import subjects
+from sdk.api import GetJob, GetWorker, JobPage, JobView, ListWorkers, OwnedListJobs, WorkerPage, WorkerView, decode, job_view
+from sdk.connection import connect, encode_error
+from sdk.errors import BadRequest, JobNotFound, PlatformError, Unavailable, WorkerNotFound
+from sdk.jobs import JobStatus
+from sdk.log import ensure_streams
+
+logger = logging.getLogger(__name__)
+
+#: How long a read with `min_seq` waits for the projection to catch up before answering `unavailable`.
+MIN_SEQ_WAIT_S = 5.0
+#: Pause before retrying a batch that SQLite refused (disk full, locked by another process).
+WRITE_RETRY_S = 1.0
+#: A cursor is the submission sequence to continue below; anything else was not made by us.
+_CURSOR = re.compile(r"[1-9][0-9]{0,18}")
+_encoder = msgspec.json.Encoder()
+
+
+class Projections:
+    """Keeps the read models in `db_path` up to date and serves queries on them, until `stop()`."""
+
+    def __init__(self, nc: NatsClient, db_path: Path, *, min_seq_wait_s: float = MIN_SEQ_WAIT_S) -> None:
+        self._nc = nc
+        self._db_path = db_path
+        self._min_seq_wait_s = min_seq_wait_s
+        self._store: Store | None = None
+        self._queue: asyncio.Queue[Delivered] = asyncio.Queue(QUEUE_SIZE)
+        #: Notified after every committed batch; `wait_for` sleeps on it.
+        self._applied = asyncio.Condition()
+        #: Held while a batch is written, so `stop` never cancels a transaction halfway.
+        self._writing = asyncio.Lock()
+        self._applier: asyncio.Task[None] | None = None
+        self._consumers: list[Subscription] = []
+        self._endpoints: list[Subscription] = []
+        self._requests: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._store = store = await Store.open(self._db_path)
+        self._queue = asyncio.Queue(QUEUE_SIZE)  # nothing left over from an earlier start
+        self._applier = asyncio.create_task(self._apply_forever(store), name="projections-applier")
+        js = self._nc.jetstream()
+        for stream in FOLDED_STREAMS:
+            self._consumers.append(await follow(js, stream, store.positions.get(stream, 0), self._queue))
+        routes: dict[str, Callable[[bytes], Awaitable[Any]]] = {
+            subjects.PROJ_JOBS_GET: self._get_job,
+            subjects.PROJ_JOBS_LIST: self._list_jobs,
+            subjects.PROJ_WORKERS_GET: self._get_worker,
+            subjects.PROJ_WORKERS_LIST: self._list_workers,
+        }
+        for subject, handle in routes.items():
+            self._endpoints.append(
+                await self._nc.subscribe(subject, queue=subjects.PROJ_QUEUE, cb=self._answerer(handle))
+            )
+        logger.info("projections serving %s from %s", ", ".join(routes), self._db_path)
+
+    async def stop(self) -> None:
+        """Stop answering, stop reading, let the batch in progress commit, close the database. Idempotent."""
+        for sub in [*self._endpoints, *self._consumers]:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._endpoints.clear()
+        self._consumers.clear()
+        for task in list(self._requests):
+            task.cancel()
+        await asyncio.gather(*self._requests, return_exceptions=True)
+        if self._applier is not None:
+            async with self._writing:
+                self._applier.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._applier
+            self._applier = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+            logger.info("projections stopped")
+
+    def applied_seq(self, stream: str) -> int:
+        """The last sequence of `stream` committed to the read models."""
+        return self._store.positions.get(stream, 0) if self._store else 0
+
+    async def wait_for(self, stream: str, seq: int, timeout_s: float) -> None:
+        """Return once `stream` is applied up to `seq`; raise `Unavailable` after `timeout_s`."""
+        if self.applied_seq(stream) >= seq:
+            return
+        async with self._applied:
+            try:
+                await asyncio.wait_for(self._applied.wait_for(lambda: self.applied_seq(stream) >= seq), timeout_s)
+            except TimeoutError:
+                raise Unavailable(
+                    f"the read model has applied {stream} up to #{self.applied_seq(stream)}, "
+                    f"not #{seq}, after {timeout_s:g}s; try again",
+                    {"stream": stream, "applied_seq": self.applied_seq(stream), "min_seq": seq},
+                ) from None
+
+    # --- Folding ---
+
+    async def _apply_forever(self, store: Store) -> None:
+        while True:
+            batch = await next_batch(self._queue)
+            # Dropping a batch would leave a hole behind the next position, so a refused write is retried.
+            while True:
+                try:
+                    async with self._writing:
+                        await store.apply_batch(batch)
+                    break
+                except Exception:
+                    logger.exception("could not write %d events; retrying in %gs", len(batch), WRITE_RETRY_S)
+                    await asyncio.sleep(WRITE_RETRY_S)
+            async with self._applied:
+                self._applied.notify_all()
+
+    # --- Queries ---
+
+    def _answerer(self, handle: Callable[[bytes], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
+        async def answer(msg: Msg) -> None:
+            try:
+                reply = _encoder.encode(await handle(msg.data))
+            except PlatformError as exc:
+                reply = encode_error(exc.to_reply())
+            except Exception:
+                logger.exception("%s failed", msg.subject)
+                reply = encode_error(PlatformError("the read model failed to answer").to_reply())
+            if not msg.reply:
+                return
+            try:
+                await msg.respond(reply)
+            except nats.errors.Error as exc:
+                logger.warning("could not answer %s: %s", msg.subject, exc)
+
+        async def spawn(msg: Msg) -> None:
+            # A task per request, so a read waiting for `min_seq` does not hold up the ones behind it.
+            task = asyncio.create_task(answer(msg))
+            self._requests.add(task)
+            task.add_done_callback(self._requests.discard)
+
+        return spawn
+
+    @property
+    def _reads(self) -> Store:
+        if self._store is None:
+            raise Unavailable("the read model is not open")
+        return self._store
+
+    async def _get_job(self, data: bytes) -> JobView:
+        request: GetJob = decode(data, GetJob)
+        if request.min_seq:
+            await self.wait_for(subjects.JOBS_STREAM, request.min_seq, self._min_seq_wait_s)
+        job = await self._reads.get_job(request.id)
+        if job is None:
+            raise JobNotFound(f"job {request.id} not found", {"id": request.id})
+        return job_view(job)
+
+    async def _list_jobs(self, data: bytes) -> JobPage:
+        request: OwnedListJobs = decode(data, OwnedListJobs)
+        status = _parse_enum(JobStatus, request.status)
+        if request.cursor is not None and not _CURSOR.fullmatch(request.cursor):
+            raise BadRequest(f"cursor {request.cursor!r} is not one this endpoint returned")
+        if request.min_seq:
+            await self.wait_for(subjects.JOBS_STREAM, request.min_seq, self._min_seq_wait_s)
+        # One more than asked tells whether another page follows.
+        jobs = await self._reads.list_jobs(
+            limit=request.limit + 1,
+            status=status,
+            job_type=request.type,
+            worker_id=request.worker_id,
+            owner=request.owner,
+            below_seq=int(request.cursor) if request.cursor else None,
+        )
+        page = jobs[: request.limit]
+        more = len(jobs) > request.limit
+        return JobPage(items=[job_view(job) for job in page], next_cursor=str(page[-1].submitted_seq) if more else None)
+
+    async def _get_worker(self, data: bytes) -> WorkerView:
+        request: GetWorker = decode(data, GetWorker)
+        worker = await self._reads.get_worker(request.id)
+        if worker is None:
+            raise WorkerNotFound(f"worker {request.id} not found", {"id": request.id})
+        return worker_view(worker, await self._reads.jobs_held_by(worker.id))
+
+    async def _list_workers(self, data: bytes) -> WorkerPage:
+        request: ListWorkers = decode(data, ListWorkers)
+        status = _parse_enum(WorkerStatus, request.status)
+        workers = await self._reads.list_workers(region=request.region, status=status)
+        return WorkerPage(items=[worker_view(w, await self._reads.jobs_held_by(w.id)) for w in workers])
+
+
+def _parse_enum(kind: type[JobStatus] | type[WorkerStatus], value: str | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise BadRequest(
+            f"status {value!r} is not one of {', '.join(s.value for s in kind)}", {"status": value}
+        ) from None
+
+
+async def serve(nats_url: str, db_path: Path, stop: asyncio.Event) -> None:
+    """Run the projections against `nats_url` until `stop` is set."""
+    nc = await connect(nats_url, name="projections")
+    try:
+        await ensure_streams(nc.jetstream())
+        projections = Projections(nc, db_path)
+        await projections.start()
+        try:
+            await stop.wait()
+        finally:
+            await projections.stop()
+    finally:
+        await nc.close()

@@ -1,0 +1,375 @@
+"""The read models in one SQLite file: jobs and workers folded from the streams, plus stream positions.
+
+Each batch of events is one transaction that writes the rows and the positions they reach (DESIGN,
+invariant 5): a crash never leaves rows ahead of, or behind, the position a restart resumes from.
+Job rows go through the shared `sdk.jobs.apply`, so the projection and the scheduler never disagree.
+
+Every column is folded from one stream only (jobs from JOBS; a worker's lifecycle columns from WORKERS,
+its telemetry columns from the latest heartbeat), so the order in which the live consumers of the
+three streams interleave never changes a row: replaying the streams one after another gives the same
+tables. Heartbeats are short-lived, though: a rebuild run after a worker's last heartbeat aged out of
+HEARTBEATS (10 minutes) has no telemetry for it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import aiosqlite
+import msgspec
+
+from projections.feed import Delivered
+from sdk import subjects
+from sdk.api import WorkerView, ms_to_datetime
+from sdk.errors import InvalidTransition, StaleAttempt
+from sdk.events import (
+    GpuInfo,
+    Heartbeat,
+    JobEvent,
+    WorkerCredentialsRotated,
+    WorkerDeregistered,
+    WorkerDraining,
+    WorkerEvent,
+    WorkerLost,
+    WorkerModelLoaded,
+    WorkerModelUnloaded,
+    WorkerRegistered,
+    heartbeat_decoder,
+    job_event_decoder,
+    worker_event_decoder,
+)
+from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever a table changes: a database of another version is dropped and refolded from the
+#: streams (read models are rebuilt from events, never migrated).
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY, type TEXT NOT NULL, model TEXT, params TEXT NOT NULL, region TEXT,
+    priority INTEGER NOT NULL, max_attempts INTEGER NOT NULL, timeout_s REAL NOT NULL, owner TEXT,
+    status TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT, result TEXT, error TEXT,
+    progress REAL, cancel_requested INTEGER NOT NULL, submitted_at_ms INTEGER NOT NULL,
+    assigned_at_ms INTEGER, started_at_ms INTEGER, finished_at_ms INTEGER,
+    seq INTEGER NOT NULL, submitted_seq INTEGER NOT NULL
+);
+CREATE INDEX jobs_newest_first ON jobs (submitted_seq);
+CREATE INDEX jobs_by_worker ON jobs (worker_id, status);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY, name TEXT, region TEXT, status TEXT, capabilities TEXT NOT NULL,
+    loaded_models TEXT NOT NULL, gpus TEXT NOT NULL, updated_at_ms INTEGER NOT NULL, seq INTEGER NOT NULL,
+    capacity INTEGER NOT NULL, last_heartbeat_ms INTEGER, heartbeat_models TEXT NOT NULL,
+    heartbeat_gpus TEXT NOT NULL
+);
+CREATE TABLE positions (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+"""
+#: Rows first, positions last (`dump` compares the rows).
+TABLES = ("jobs", "workers", "positions")
+
+
+# --- Workers: the row and its pure fold ----------------------------------------------------------
+
+
+class WorkerStatus(str, enum.Enum):
+    #: Registered and taking work.
+    ONLINE = "online"
+    #: Finishing its jobs, taking no new ones.
+    DRAINING = "draining"
+    #: Its heartbeats stopped; the scheduler requeued its jobs.
+    LOST = "lost"
+    #: Left the platform for good.
+    DEREGISTERED = "deregistered"
+
+
+class Worker(msgspec.Struct, kw_only=True):
+    id: str
+    # Folded from WORKERS. `status` is None for a worker only heard of through heartbeats.
+    name: str | None = None
+    region: str | None = None
+    status: WorkerStatus | None = None
+    capabilities: list[str] = []
+    loaded_models: list[str] = []
+    gpus: list[GpuInfo] = []
+    updated_at_ms: int = 0
+    seq: int = 0
+    # Taken from the latest heartbeat.
+    capacity: int = 1
+    last_heartbeat_ms: int | None = None
+    heartbeat_models: list[str] = []
+    heartbeat_gpus: list[GpuInfo] = []
+
+
+def apply_worker(worker: Worker | None, event: WorkerEvent, seq: int) -> Worker:
+    """The worker after a lifecycle event; `worker` is left untouched. Raises `InvalidTransition`."""
+    current = worker or Worker(id=event.worker_id)
+    if current.status is None and not isinstance(event, WorkerRegistered):
+        raise InvalidTransition(f"worker {event.worker_id} is not registered; {type(event).__name__} needs it")
+    replace = msgspec.structs.replace
+    match event:
+        case WorkerRegistered():
+            new = replace(
+                current,
+                name=event.name,
+                region=event.region,
+                status=WorkerStatus.ONLINE,
+                capabilities=list(event.capabilities),
+                gpus=list(event.gpus),
+            )
+        case WorkerModelLoaded():
+            # Newest last: a model loaded again moves to the end.
+            models = [m for m in current.loaded_models if m != event.model]
+            new = replace(current, loaded_models=[*models, event.model])
+        case WorkerModelUnloaded():
+            new = replace(current, loaded_models=[m for m in current.loaded_models if m != event.model])
+        case WorkerDraining():
+            new = replace(current, status=WorkerStatus.DRAINING)
+        case WorkerLost():
+            new = replace(current, status=WorkerStatus.LOST)
+        case WorkerDeregistered():
+            new = replace(current, status=WorkerStatus.DEREGISTERED)
+        case WorkerCredentialsRotated():
+            new = replace(current)  # nothing a reader sees; the row only moves to the new sequence
+    new.updated_at_ms = event.at_ms
+    new.seq = seq
+    return new
+
+
+def apply_heartbeat(worker: Worker | None, heartbeat: Heartbeat) -> Worker:
+    """The worker with the telemetry of its latest heartbeat; the lifecycle columns stay as they are."""
+    return msgspec.structs.replace(
+        worker or Worker(id=heartbeat.worker_id),
+        capacity=heartbeat.max_concurrency,
+        last_heartbeat_ms=heartbeat.at_ms,
+        heartbeat_models=list(heartbeat.loaded_models),
+        heartbeat_gpus=list(heartbeat.gpus),
+    )
+
+
+def worker_view(worker: Worker, in_flight: list[str]) -> WorkerView:
+    """What readers see: models and GPUs from whichever is fresher, the last event or the last heartbeat."""
+    from_heartbeat = worker.last_heartbeat_ms is not None and worker.last_heartbeat_ms >= worker.updated_at_ms
+    # Queries return registered workers only, and registration sets all three.
+    assert worker.status is not None and worker.name is not None and worker.region is not None
+    return WorkerView(
+        id=worker.id,
+        name=worker.name,
+        region=worker.region,
+        status=worker.status.value,
+        capabilities=worker.capabilities,
+        capacity=worker.capacity,
+        in_flight=in_flight,
+        last_heartbeat=ms_to_datetime(worker.last_heartbeat_ms),
+        loaded_models=worker.heartbeat_models if from_heartbeat else worker.loaded_models,
+        gpus=worker.heartbeat_gpus if from_heartbeat else worker.gpus,
+        seq=worker.seq,
+    )
+
+
+# --- Rows <-> structs ----------------------------------------------------------------------------
+
+Row = TypeVar("Row", Job, Worker)
+_json = msgspec.json.Encoder()
+
+
+class Table(Generic[Row]):
+    """One column per struct field; nested values (params, results, lists) as JSON text."""
+
+    def __init__(self, name: str, kind: type[Row], json_columns: Iterable[str]) -> None:
+        self.name = name
+        self.kind = kind
+        self.columns = tuple(field.name for field in msgspec.structs.fields(kind))
+        self.json_columns = frozenset(json_columns)
+        self.select_sql = f"SELECT {', '.join(self.columns)} FROM {name}"
+        self.upsert_sql = (
+            f"INSERT OR REPLACE INTO {name} ({', '.join(self.columns)}) "
+            f"VALUES ({', '.join('?' * len(self.columns))})"
+        )
+
+    def to_row(self, obj: Row) -> tuple[Any, ...]:
+        fields = msgspec.to_builtins(obj)
+        return tuple(
+            _json.encode(fields[c]).decode() if c in self.json_columns else fields[c] for c in self.columns
+        )
+
+    def from_row(self, row: Sequence[Any]) -> Row:
+        fields = {
+            c: msgspec.json.decode(v) if c in self.json_columns else v for c, v in zip(self.columns, row)
+        }
+        return msgspec.convert(fields, self.kind, strict=False)  # strict=False: SQLite's 0/1 for bools
+
+
+JOBS = Table("jobs", Job, ("params", "result", "error"))
+WORKERS = Table("workers", Worker, ("capabilities", "loaded_models", "gpus", "heartbeat_models", "heartbeat_gpus"))
+
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    subjects.JOBS_STREAM: job_event_decoder,
+    subjects.WORKERS_STREAM: worker_event_decoder,
+    subjects.HEARTBEATS_STREAM: heartbeat_decoder,
+}
+
+
+# --- The store -----------------------------------------------------------------------------------
+
+
+class Store:
+    """One writer connection (the fold) and one reader connection (queries); WAL lets them overlap."""
+
+    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, positions: dict[str, int]) -> None:
+        self._writer = writer
+        self._reader = reader
+        #: The last applied sequence of each stream, as committed.
+        self.positions = positions
+
+    @classmethod
+    async def open(cls, path: Path) -> Store:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; a batch opens and commits its own.
+        writer = await aiosqlite.connect(path, isolation_level=None)
+        await writer.execute("PRAGMA journal_mode=WAL")
+        # NORMAL may lose the last commits on power loss, but rows and positions go together, so a
+        # restart simply refolds them from the streams.
+        await writer.execute("PRAGMA synchronous=NORMAL")
+        [(version,)] = await writer.execute_fetchall("PRAGMA user_version")
+        if version != SCHEMA_VERSION:
+            if version:
+                logger.info("read model schema %d is not %d: refolding %s", version, SCHEMA_VERSION, path)
+            await writer.executescript(
+                "".join(f"DROP TABLE IF EXISTS {t};" for t in TABLES)
+                + SCHEMA
+                + f"PRAGMA user_version={SCHEMA_VERSION};"
+            )
+        positions = dict(await writer.execute_fetchall("SELECT stream, seq FROM positions"))
+        reader = await aiosqlite.connect(path)
+        logger.info("opened read models %s at %s", path, positions)
+        return cls(writer, reader, positions)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    async def apply_batch(self, batch: Sequence[Delivered]) -> None:
+        """Fold a batch of stream messages into the rows, in one transaction with the positions reached."""
+        if not batch:
+            return
+        events: list[tuple[Delivered, Any]] = []
+        for delivered in batch:
+            try:
+                events.append((delivered, _DECODERS[delivered.stream].decode(delivered.data)))
+            except msgspec.DecodeError as exc:
+                logger.warning("skipped undecodable %s #%d: %s", delivered.stream, delivered.seq, exc)
+        jobs: dict[str, Job] = await self._load(JOBS, {e.job_id for _, e in events if isinstance(e, JobEvent)})
+        workers: dict[str, Worker] = await self._load(
+            WORKERS, {e.worker_id for _, e in events if not isinstance(e, JobEvent)}
+        )
+        changed_jobs: set[str] = set()
+        changed_workers: set[str] = set()
+        for delivered, event in events:
+            try:
+                match delivered.stream:
+                    case subjects.JOBS_STREAM:
+                        jobs[event.job_id] = apply(jobs.get(event.job_id), event, delivered.seq)
+                        changed_jobs.add(event.job_id)
+                    case subjects.WORKERS_STREAM:
+                        workers[event.worker_id] = apply_worker(workers.get(event.worker_id), event, delivered.seq)
+                        changed_workers.add(event.worker_id)
+                    case subjects.HEARTBEATS_STREAM:
+                        workers[event.worker_id] = apply_heartbeat(workers.get(event.worker_id), event)
+                        changed_workers.add(event.worker_id)
+            except (InvalidTransition, StaleAttempt) as exc:
+                logger.warning("skipped %s #%d (%s): %s", delivered.stream, delivered.seq, type(event).__name__, exc)
+        reached = {delivered.stream: delivered.seq for delivered in batch}
+
+        await self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            await self._writer.executemany(JOBS.upsert_sql, [JOBS.to_row(jobs[i]) for i in changed_jobs])
+            await self._writer.executemany(WORKERS.upsert_sql, [WORKERS.to_row(workers[i]) for i in changed_workers])
+            await self._writer.executemany(
+                "INSERT OR REPLACE INTO positions (stream, seq) VALUES (?, ?)", reached.items()
+            )
+            await self._writer.execute("COMMIT")
+        except BaseException:
+            await self._writer.execute("ROLLBACK")
+            raise
+        self.positions.update(reached)
+
+    async def _load(self, table: Table[Row], ids: set[str]) -> dict[str, Row]:
+        if not ids:
+            return {}
+        rows = await self._writer.execute_fetchall(
+            f"{table.select_sql} WHERE id IN ({', '.join('?' * len(ids))})", tuple(ids)
+        )
+        return {obj.id: obj for obj in map(table.from_row, rows)}
+
+    # --- Queries (reader connection) ---
+
+    async def get_job(self, job_id: str) -> Job | None:
+        rows = await self._reader.execute_fetchall(f"{JOBS.select_sql} WHERE id = ?", (job_id,))
+        return JOBS.from_row(rows[0]) if rows else None
+
+    async def list_jobs(
+        self,
+        *,
+        limit: int,
+        status: JobStatus | None = None,
+        job_type: str | None = None,
+        worker_id: str | None = None,
+        owner: str | None = None,
+        below_seq: int | None = None,
+    ) -> list[Job]:
+        """Newest first (by submission sequence), only jobs submitted before `below_seq` when given."""
+        where, args = _filters(
+            {
+                "status = ?": status.value if status else None,
+                "type = ?": job_type,
+                "worker_id = ?": worker_id,
+                "owner = ?": owner,
+                "submitted_seq < ?": below_seq,
+            }
+        )
+        rows = await self._reader.execute_fetchall(
+            f"{JOBS.select_sql}{where} ORDER BY submitted_seq DESC LIMIT ?", (*args, limit)
+        )
+        return [JOBS.from_row(row) for row in rows]
+
+    async def jobs_held_by(self, worker_id: str) -> list[str]:
+        """Ids of the jobs assigned to or running on a worker, oldest first."""
+        held = tuple(s.value for s in HELD_BY_WORKER)
+        rows = await self._reader.execute_fetchall(
+            f"SELECT id FROM jobs WHERE worker_id = ? AND status IN ({', '.join('?' * len(held))})"
+            " ORDER BY submitted_seq",
+            (worker_id, *held),
+        )
+        return [job_id for (job_id,) in rows]
+
+    async def get_worker(self, worker_id: str) -> Worker | None:
+        rows = await self._reader.execute_fetchall(
+            f"{WORKERS.select_sql} WHERE id = ? AND status IS NOT NULL", (worker_id,)
+        )
+        return WORKERS.from_row(rows[0]) if rows else None
+
+    async def list_workers(self, *, region: str | None = None, status: WorkerStatus | None = None) -> list[Worker]:
+        # A worker only heard of through heartbeats has no status yet: not listed until it registers.
+        where, args = _filters(
+            {"region = ?": region, "status = ?": status.value if status else None}, "status IS NOT NULL"
+        )
+        rows = await self._reader.execute_fetchall(f"{WORKERS.select_sql}{where} ORDER BY id", args)
+        return [WORKERS.from_row(row) for row in rows]
+
+
+def _filters(conditions: dict[str, Any], *fixed: str) -> tuple[str, tuple[Any, ...]]:
+    """A WHERE clause of the `fixed` conditions and those whose value is not None, and their arguments."""
+    used = {sql: value for sql, value in conditions.items() if value is not None}
+    clauses = [*fixed, *used]
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(used.values())
+
+
+async def dump(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the read models, ordered by primary key: two databases with equal dumps are equal."""
+    async with aiosqlite.connect(db_path) as db:
+        return {table: list(await db.execute_fetchall(f"SELECT * FROM {table} ORDER BY id")) for table in TABLES[:2]}

@@ -1,0 +1,235 @@
+"""End to end: the platform as `gpuctl up` runs it (every component a process, a real nats-server),
+driven through the SDK and HTTP the way a user would."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sdk import subjects
+from sdk.api import ReportCompleted, ReportStarted
+from sdk.client import Client
+from sdk.connection import connect, request
+from sdk.errors import InvalidTransition, JobNotFound, StaleAttempt
+from sdk.api import Accepted
+from sdk.http import HttpClient
+from sdk.local import LocalStack
+from tests.conftest import start_stack, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+async def jobs_stream_last_seq(nats_url: str) -> int:
+    nc = await connect(nats_url, name="test-inspect")
+    try:
+        info = await nc.jetstream().stream_info(subjects.JOBS_STREAM)
+        return info.state.last_seq
+    finally:
+        await nc.close()
+
+
+async def test_200_echo_jobs_all_complete_exactly_once(client: Client) -> None:
+    submitted = await asyncio.gather(*(client.submit("echo", params={"n": i}) for i in range(200)))
+    done = await asyncio.gather(*(client.wait(s.id, timeout_s=60) for s in submitted))
+
+    assert [d.status for d in done] == ["completed"] * 200
+    assert [d.result for d in done] == [{"n": i} for i in range(200)]
+    histories = await asyncio.gather(*(client.events(s.id) for s in submitted))
+    completed_counts = collections.Counter(
+        sum(1 for record in history if record.event.type == "job.completed") for history in histories
+    )
+    assert completed_counts == {1: 200}
+
+
+async def test_job_moves_to_a_second_worker_when_its_worker_is_killed(stack: LocalStack, client: Client) -> None:
+    job = await client.submit("echo", params={"sleep_s": 4})
+
+    async def running() -> bool:
+        return (await client.get(job.id)).status == "running"
+
+    await wait_until(running, 20, "the job to start")
+    first = await client.get(job.id)
+    victim = next(w for w in await client.workers() if w.id == first.worker_id)
+    child = stack.children[f"worker-{victim.name}"]
+    child.kill()
+    try:
+        done = await client.wait(job.id, timeout_s=40)
+        assert done.status == "completed"
+        assert done.attempt == 2
+        assert done.worker_id not in (None, first.worker_id)
+        kinds = [record.event.type for record in await client.events(job.id)]
+        assert kinds == [
+            "job.submitted", "job.assigned", "job.started", "job.requeued",
+            "job.assigned", "job.started", "job.completed",
+        ]
+        assert (await client.worker(first.worker_id)).status == "lost"
+    finally:
+        stack.start_worker(victim.name)
+
+        async def back() -> bool:
+            return (await client.worker(first.worker_id)).status == "online"
+
+        await wait_until(back, 30, "the killed worker to come back")
+
+
+async def test_two_schedulers_never_assign_a_job_twice(stack: LocalStack, client: Client) -> None:
+    stack._child("scheduler-2", ["scheduler", "--nats-url", stack.nats_url])
+    try:
+        first = await asyncio.gather(*(client.submit("echo", params={"i": i}) for i in range(50)))
+        # Kill the original scheduler mid-run: the standby takes over and the rest still completes.
+        stack.children["scheduler"].kill()
+        second = await asyncio.gather(*(client.submit("echo", params={"i": i}) for i in range(50)))
+        jobs = first + second
+        done = await asyncio.gather(*(client.wait(s.id, timeout_s=60) for s in jobs))
+        assert {d.status for d in done} == {"completed"}
+        for s in jobs:
+            history = await client.events(s.id)
+            assignments = collections.Counter(r.event.attempt for r in history if r.event.type == "job.assigned")
+            assert all(count == 1 for count in assignments.values()), (s.id, assignments)
+    finally:
+        stack.children["scheduler"].start()
+        stack.children.pop("scheduler-2").stop()
+
+
+async def test_same_idempotency_key_gives_one_job(stack: LocalStack, client: Client, http: HttpClient) -> None:
+    before = await jobs_stream_last_seq(stack.nats_url)
+    a = await client.submit("echo", idempotency_key="order-42")
+    b = await client.submit("echo", idempotency_key="order-42")
+    c = await http.submit("echo", idempotency_key="order-42")
+    assert a.id == b.id == c.id
+    assert (a.created, b.created, c.created) == (True, False, False)
+    await client.wait(a.id, timeout_s=30)
+    history = await client.events(a.id)
+    assert sum(1 for r in history if r.event.type == "job.submitted") == 1
+    assert (await jobs_stream_last_seq(stack.nats_url)) > before
+
+
+async def test_http_errors_have_status_and_reason_and_append_nothing(stack: LocalStack, http: HttpClient) -> None:
+    async with httpx.AsyncClient(base_url=stack.http_url) as raw:
+        job = await http.submit("echo")
+        await http.wait(job.id, timeout_s=30)
+        before = await jobs_stream_last_seq(stack.nats_url)
+
+        bad_bodies = [
+            b"{", b"[]", b'"echo"', b'{"type": "sing"}', b'{"type": "echo", "timeout_s": -1}',
+            b'{"type": "echo", "priority": "high"}', b'{"type": "llm"}', b'{"type": "echo", "region": "eu.west"}',
+            b'{"type": "echo", "max_attempts": 0}', b'{"type": "echo", "surprise": 1}',
+            b'{"type": "echo", "params": {"x": "' + b"a" * 2_000_000 + b'"}}',
+        ]
+        for body in bad_bodies:
+            response = await raw.post("/api/v1/jobs", content=body, headers={"content-type": "application/json"})
+            assert 400 <= response.status_code < 500, (body[:60], response.status_code)
+            assert response.json()["message"], body[:60]
+
+        missing = await raw.get("/api/v1/jobs/no-such-job")
+        assert missing.status_code == 404
+        assert missing.json()["code"] == "job_not_found"
+        assert (await raw.post("/api/v1/jobs/no-such-job/cancel")).status_code == 404
+        assert (await raw.get("/api/v1/workers/no-such-worker")).status_code == 404
+        finished = await raw.post(f"/api/v1/jobs/{job.id}/cancel")
+        assert finished.status_code == 409
+        assert "completed" in finished.json()["message"]
+        assert (await raw.get("/api/v1/jobs?limit=0")).status_code == 400
+        assert (await raw.get("/api/v1/jobs?status=bogus")).status_code == 400
+        assert (await raw.get("/api/v1/jobs?cursor=zzz")).status_code == 400
+        assert (await jobs_stream_last_seq(stack.nats_url)) == before
+
+    with pytest.raises(InvalidTransition):
+        await http.cancel(job.id)
+    with pytest.raises(JobNotFound):
+        await http.get("no-such-job")
+
+
+async def test_cancel_a_queued_and_a_running_job(client: Client) -> None:
+    running = await client.submit("echo", params={"sleep_s": 30})
+
+    async def started() -> bool:
+        return (await client.get(running.id)).status == "running"
+
+    await wait_until(started, 20, "the job to start")
+    assert (await client.cancel(running.id)).status == "cancel_requested"
+    done = await client.wait(running.id, timeout_s=20)
+    assert done.status == "cancelled"
+
+    queued = await client.submit("echo", params={}, region="nowhere", timeout_s=60)
+    # A queued job is cancelled at once, whether or not a worker has picked it yet.
+    accepted = await client.cancel(queued.id)
+    assert (await client.wait(queued.id, timeout_s=20)).status == "cancelled"
+    assert accepted.status in ("cancelled", "cancel_requested")
+
+
+async def test_a_report_about_a_stale_attempt_is_refused(stack: LocalStack, client: Client) -> None:
+    job = await client.submit("echo")
+    done = await client.wait(job.id, timeout_s=30)
+    before = await jobs_stream_last_seq(stack.nats_url)
+    nc = await connect(stack.nats_url, name="test-stale-worker")
+    try:
+        subject = subjects.report_subject(done.worker_id)
+        with pytest.raises((StaleAttempt, InvalidTransition)):
+            await request(nc, subject, ReportCompleted(job_id=job.id, attempt=1, result="twice"), Accepted)
+        with pytest.raises(StaleAttempt):
+            await request(nc, subject, ReportStarted(job_id=job.id, attempt=7), Accepted)
+        other = subjects.report_subject("w-someone-else")
+        with pytest.raises(StaleAttempt):
+            await request(nc, other, ReportCompleted(job_id=job.id, attempt=1, result="theirs"), Accepted)
+    finally:
+        await nc.close()
+    assert (await jobs_stream_last_seq(stack.nats_url)) == before
+    assert (await client.get(job.id)).result == done.result
+
+
+async def test_replay_rebuilds_the_same_tables(stack: LocalStack, client: Client, tmp_path: Path) -> None:
+    from projections.replay import rebuild
+    from projections.store import dump
+
+    jobs = await asyncio.gather(*(client.submit("echo", params={"i": i}) for i in range(20)))
+    await asyncio.gather(*(client.wait(j.id, timeout_s=30) for j in jobs))
+    last = await client.submit("echo", params={"fail": "on purpose"})
+    failed = await client.wait(last.id, timeout_s=30)
+    assert failed.status == "failed" and failed.error.code == "echo_failed"
+    await client.get(last.id, min_seq=failed.seq)  # the live projection has applied everything
+
+    projections = stack.children["projections"]
+    projections.stop()
+    try:
+        live = await dump(stack.data_dir / "projections.db")
+        rebuilt_db = tmp_path / "rebuilt.db"
+        await rebuild(stack.nats_url, rebuilt_db)
+        assert await dump(rebuilt_db) == live
+        (stack.data_dir / "projections.db").unlink()
+        await rebuild(stack.nats_url, stack.data_dir / "projections.db")
+        assert await dump(stack.data_dir / "projections.db") == live
+    finally:
+        projections.start()
+    assert (await client.get(last.id)).status == "failed"
+
+
+async def test_gateway_answers_503_while_nats_is_down_and_recovers(tmp_path: Path) -> None:
+    stack = await start_stack(tmp_path, [])
+    try:
+        async with httpx.AsyncClient(base_url=stack.http_url) as raw:
+            assert (await raw.get("/health")).status_code == 200
+            assert stack.broker is not None
+            stack.broker.stop()
+
+            async def unhealthy() -> bool:
+                response = await raw.get("/health")
+                return response.status_code == 503 and response.json()["nats"] == "down"
+
+            await wait_until(unhealthy, 15, "503 from /health")
+            submit = await raw.post("/api/v1/jobs", json={"type": "echo"})
+            assert submit.status_code == 503
+
+            stack.broker.start()
+
+            async def healthy() -> bool:
+                return (await raw.get("/health")).status_code == 200
+
+            await wait_until(healthy, 30, "200 from /health after NATS returned")
+            assert (await raw.post("/api/v1/jobs", json={"type": "echo"})).status_code == 201
+    finally:
+        stack.stop()
