@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import Literal, TypeVar, get_args
 
 import msgspec
 from nats.js import JetStreamContext
@@ -74,7 +74,8 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], int]
 T = TypeVar("T")
 
-API_KEY_ROLES: tuple[Role, ...] = ("client", "operator")
+ApiKeyRole = Literal["client", "operator"]
+API_KEY_ROLES: tuple[str, ...] = get_args(ApiKeyRole)
 #: Gateways' clocks differ a little; a revocation marker is kept this much longer than strictly needed.
 CLOCK_SKEW_MS = 60_000
 #: How often `verify_access` sweeps the revocation cache.
@@ -168,7 +169,7 @@ class Credentials:
 
     # --- API keys --------------------------------------------------------------------------------
 
-    async def create_api_key(self, name: str, role: Role = "client") -> tuple[str, str]:
+    async def create_api_key(self, name: str, role: ApiKeyRole = "client") -> tuple[str, str]:
         """A new API key as `(key_id, plaintext)`; the plaintext is shown once and never stored."""
         if role not in API_KEY_ROLES:
             raise BadRequest(f"role must be one of {', '.join(API_KEY_ROLES)}, not {role!r}")
@@ -203,7 +204,8 @@ class Credentials:
             now = self._clock()
             revoked = msgspec.structs.replace(record, revoked_at_ms=now)
             if await self._swap(apikey_key(key_id), revoked, revision):
-                await self._mark(subject_revocation_key("client", key_id), Revocation(at_ms=now, reason="API key revoked"))
+                marker = Revocation(at_ms=now, reason="API key revoked")
+                await self._mark(subject_revocation_key("client", key_id), marker)
                 logger.info("revoked API key %s (%r)", key_id, record.name)
                 return
         raise Conflict(f"API key {key_id} kept changing")
@@ -463,13 +465,12 @@ class Credentials:
 
     async def _require_active_subject(self, family: FamilyRecord) -> None:
         """A family outlives nothing it was issued for: a revoked key or a rotated worker ends it."""
-        match family.kind:
-            case "client":
-                key = await self._load(apikey_key(family.subject), records.apikey_decoder)
-                active = key is not None and key[0].revoked_at_ms is None
-            case "worker":
-                worker = await self._load(worker_key(family.subject), records.worker_decoder)
-                active = worker is not None and worker[0].revoked_at_ms is None and worker[0].family == family.family
+        if family.kind == "client":
+            key = await self._load(apikey_key(family.subject), records.apikey_decoder)
+            active = key is not None and key[0].revoked_at_ms is None
+        else:
+            worker = await self._load(worker_key(family.subject), records.worker_decoder)
+            active = worker is not None and worker[0].revoked_at_ms is None and worker[0].family == family.family
         if not active:
             raise refused(AuthReason.REVOKED, f"the {family.kind} {family.subject} behind this token is revoked")
 
@@ -479,7 +480,9 @@ class Credentials:
         if record.previous_family is not None:
             await self._revoke_family(record.previous_family, now, reason)
 
-    async def _revoke_family(self, family_id: str, now: int, reason: str, *, tokens_until_ms: int | None = None) -> None:
+    async def _revoke_family(
+        self, family_id: str, now: int, reason: str, *, tokens_until_ms: int | None = None
+    ) -> None:
         """Its refresh token stops now; its access tokens at `tokens_until_ms` (default: now)."""
         marker = Revocation(at_ms=now if tokens_until_ms is None else tokens_until_ms, reason=reason)
         known = self._revocations.marker(family_revocation_key(family_id))

@@ -1,0 +1,553 @@
+"""Credentials: API keys, rotating tokens, worker enrollment and rotation, signed reports, and that no
+secret ever reaches a log record or the `auth` bucket."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from gateway.auth import AuthSettings, Credentials, NonceWindow, Principal, load_or_create_master_key
+from sdk import subjects
+from sdk.errors import BadRequest, Conflict, Forbidden, PlatformError, Unauthorized, WorkerNotFound
+from sdk.signing import (
+    NONCE_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WORKER_ID_HEADER,
+    canonical_string,
+    sign,
+    verify_signature,
+)
+
+START_MS = 1_700_000_000_000
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now_ms = START_MS
+
+    def __call__(self) -> int:
+        return self.now_ms
+
+    def advance(self, seconds: float) -> None:
+        self.now_ms += int(seconds * 1000)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def master_key() -> bytes:
+    return secrets.token_bytes(32)
+
+
+@pytest.fixture
+async def credentials(nc: NatsClient, master_key: bytes, clock: FakeClock) -> AsyncIterator[Credentials]:
+    async with await Credentials.open(nc.jetstream(), master_key, clock=clock) as service:
+        yield service
+
+
+def reason(exc: pytest.ExceptionInfo[PlatformError]) -> str:
+    assert exc.value.details is not None
+    return str(exc.value.details["reason"])
+
+
+def worker_id() -> str:
+    return f"w{secrets.token_hex(6)}"
+
+
+# --- Access and refresh tokens -------------------------------------------------------------------
+
+
+async def test_access_token_verifies_until_it_expires(credentials: Credentials, clock: FakeClock) -> None:
+    key_id, api_key = await credentials.create_api_key("ci", "client")
+    pair = await credentials.issue_tokens(api_key)
+    assert pair.expires_in_s == 900.0
+    assert pair.refresh_expires_in_s == 7 * 86400.0
+
+    principal = credentials.verify_access(pair.access_token)
+    assert (principal.subject, principal.kind, principal.role) == (key_id, "client", "client")
+    assert credentials.verify_authorization(f"Bearer {pair.access_token}") == principal
+
+    clock.advance(15 * 60 - 0.001)
+    assert credentials.verify_access(pair.access_token) == principal
+    clock.advance(0.001)
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(pair.access_token)
+    assert reason(exc) == "expired"
+
+
+async def test_forged_or_garbled_access_tokens_are_refused(
+    credentials: Credentials, nc: NatsClient, clock: FakeClock
+) -> None:
+    _, api_key = await credentials.create_api_key("ci", "operator")
+    token = (await credentials.issue_tokens(api_key)).access_token
+    payload, mac = token.split(".")
+    tampered = f"{payload[:-2]}{'A' if payload[-2] != 'A' else 'B'}{payload[-1]}.{mac}"
+    async with await Credentials.open(nc.jetstream(), secrets.token_bytes(32), clock=clock) as other_platform:
+        foreign = other_platform.verify_access
+        for bad, expected in [
+            (tampered, "bad_signature"),
+            (token[:-3], "bad_signature"),
+            ("gfa_no-dot", "malformed"),
+            ("Bearer-less", "malformed"),
+            (token.replace("gfa_", "gfr_"), "malformed"),
+        ]:
+            with pytest.raises(Unauthorized) as exc:
+                credentials.verify_access(bad)
+            assert reason(exc) == expected, bad
+        with pytest.raises(Unauthorized) as exc:
+            foreign(token)
+        assert reason(exc) == "bad_signature"
+    for header, expected in [(None, "missing_header"), ("", "missing_header"), (token, "malformed")]:
+        with pytest.raises(Unauthorized) as exc:
+            credentials.verify_authorization(header)
+        assert reason(exc) == expected
+
+
+async def test_refresh_rotates_the_pair(credentials: Credentials, clock: FakeClock) -> None:
+    key_id, api_key = await credentials.create_api_key("ci", "client")
+    first = await credentials.issue_tokens(api_key)
+    clock.advance(60)
+    second = await credentials.refresh(first.refresh_token)
+
+    assert second.refresh_token != first.refresh_token
+    assert second.access_token != first.access_token
+    new = credentials.verify_access(second.access_token)
+    assert new.subject == key_id
+    assert new.family == credentials.verify_access(first.access_token).family
+    third = await credentials.refresh(second.refresh_token)
+    assert credentials.verify_access(third.access_token).subject == key_id
+
+
+async def test_refresh_reuse_revokes_the_whole_family(
+    credentials: Credentials, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    key_id, api_key = await credentials.create_api_key("ci", "client")
+    stolen = await credentials.issue_tokens(api_key)
+    legit = await credentials.refresh(stolen.refresh_token)
+    unrelated = await credentials.issue_tokens(api_key)
+
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.refresh(stolen.refresh_token)
+    assert reason(exc) == "reused"
+
+    # The newer pair, held by whoever refreshed first, stops working too.
+    for token in (legit.access_token, stolen.access_token):
+        with pytest.raises(Unauthorized) as exc:
+            credentials.verify_access(token)
+        assert reason(exc) == "revoked"
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.refresh(legit.refresh_token)
+    assert reason(exc) == "revoked"
+    # Another session of the same key is untouched.
+    assert credentials.verify_access(unrelated.access_token).subject == key_id
+
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "reuse" in r.getMessage()]
+    assert len(warnings) == 1
+    assert key_id in warnings[0].getMessage()
+    assert stolen.refresh_token not in caplog.text
+    assert stolen.refresh_token.rsplit(".", 1)[1] not in caplog.text
+
+
+async def test_concurrent_refreshes_of_one_token_count_as_reuse(credentials: Credentials) -> None:
+    _, api_key = await credentials.create_api_key("ci", "client")
+    pair = await credentials.issue_tokens(api_key)
+    outcomes = await asyncio.gather(
+        credentials.refresh(pair.refresh_token), credentials.refresh(pair.refresh_token), return_exceptions=True
+    )
+    errors = [o for o in outcomes if isinstance(o, Unauthorized)]
+    winners = [o for o in outcomes if not isinstance(o, BaseException)]
+    assert len(errors) == 1 and errors[0].details == {"reason": "reused"}
+    assert len(winners) == 1
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(winners[0].access_token)
+    assert reason(exc) == "revoked"
+
+
+async def test_refresh_token_expires(credentials: Credentials, clock: FakeClock) -> None:
+    _, api_key = await credentials.create_api_key("ci", "client")
+    pair = await credentials.issue_tokens(api_key)
+    clock.advance(7 * 86400)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.refresh(pair.refresh_token)
+    assert reason(exc) == "expired"
+
+
+async def test_ttls_are_configurable(nc: NatsClient, master_key: bytes, clock: FakeClock) -> None:
+    settings = AuthSettings(access_ttl_s=30, refresh_ttl_s=120)
+    async with await Credentials.open(nc.jetstream(), master_key, settings=settings, clock=clock) as service:
+        _, api_key = await service.create_api_key("short", "client")
+        pair = await service.issue_tokens(api_key)
+        assert (pair.expires_in_s, pair.refresh_expires_in_s) == (30.0, 120.0)
+        clock.advance(30)
+        with pytest.raises(Unauthorized) as exc:
+            service.verify_access(pair.access_token)
+        assert reason(exc) == "expired"
+    with pytest.raises(ValueError, match="positive"):
+        Credentials(None, master_key, settings=AuthSettings(access_ttl_s=0))  # type: ignore[arg-type]
+
+
+# --- API keys ------------------------------------------------------------------------------------
+
+
+async def test_revoked_api_key_is_refused_with_its_tokens(credentials: Credentials, clock: FakeClock) -> None:
+    key_id, api_key = await credentials.create_api_key("laptop", "client")
+    pair = await credentials.issue_tokens(api_key)
+    clock.advance(1)
+
+    await credentials.revoke_api_key(key_id)
+
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.issue_tokens(api_key)
+    assert reason(exc) == "revoked"
+    assert exc.value.code == "unauthorized"
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(pair.access_token)
+    assert reason(exc) == "revoked"
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.refresh(pair.refresh_token)
+    assert reason(exc) == "revoked"
+    listed = {info.key_id: info for info in await credentials.list_api_keys()}
+    assert listed[key_id].name == "laptop"
+    assert listed[key_id].revoked_at_ms == clock.now_ms
+
+
+async def test_wrong_or_unknown_api_keys_are_refused(credentials: Credentials) -> None:
+    key_id, api_key = await credentials.create_api_key("ci", "client")
+    for bad, expected in [
+        (f"gfk_{key_id}.{'x' * 43}", "bad_signature"),
+        (f"gfk_{'0' * 16}.{api_key.split('.')[1]}", "unknown"),
+        (api_key.replace("gfk_", "gfe_"), "malformed"),
+        ("gfk_nodot", "malformed"),
+    ]:
+        with pytest.raises(Unauthorized) as exc:
+            await credentials.issue_tokens(bad)
+        assert reason(exc) == expected, bad
+    with pytest.raises(BadRequest, match="client, operator"):
+        await credentials.create_api_key("root", "admin")  # type: ignore[arg-type]
+    with pytest.raises(BadRequest):
+        await credentials.revoke_api_key("0" * 16)
+
+
+async def test_revocation_reaches_other_gateways_through_the_watch(
+    credentials: Credentials, nc: NatsClient, master_key: bytes, clock: FakeClock
+) -> None:
+    key_id, api_key = await credentials.create_api_key("shared", "client")
+    pair = await credentials.issue_tokens(api_key)
+    async with await Credentials.open(nc.jetstream(), master_key, clock=clock) as replica:
+        assert replica.verify_access(pair.access_token).subject == key_id
+        await credentials.revoke_api_key(key_id)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                replica.verify_access(pair.access_token)
+            except Unauthorized as exc:
+                assert exc.details == {"reason": "revoked"}
+                break
+            assert time.monotonic() < deadline, "the replica never saw the revocation"
+            await asyncio.sleep(0.01)
+
+
+# --- Worker enrollment ---------------------------------------------------------------------------
+
+
+async def test_enrollment_token_is_single_use(credentials: Credentials) -> None:
+    token = await credentials.create_enrollment_token(ttl_s=600)
+    wid = worker_id()
+    creds = await credentials.enroll(token, wid)
+    assert (creds.worker_id, creds.generation) == (wid, 1)
+    assert bytes.fromhex(creds.hmac_secret_hex) == await credentials.worker_secret(wid)
+    principal = credentials.verify_access(creds.access_token)
+    assert (principal.subject, principal.kind, principal.role) == (wid, "worker", "worker")
+
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.enroll(token, worker_id())
+    assert reason(exc) == "already_used"
+
+
+async def test_enrollment_token_expires(credentials: Credentials, clock: FakeClock) -> None:
+    token = await credentials.create_enrollment_token(ttl_s=60)
+    clock.advance(60)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.enroll(token, worker_id())
+    assert reason(exc) == "expired"
+
+
+async def test_enrollment_cannot_take_over_an_enrolled_worker(credentials: Credentials, clock: FakeClock) -> None:
+    wid = worker_id()
+    first = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    with pytest.raises(Conflict, match="already enrolled"):
+        await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    with pytest.raises(Forbidden) as exc:
+        await credentials.enroll(await credentials.create_enrollment_token(worker_id=wid), worker_id())
+    assert reason(exc) == "worker_mismatch"
+    with pytest.raises(BadRequest):
+        await credentials.enroll(await credentials.create_enrollment_token(), "bad.id")
+
+    # An operator re-enrolls a machine that lost its credentials: a new generation, the old one is dead.
+    clock.advance(1)
+    again = await credentials.enroll(await credentials.create_enrollment_token(worker_id=wid), wid)
+    assert again.generation == 2
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(first.access_token)
+    assert reason(exc) == "revoked"
+    body = b"{}"
+    subject = subjects.report_subject(wid)
+    old = sign(bytes.fromhex(first.hmac_secret_hex), subject, body, now_ms=clock.now_ms)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.verify_report(subject, body, old)
+    assert reason(exc) == "bad_signature"
+
+
+# --- Signed reports ------------------------------------------------------------------------------
+
+
+async def test_signed_report_is_accepted_once(credentials: Credentials, clock: FakeClock) -> None:
+    wid = worker_id()
+    creds = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    subject, body = subjects.report_subject(wid), b'{"kind":"started","job_id":"j1","attempt":1}'
+    headers = sign(bytes.fromhex(creds.hmac_secret_hex), subject, body, now_ms=clock.now_ms)
+    assert headers[WORKER_ID_HEADER] == wid
+
+    assert await credentials.verify_report(subject, body, headers) == wid
+    beat_subject = subjects.heartbeat_request_subject(wid)
+    beat = sign(bytes.fromhex(creds.hmac_secret_hex), beat_subject, b"{}", now_ms=clock.now_ms)
+    assert await credentials.verify_report(beat_subject, b"{}", beat) == wid
+
+
+async def test_bad_reports_are_refused_with_distinct_reasons(credentials: Credentials, clock: FakeClock) -> None:
+    wid = worker_id()
+    creds = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    secret = bytes.fromhex(creds.hmac_secret_hex)
+    subject, body = subjects.report_subject(wid), b'{"kind":"draining"}'
+    now = clock.now_ms
+
+    replayed = sign(secret, subject, body, now_ms=now)
+    await credentials.verify_report(subject, body, replayed)
+    other = worker_id()
+    await credentials.enroll(await credentials.create_enrollment_token(), other)
+
+    cases: list[tuple[str, dict[str, str], bytes, type[PlatformError], str]] = [
+        (subject, sign(secrets.token_bytes(32), subject, body, now_ms=now), body, Unauthorized, "bad_signature"),
+        (subject, sign(secret, subject, body, now_ms=now), b'{"kind":"started"}', Unauthorized, "bad_signature"),
+        (subject, replayed, body, Unauthorized, "replayed_nonce"),
+        (subject, sign(secret, subject, body, now_ms=now - 60_001), body, Unauthorized, "stale_timestamp"),
+        (subject, sign(secret, subject, body, now_ms=now + 60_001), body, Unauthorized, "stale_timestamp"),
+        # Signed correctly, but claiming to be another worker than the subject names.
+        (subject, sign(secret, subject, body, worker_id=other, now_ms=now), body, Forbidden, "worker_mismatch"),
+        (
+            subjects.report_subject(other),
+            sign(secret, subjects.report_subject(other), body, worker_id=wid, now_ms=now),
+            body,
+            Forbidden,
+            "worker_mismatch",
+        ),
+        (
+            subjects.report_subject("nobody"),
+            sign(secret, subjects.report_subject("nobody"), body, now_ms=now),
+            body,
+            Unauthorized,
+            "unknown",
+        ),
+        (subject, {}, body, Unauthorized, "missing_header"),
+        (subject, {**replayed, TIMESTAMP_HEADER: "soon"}, body, Unauthorized, "malformed"),
+    ]
+    for subj, headers, payload, error, expected in cases:
+        with pytest.raises(error) as exc:
+            await credentials.verify_report(subj, payload, headers)
+        assert reason(exc) == expected, (subj, headers, expected)
+
+    # The window's edge is inclusive.
+    edge = sign(secret, subject, body, now_ms=now - 60_000)
+    assert await credentials.verify_report(subject, body, edge) == wid
+
+
+async def test_revoked_worker_is_refused(credentials: Credentials, clock: FakeClock) -> None:
+    wid = worker_id()
+    creds = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    await credentials.revoke_worker(wid)
+    subject = subjects.report_subject(wid)
+    headers = sign(bytes.fromhex(creds.hmac_secret_hex), subject, b"{}", now_ms=clock.now_ms)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.verify_report(subject, b"{}", headers)
+    assert reason(exc) == "revoked"
+    for check in (credentials.worker_secret(wid), credentials.refresh(creds.refresh_token)):
+        with pytest.raises(Unauthorized) as exc:
+            await check
+        assert reason(exc) == "revoked"
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(creds.access_token)
+    assert reason(exc) == "revoked"
+    with pytest.raises(WorkerNotFound):
+        await credentials.revoke_worker(worker_id())
+
+
+async def test_worker_refreshes_its_tokens(credentials: Credentials) -> None:
+    wid = worker_id()
+    creds = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    pair = await credentials.refresh(creds.refresh_token)
+    assert credentials.verify_access(pair.access_token) == Principal(
+        subject=wid, kind="worker", role="worker", family=credentials.verify_access(creds.access_token).family
+    )
+
+
+async def test_rotation_new_secret_verifies_old_one_stops_after_grace(
+    credentials: Credentials, clock: FakeClock
+) -> None:
+    wid = worker_id()
+    old = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    clock.advance(10)
+    new = await credentials.rotate_worker(wid)
+    assert new.generation == old.generation + 1
+    assert new.hmac_secret_hex != old.hmac_secret_hex
+    assert await credentials.worker_secret(wid) == bytes.fromhex(new.hmac_secret_hex)
+    subject, body = subjects.report_subject(wid), b"{}"
+
+    def signed_by(creds_hex: str) -> dict[str, str]:
+        return sign(bytes.fromhex(creds_hex), subject, body, now_ms=clock.now_ms)
+
+    # Within the grace (60 s by default) both generations verify: reports signed before the switch land.
+    assert await credentials.verify_report(subject, body, signed_by(new.hmac_secret_hex)) == wid
+    assert await credentials.verify_report(subject, body, signed_by(old.hmac_secret_hex)) == wid
+    assert credentials.verify_access(old.access_token).subject == wid
+    # The old refresh token is dead at once.
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.refresh(old.refresh_token)
+    assert reason(exc) == "revoked"
+
+    clock.advance(60.001)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.verify_report(subject, body, signed_by(old.hmac_secret_hex))
+    assert reason(exc) == "bad_signature"
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(old.access_token)
+    assert reason(exc) == "revoked"
+    assert await credentials.verify_report(subject, body, signed_by(new.hmac_secret_hex)) == wid
+    assert credentials.verify_access(new.access_token).subject == wid
+    assert credentials.verify_access((await credentials.refresh(new.refresh_token)).access_token).subject == wid
+
+
+async def test_revoking_during_rotation_grace_stops_the_old_generation_too(
+    credentials: Credentials, clock: FakeClock
+) -> None:
+    wid = worker_id()
+    old = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    await credentials.rotate_worker(wid)
+    await credentials.revoke_worker(wid)
+    with pytest.raises(Unauthorized) as exc:
+        credentials.verify_access(old.access_token)
+    assert reason(exc) == "revoked"
+
+
+# --- Secrets stay secret -------------------------------------------------------------------------
+
+
+async def test_secrets_never_reach_logs_or_the_bucket(
+    credentials: Credentials, nc: NatsClient, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    key_id, api_key = await credentials.create_api_key("audit", "operator")
+    pair = await credentials.issue_tokens(api_key)
+    refreshed = await credentials.refresh(pair.refresh_token)
+    with pytest.raises(Unauthorized):
+        await credentials.refresh(pair.refresh_token)
+    enrollment = await credentials.create_enrollment_token()
+    wid = worker_id()
+    creds = await credentials.enroll(enrollment, wid)
+    rotated = await credentials.rotate_worker(wid)
+    subject = subjects.report_subject(wid)
+    headers = sign(bytes.fromhex(creds.hmac_secret_hex), subject, b"{}", now_ms=clock.now_ms)
+    await credentials.verify_report(subject, b"{}", headers)
+    with pytest.raises(Unauthorized):
+        await credentials.verify_report(subject, b"{}", headers)
+    await credentials.revoke_api_key(key_id)
+
+    secrets_issued = [
+        api_key,
+        api_key.split(".", 1)[1],
+        pair.access_token,
+        pair.refresh_token,
+        refreshed.access_token,
+        refreshed.refresh_token,
+        enrollment,
+        enrollment.split(".", 1)[1],
+        creds.access_token,
+        creds.refresh_token,
+        creds.hmac_secret_hex,
+        rotated.hmac_secret_hex,
+        rotated.refresh_token,
+    ]
+    logged = "\n".join(f"{r.getMessage()} {r.args!r}" for r in caplog.records)
+    assert "created API key" in logged and "rotated worker" in logged
+    for secret in secrets_issued:
+        assert secret not in logged
+
+    kv = await nc.jetstream().key_value(subjects.AUTH_BUCKET)
+    watcher = await kv.watch(">", include_history=True)
+    stored = b""
+    while (entry := await watcher.updates(timeout=5)) is not None:
+        stored += entry.key.encode() + b"=" + (entry.value or b"") + b"\n"
+    await watcher.stop()
+    assert key_id.encode() in stored and wid.encode() in stored
+    for secret in secrets_issued:
+        assert secret.encode() not in stored
+    for raw in (creds.hmac_secret_hex, rotated.hmac_secret_hex):
+        assert bytes.fromhex(raw) not in stored
+
+
+# --- Building blocks -----------------------------------------------------------------------------
+
+
+def test_nonce_window_memory_is_bounded() -> None:
+    window = NonceWindow(window_s=1)
+    now = START_MS
+    for i in range(10_000):
+        now += 10
+        window.check("w1", now, f"n{i}", now)
+    # 100 requests a second for a 1 s window: only the last second's nonces are remembered.
+    assert len(window) <= 101
+    window.check("w2", now, "n9999", now)  # nonces are per worker
+    with pytest.raises(Unauthorized) as exc:
+        window.check("w1", now, "n9999", now)
+    assert exc.value.details == {"reason": "replayed_nonce"}
+
+
+def test_signature_headers_are_read_case_insensitively() -> None:
+    secret = secrets.token_bytes(32)
+    headers = sign(secret, "api.workers.report.w1", b"body", now_ms=1234, nonce="abc")
+    assert headers[TIMESTAMP_HEADER] == "1234" and headers[NONCE_HEADER] == "abc"
+    assert canonical_string("api.workers.report.w1", 1234, "abc", b"body") == (
+        b"api.workers.report.w1\n1234\nabc\n230d8358dc8e8890b4c58deeb62912ee2f20357ae92a5cc861b98e68fe31acb5"
+    )
+    verify_signature(secret, "api.workers.report.w1", b"body", {k.lower(): v for k, v in headers.items()})
+    for missing in (WORKER_ID_HEADER, SIGNATURE_HEADER):
+        partial = {k: v for k, v in headers.items() if k != missing}
+        with pytest.raises(Unauthorized, match=f"missing header {missing}"):
+            verify_signature(secret, "api.workers.report.w1", b"body", partial)
+    with pytest.raises(Unauthorized, match="bad signature"):
+        verify_signature(secret, "api.workers.report.w1", b"body", {**headers, SIGNATURE_HEADER: "é" * 64})
+
+
+def test_master_key_is_created_once_with_mode_0600(tmp_path: Path) -> None:
+    path = tmp_path / "data" / "master.key"
+    key = load_or_create_master_key(path)
+    assert len(key) == 32
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_or_create_master_key(path) == key
+    assert list(path.parent.iterdir()) == [path]
+    os.chmod(path, 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        load_or_create_master_key(path)
