@@ -1,0 +1,409 @@
+"""The scheduler service: fold the streams into a view; as leader, place jobs and take back lost ones.
+
+Thin by design: receive, decode, fold (`view.py`), decide (`placement.py`, `recovery.py`), append at the
+expected sequence, publish. Every running scheduler folds JOBS, WORKERS, HEARTBEATS and the
+`worker-config` bucket; only the holder of the KV lease (`lease.py`) writes, so a standby that takes over
+already has a warm view.
+
+Consumers only update the view and wake the leader's loop, which reacts at once to submissions,
+requeues, finished jobs, registrations, heartbeats and config changes, and every `tick_s` sweeps for
+silent workers and expired jobs. One pass appends all the assignments it decided concurrently, so a
+burst of submissions costs about one round trip, not one per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from scheduler.lease import LeaderLease
+from scheduler.placement import NoPlacement, Placement, choose_worker
+from scheduler.recovery import recover
+from scheduler.view import SchedulerView, WorkerState
+from sdk import subjects
+from sdk.connection import connect
+from sdk.events import (
+    Assignment,
+    CancelOrder,
+    JobAssigned,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobEvent,
+    JobExpired,
+    JobFailed,
+    JobRequeued,
+    JobSubmitted,
+    WorkerLost,
+    encoder,
+    heartbeat_decoder,
+    job_event_decoder,
+    now_ms,
+    worker_event_decoder,
+)
+from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
+from sdk.log import WrongLastSequence, append, ensure_streams, load_job
+
+logger = logging.getLogger(__name__)
+
+#: A new leader re-sends the assignments of this age or younger, in case the old leader died between the
+#: append and the dispatch. Well inside DISPATCH's de-duplication window (two minutes, the JetStream
+#: default), so the server drops a re-sent assignment that did arrive (same `Nats-Msg-Id`).
+REDISPATCH_WINDOW_S = 60.0
+#: How long `stop()` lets the pass in progress finish, so an appended assignment is also dispatched.
+STOP_GRACE_S = 5.0
+
+_EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
+
+
+def _stored_at_us(msg: Msg) -> int:
+    """When the server stored a message, in microseconds: one clock for every stream."""
+    return (msg.metadata.timestamp - _EPOCH) // dt.timedelta(microseconds=1)
+
+
+def _holds(job: Job, assignment: JobAssigned) -> bool:
+    """The job is assigned as `assignment` says and has not moved on."""
+    return (job.status, job.worker_id, job.attempt) == (JobStatus.ASSIGNED, assignment.worker_id, assignment.attempt)
+
+
+def default_instance_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Scheduler:
+    def __init__(self, nc: NatsClient, *, instance_id: str, tick_s: float = 0.25) -> None:
+        self.instance_id = instance_id
+        self.tick_s = tick_s
+        self.view = SchedulerView()
+        self._js = nc.jetstream()
+        self._lease = LeaderLease(self._js, holder=instance_id, on_change=self._on_leadership)
+        self._rng = random.Random()
+        self._wake = asyncio.Event()
+        #: Feeds (streams and the config bucket) not yet replayed to their end; the leader waits for them.
+        self._catching_up: set[str] = set()
+        self._subscriptions: list[JetStreamContext.PushSubscription] = []
+        self._config_watcher: KeyValue.KeyWatcher | None = None
+        self._watch_task: asyncio.Task[None] | None = None
+        self._loop_task: asyncio.Task[None] | None = None
+        #: The lease term whose take-over duties are done.
+        self._settled_term = 0
+        self._last_sweep_s = 0.0
+        #: Jobs whose assignment or cancel order must be (re)sent to their worker.
+        self._redispatch: set[str] = set()
+        self._cancels: set[str] = set()
+        self._stopping = False
+
+    @property
+    def is_leader(self) -> bool:
+        return self._lease.is_leader
+
+    async def __aenter__(self) -> Scheduler:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        self._catching_up = {
+            subjects.JOBS_STREAM,
+            subjects.WORKERS_STREAM,
+            subjects.HEARTBEATS_STREAM,
+            subjects.WORKER_CONFIG_BUCKET,
+        }
+        await self._follow(subjects.JOBS_STREAM, subjects.JOBS_SUBJECTS, self._on_job)
+        await self._follow(subjects.WORKERS_STREAM, subjects.WORKERS_SUBJECTS, self._on_worker)
+        await self._follow(subjects.HEARTBEATS_STREAM, subjects.HEARTBEATS_SUBJECTS, self._on_heartbeat)
+        kv = await self._js.key_value(subjects.WORKER_CONFIG_BUCKET)
+        self._config_watcher = await kv.watchall()
+        self._watch_task = asyncio.create_task(
+            self._watch_config(self._config_watcher), name=f"config-{self.instance_id}"
+        )
+        self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.instance_id}")
+        await self._lease.start()
+        logger.info("scheduler %s started", self.instance_id)
+
+    async def stop(self) -> None:
+        """Idempotent. Finish the pass in progress, hand the lease over, then stop folding."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._wake.set()
+        # 1. The loop ends after its current pass, so no appended assignment is left undispatched.
+        if self._loop_task is not None:
+            _, pending = await asyncio.wait({self._loop_task}, timeout=STOP_GRACE_S)
+            for task in pending:
+                task.cancel()
+        # 2. Release the lease: a standby takes over at its next try instead of after the TTL.
+        await self._lease.stop()
+        # 3. Stop the feeds (the connection may be gone already: nothing left to unsubscribe then).
+        with contextlib.suppress(nats.errors.Error):
+            if self._config_watcher is not None:
+                await self._config_watcher.stop()
+            for sub in self._subscriptions:
+                await sub.unsubscribe()
+        tasks = [task for task in (self._loop_task, self._watch_task) if task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        logger.info("scheduler %s stopped", self.instance_id)
+
+    # --- feeds: fold every stream into the view ---------------------------------------------------
+
+    async def _follow(self, stream: str, subject: str, handle: Callable[[Msg], None]) -> None:
+        async def on_msg(msg: Msg) -> None:
+            try:
+                handle(msg)
+            except msgspec.DecodeError as exc:
+                logger.warning("skipping an undecodable message on %s: %s", msg.subject, exc)
+            if msg.metadata.num_pending == 0:
+                self._caught_up(stream)
+
+        sub = await self._js.subscribe(
+            subject, stream=stream, cb=on_msg, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL
+        )
+        self._subscriptions.append(sub)
+        if (await sub.consumer_info()).num_pending == 0:
+            self._caught_up(stream)
+
+    def _caught_up(self, feed: str) -> None:
+        if feed in self._catching_up:
+            self._catching_up.discard(feed)
+            if not self._catching_up:
+                logger.info("scheduler %s: view caught up with the streams", self.instance_id)
+                self._wake.set()
+
+    def _on_job(self, msg: Msg) -> None:
+        event: JobEvent = job_event_decoder.decode(msg.data)
+        job = self.view.apply_job_event(event, msg.metadata.sequence.stream)
+        if job is None:
+            return
+        match event:
+            case JobSubmitted() | JobRequeued() | JobCompleted() | JobFailed() | JobCancelled():
+                self._wake.set()  # a job to place, or a slot freed
+            case JobCancelRequested() if self.is_leader:
+                self._cancels.add(job.id)
+                self._wake.set()
+
+    def _on_worker(self, msg: Msg) -> None:
+        event = worker_event_decoder.decode(msg.data)
+        self.view.apply_worker_event(event, msg.metadata.sequence.stream, _stored_at_us(msg), time.monotonic())
+        self._wake.set()
+
+    def _on_heartbeat(self, msg: Msg) -> None:
+        heartbeat = heartbeat_decoder.decode(msg.data)
+        self.view.apply_heartbeat(heartbeat, _stored_at_us(msg), time.monotonic())
+        self._wake.set()
+
+    async def _watch_config(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is None:  # the watcher's marker: every existing key has been delivered
+                self._caught_up(subjects.WORKER_CONFIG_BUCKET)
+                continue
+            try:
+                deleted = entry.operation in (KV_DEL, KV_PURGE)
+                partial = None if deleted else msgspec.json.decode(entry.value or b"{}", type=dict[str, Any])
+            except msgspec.DecodeError as exc:
+                logger.warning("ignoring worker-config key %s: %s", entry.key, exc)
+                continue
+            self.view.set_config(entry.key, partial)
+            self._wake.set()
+
+    def _on_leadership(self, leading: bool) -> None:
+        self._wake.set()
+
+    # --- the leader's loop ----------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.tick_s)
+            self._wake.clear()
+            if self._stopping or not self.is_leader or self._catching_up:
+                continue
+            try:
+                await self._lead()
+            except Exception:
+                # A leader that stops scheduling after one bad pass is worse than one that logs and retries.
+                logger.exception("scheduler %s: pass failed; retrying", self.instance_id)
+
+    async def _lead(self) -> None:
+        if self._lease.term != self._settled_term:
+            self._take_office()
+        now_s = time.monotonic()
+        if now_s - self._last_sweep_s >= self.tick_s:
+            self._last_sweep_s = now_s
+            await self._sweep(now_s)
+        await self._send_orders()
+        await self._place()
+
+    def _take_office(self) -> None:
+        """A new term: re-send what the previous leader may have appended but not sent."""
+        self._settled_term = self._lease.term
+        recent_ms = now_ms() - REDISPATCH_WINDOW_S * 1000
+        for job in self.view.jobs.values():
+            if job.status is JobStatus.ASSIGNED and (job.assigned_at_ms or 0) >= recent_ms:
+                self._redispatch.add(job.id)
+            if job.status in HELD_BY_WORKER and job.cancel_requested:
+                self._cancels.add(job.id)
+
+    async def _place(self) -> None:
+        queued = self.view.queued()
+        if not queued:
+            return
+        workers = self.view.snapshots()
+        free_slots = sum(
+            max(0, w.max_concurrency - w.in_flight) for w in workers.values() if w.alive and not w.draining
+        )
+        decisions: list[tuple[Job, Placement]] = []
+        for job in queued:
+            if free_slots <= 0:
+                break
+            match choose_worker(job, workers.values(), draw=self._rng.random()):
+                case Placement() as placement:
+                    decisions.append((job, placement))
+                    chosen = workers[placement.worker_id]
+                    workers[placement.worker_id] = msgspec.structs.replace(chosen, in_flight=chosen.in_flight + 1)
+                    free_slots -= 1
+                case NoPlacement(reasons=reasons):
+                    logger.debug("job %s stays queued: %s", job.id, reasons)
+        await asyncio.gather(*(self._assign(job, placement) for job, placement in decisions))
+
+    async def _assign(self, job: Job, placement: Placement) -> None:
+        event = JobAssigned(
+            job_id=job.id, worker_id=placement.worker_id, region=placement.region, attempt=job.attempt
+        )
+        assigned = await self._append(job, event)
+        if assigned is not None:
+            logger.debug("job %s attempt %d -> worker %s", job.id, job.attempt, placement.worker_id)
+            await self._dispatch(assigned, placement.worker_id, placement.region)
+
+    async def _sweep(self, now_s: float) -> None:
+        """Declare silent workers lost, take back the jobs of gone workers, expire jobs that waited too long."""
+        for worker, silent_s in self.view.overdue_workers(now_s):
+            await self._declare_lost(worker, silent_s)
+        outcomes: list[tuple[Job, JobEvent]] = [
+            (job, recover(job, reason=reason)) for job, reason in self.view.orphaned_jobs()
+        ]
+        outcomes += [(job, JobExpired(job_id=job.id)) for job in self.view.expired_jobs(now_ms())]
+        await asyncio.gather(*(self._settle(job, event) for job, event in outcomes))
+
+    async def _declare_lost(self, worker: WorkerState, silent_s: float) -> None:
+        event = WorkerLost(worker_id=worker.worker_id, reason=f"no heartbeat for {silent_s:.1f}s")
+        try:
+            ack = await append(self._js, subjects.worker_subject(worker.worker_id), event, expected_seq=worker.seq)
+        except WrongLastSequence:
+            return  # the worker did something we have not folded yet; the next sweep looks again
+        self.view.mark_lost(worker.worker_id, ack.seq)
+        logger.info("worker %s lost: %s", worker.worker_id, event.reason)
+
+    async def _settle(self, job: Job, event: JobEvent) -> None:
+        if await self._append(job, event) is not None:
+            logger.info("job %s (attempt %d): %s", job.id, job.attempt, type(event).__name__)
+
+    async def _append(self, job: Job, event: JobEvent) -> Job | None:
+        """Append at the job's expected sequence and apply it to the view; None if it did not land."""
+        try:
+            ack = await append(self._js, subjects.job_subject(job.id), event, expected_seq=job.seq)
+        except WrongLastSequence:
+            await self._reload(job.id)  # someone else wrote first: decide again from the log
+            return None
+        except (nats.errors.Error, TimeoutError) as exc:
+            # The append may have landed without an answer reaching us: the log says which.
+            logger.warning("job %s: %s not confirmed (%r); reloading", job.id, type(event).__name__, exc)
+            reloaded = await self._reload(job.id)
+            if isinstance(event, JobAssigned) and reloaded is not None and _holds(reloaded, event):
+                self._redispatch.add(job.id)  # our assignment landed: it still needs its dispatch
+            return None
+        new = apply(job, event, ack.seq)
+        self.view.put_job(new)
+        return new
+
+    async def _reload(self, job_id: str) -> Job | None:
+        try:
+            job = await load_job(self._js, job_id)
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.warning("job %s: reload failed (%r); the next pass retries", job_id, exc)
+            return None
+        if job is not None:
+            self.view.put_job(job)
+        self._wake.set()
+        return job
+
+    # --- dispatch ------------------------------------------------------------------------------
+
+    async def _send_orders(self) -> None:
+        redispatch, self._redispatch = self._redispatch, set()
+        cancels, self._cancels = self._cancels, set()
+        sends = []
+        for job_id in redispatch | cancels:
+            job = self.view.jobs.get(job_id)
+            worker = self.view.workers.get(job.worker_id or "") if job is not None else None
+            if job is None or worker is None:
+                continue  # finished, or requeued meanwhile: nothing to send
+            if job_id in redispatch and job.status is JobStatus.ASSIGNED:
+                sends.append(self._dispatch(job, worker.worker_id, worker.region))
+            if job_id in cancels and job.status in HELD_BY_WORKER:
+                sends.append(self._send_cancel(job, worker.worker_id, worker.region))
+        await asyncio.gather(*sends)
+
+    async def _dispatch(self, job: Job, worker_id: str, region: str) -> None:
+        order = Assignment(
+            job_id=job.id,
+            attempt=job.attempt,
+            job_type=job.type,
+            model=job.model,
+            params=job.params,
+            timeout_s=job.timeout_s,
+        )
+        if not await self._publish(worker_id, region, order, msg_id=f"assign-{job.id}-{job.attempt}"):
+            self._redispatch.add(job.id)
+
+    async def _send_cancel(self, job: Job, worker_id: str, region: str) -> None:
+        order = CancelOrder(job_id=job.id, attempt=job.attempt)
+        if await self._publish(worker_id, region, order, msg_id=f"cancel-{job.id}-{job.attempt}"):
+            logger.info("job %s: cancel order sent to worker %s", job.id, worker_id)
+        else:
+            self._cancels.add(job.id)
+
+    async def _publish(self, worker_id: str, region: str, order: Assignment | CancelOrder, *, msg_id: str) -> bool:
+        """Publish to the worker's dispatch subject; the message id makes a retry harmless."""
+        try:
+            await self._js.publish(
+                subjects.dispatch_subject(region, worker_id),
+                encoder.encode(order),
+                headers={subjects.MSG_ID_HEADER: msg_id},
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.warning("job %s: %s for worker %s not sent (%r); retrying",
+                           order.job_id, type(order).__name__, worker_id, exc)
+            self._wake.set()
+            return False
+        return True
+
+async def serve(nats_url: str, stop: asyncio.Event, instance_id: str | None = None) -> None:
+    """Run one scheduler instance (leader or standby) until `stop` is set."""
+    instance_id = instance_id or default_instance_id()
+    nc = await connect(nats_url, name=f"scheduler-{instance_id}")
+    try:
+        await ensure_streams(nc.jetstream())
+        async with Scheduler(nc, instance_id=instance_id):
+            await stop.wait()
+    finally:
+        await nc.drain()

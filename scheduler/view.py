@@ -1,0 +1,264 @@
+"""The scheduler's in-memory view: jobs, workers and their configs, folded from the streams.
+
+No I/O here. The service feeds every event, heartbeat and config change in, and asks the view what to
+decide about (queued jobs, silent workers, orphaned and expired jobs). Leader and standbys fold the same
+way, so a standby that takes over already knows everything.
+
+Only jobs that are not finished stay in memory. An event carries the stream sequence it was stored at,
+and a job remembers the sequence of the last event applied to it: the leader applies its own appends at
+once, and the consumer's later copy of them (`seq <= job.seq`) is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from scheduler.placement import WorkerSnapshot
+from scheduler.recovery import is_expired
+from sdk.api import WorkerConfig
+from sdk.errors import BadRequest, InvalidTransition, StaleAttempt
+from sdk.events import (
+    Heartbeat,
+    JobEvent,
+    JobSubmitted,
+    WorkerDeregistered,
+    WorkerDraining,
+    WorkerEvent,
+    WorkerLost,
+    WorkerModelLoaded,
+    WorkerModelUnloaded,
+    WorkerRegistered,
+)
+from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
+from sdk.subjects import WORKER_CONFIG_DEFAULTS_KEY
+from sdk.worker_config import effective_config
+
+logger = logging.getLogger(__name__)
+
+#: A worker is lost after this many heartbeat intervals without a sign of life.
+LOST_AFTER_MISSED_HEARTBEATS = 3
+
+
+class WorkerState(msgspec.Struct, kw_only=True):
+    worker_id: str
+    region: str
+    capabilities: tuple[str, ...] = ()
+    #: A heartbeat can arrive before the registration (two streams); such a worker is not placed on.
+    registered: bool = False
+    deregistered: bool = False
+    draining: bool = False
+    heartbeat_draining: bool = False
+    #: Local monotonic time of the last sign of life (heartbeat or registration), for loss detection.
+    #: Receipt time rather than the worker's clock: immune to clock skew, and a restarted scheduler
+    #: gives every worker a full grace period instead of declaring it lost from a replayed heartbeat.
+    last_seen_s: float = 0.0
+    #: Server time of the newest heartbeat and of the newest `WorkerLost`: whichever is later wins,
+    #: whatever order the two streams are delivered in.
+    heartbeat_at_us: int = 0
+    lost_at_us: int = 0
+    heartbeat_interval_s: float | None = None
+    loaded_models: set[str] = msgspec.field(default_factory=set)
+    memory_free_bytes: int | None = None
+    #: Sequence of the last event on `workers.<id>`, for expected-sequence appends of `WorkerLost`.
+    seq: int = 0
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_at_us > self.heartbeat_at_us
+
+    @property
+    def alive(self) -> bool:
+        return self.registered and not self.deregistered and not self.lost
+
+    @property
+    def gone(self) -> bool:
+        """Will not run the jobs it holds: lost or deregistered."""
+        return self.registered and (self.deregistered or self.lost)
+
+
+class SchedulerView:
+    def __init__(self) -> None:
+        self.jobs: dict[str, Job] = {}
+        self.workers: dict[str, WorkerState] = {}
+        self._queued: set[str] = set()
+        #: worker id -> ids of the jobs assigned to or running on it.
+        self._held: dict[str, set[str]] = {}
+        self._config_defaults: dict[str, Any] = {}
+        self._config_overrides: dict[str, dict[str, Any]] = {}
+        self._configs: dict[str, WorkerConfig] = {}
+
+    # --- jobs ------------------------------------------------------------------------------------
+
+    def apply_job_event(self, event: JobEvent, seq: int) -> Job | None:
+        """Fold one event from the JOBS stream; the new job, or None when the event was ignored."""
+        job = self.jobs.get(event.job_id)
+        if job is None and not isinstance(event, JobSubmitted):
+            return None  # a job that finished before (its later events change nothing)
+        if job is not None and seq <= job.seq:
+            return None  # our own append, already applied
+        try:
+            new = apply(job, event, seq)
+        except (InvalidTransition, StaleAttempt) as exc:
+            # Every writer appends at the expected sequence, so this means our view is off; the next
+            # append on this job fails its expected sequence and reloads it from the log.
+            logger.warning("ignoring %s at seq %d: %s", type(event).__name__, seq, exc.message)
+            return None
+        self.put_job(new)
+        return new
+
+    def put_job(self, new: Job) -> None:
+        """Replace a job's state with a newer one (from our own append or a reload from the log)."""
+        old = self.jobs.get(new.id)
+        if old is not None:
+            if new.seq <= old.seq:
+                return
+            self._queued.discard(old.id)
+            if old.worker_id is not None:
+                self._held.get(old.worker_id, set()).discard(old.id)
+        if new.status.terminal:
+            self.jobs.pop(new.id, None)
+            return
+        self.jobs[new.id] = new
+        if new.status is JobStatus.QUEUED:
+            self._queued.add(new.id)
+        elif new.status in HELD_BY_WORKER and new.worker_id is not None:
+            self._held.setdefault(new.worker_id, set()).add(new.id)
+
+    def queued(self) -> list[Job]:
+        """Queued jobs in the order they are offered: higher priority first, then submission order."""
+        return sorted((self.jobs[i] for i in self._queued), key=lambda j: (-j.priority, j.submitted_seq))
+
+    def held_by(self, worker_id: str) -> list[Job]:
+        return [self.jobs[i] for i in self._held.get(worker_id, ())]
+
+    def expired_jobs(self, now_ms: int) -> list[Job]:
+        return [job for i in self._queued if is_expired(job := self.jobs[i], now_ms)]
+
+    def orphaned_jobs(self) -> Iterator[tuple[Job, str]]:
+        """Jobs held by a worker that will never finish them, with the reason."""
+        for worker_id, job_ids in self._held.items():
+            worker = self.workers.get(worker_id)
+            if worker is None or not worker.gone or not job_ids:
+                continue
+            reason = "worker_deregistered" if worker.deregistered else "worker_lost"
+            for job_id in job_ids:
+                yield self.jobs[job_id], reason
+
+    # --- workers ---------------------------------------------------------------------------------
+
+    def apply_worker_event(self, event: WorkerEvent, seq: int, stored_at_us: int, now_s: float) -> None:
+        if isinstance(event, WorkerRegistered):
+            worker = self.workers.setdefault(
+                event.worker_id, WorkerState(worker_id=event.worker_id, region=event.region)
+            )
+            worker.region = event.region
+            worker.capabilities = tuple(event.capabilities)
+            worker.registered = True
+            worker.deregistered = False
+            worker.draining = False
+            worker.lost_at_us = 0  # a registration after a loss brings the worker back
+            worker.last_seen_s = now_s
+        worker = self.workers.get(event.worker_id)
+        if worker is None:
+            return  # not registered yet: nothing to attach the event to
+        worker.seq = max(worker.seq, seq)
+        match event:
+            case WorkerModelLoaded():
+                worker.loaded_models.add(event.model)
+            case WorkerModelUnloaded():
+                worker.loaded_models.discard(event.model)
+            case WorkerDraining():
+                worker.draining = True
+            case WorkerLost():
+                worker.lost_at_us = max(worker.lost_at_us, stored_at_us)
+            case WorkerDeregistered():
+                worker.deregistered = True
+
+    def apply_heartbeat(self, heartbeat: Heartbeat, stored_at_us: int, now_s: float) -> None:
+        worker = self.workers.setdefault(
+            heartbeat.worker_id, WorkerState(worker_id=heartbeat.worker_id, region=heartbeat.region)
+        )
+        worker.heartbeat_at_us = max(worker.heartbeat_at_us, stored_at_us)
+        if worker.lost:
+            return  # sent before the loss was declared: not a sign of life
+        worker.last_seen_s = now_s
+        worker.heartbeat_interval_s = heartbeat.interval_s
+        worker.heartbeat_draining = heartbeat.draining
+        worker.loaded_models = set(heartbeat.loaded_models)
+        worker.memory_free_bytes = heartbeat.memory_free_bytes
+        if worker.memory_free_bytes is None and heartbeat.gpus:
+            worker.memory_free_bytes = sum(gpu.memory_free_bytes for gpu in heartbeat.gpus)
+
+    def mark_lost(self, worker_id: str, seq: int) -> None:
+        """Our own `WorkerLost`: any heartbeat newer than the last one we saw brings the worker back."""
+        worker = self.workers[worker_id]
+        worker.lost_at_us = max(worker.lost_at_us, worker.heartbeat_at_us + 1)
+        worker.seq = max(worker.seq, seq)
+
+    def overdue_workers(self, now_s: float) -> list[tuple[WorkerState, float]]:
+        """Alive workers silent for more than `LOST_AFTER_MISSED_HEARTBEATS` intervals, with the silence."""
+        overdue = []
+        for worker in self.workers.values():
+            if not worker.alive:
+                continue
+            interval_s = worker.heartbeat_interval_s or self.config(worker.worker_id).heartbeat_interval_s
+            silent_s = now_s - worker.last_seen_s
+            if silent_s > LOST_AFTER_MISSED_HEARTBEATS * interval_s:
+                overdue.append((worker, silent_s))
+        return overdue
+
+    def snapshots(self) -> dict[str, WorkerSnapshot]:
+        """Every registered worker as placement sees it now."""
+        out = {}
+        for worker in self.workers.values():
+            if not worker.registered:
+                continue
+            config = self.config(worker.worker_id)
+            out[worker.worker_id] = WorkerSnapshot(
+                worker_id=worker.worker_id,
+                region=worker.region,
+                capabilities=worker.capabilities,
+                max_concurrency=config.max_concurrency,
+                in_flight=len(self._held.get(worker.worker_id, ())),
+                acceptance_rate=config.load_control.acceptance_rate,
+                allowed_models=tuple(config.models),
+                loaded_models=tuple(sorted(worker.loaded_models)),
+                memory_free_bytes=worker.memory_free_bytes,
+                alive=worker.alive,
+                draining=worker.draining or worker.heartbeat_draining,
+            )
+        return out
+
+    # --- runtime configuration (KV `worker-config`) ---------------------------------------------
+
+    def set_config(self, key: str, partial: dict[str, Any] | None) -> None:
+        """A key of the `worker-config` bucket changed (None: deleted)."""
+        if key == WORKER_CONFIG_DEFAULTS_KEY:
+            self._config_defaults = partial or {}
+            self._configs.clear()
+        else:
+            if partial is None:
+                self._config_overrides.pop(key, None)
+            else:
+                self._config_overrides[key] = partial
+            self._configs.pop(key, None)
+
+    def config(self, worker_id: str) -> WorkerConfig:
+        config = self._configs.get(worker_id)
+        if config is None:
+            config = self._configs[worker_id] = self._effective_config(worker_id)
+        return config
+
+    def _effective_config(self, worker_id: str) -> WorkerConfig:
+        try:
+            return effective_config(self._config_defaults, self._config_overrides.get(worker_id))
+        except BadRequest as exc:
+            logger.warning("worker %s: invalid runtime config (%s); using the defaults", worker_id, exc.message)
+        try:
+            return effective_config(self._config_defaults, None)
+        except BadRequest:
+            return WorkerConfig()

@@ -1,0 +1,439 @@
+"""The scheduler against a real nats-server: placement, dispatch, leadership, loss and expiry.
+
+Workers are simulated the way the platform sees them: a `WorkerRegistered` event on `workers.<id>` and
+heartbeats on `heartbeats.<region>.<id>`. Outcomes are read back from the JOBS, WORKERS and DISPATCH
+streams. Each test has a server of its own, so no job or lease of another test can interfere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import msgspec
+import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from scheduler.service import Scheduler
+from sdk import subjects
+from sdk.broker import EmbeddedNats
+from sdk.connection import connect
+from sdk.events import (
+    Assignment,
+    CancelOrder,
+    Dispatch,
+    Heartbeat,
+    JobAssigned,
+    JobCancelled,
+    JobCancelRequested,
+    JobCompleted,
+    JobEvent,
+    JobExpired,
+    JobFailed,
+    JobRequeued,
+    JobStarted,
+    JobSubmitted,
+    WorkerDeregistered,
+    WorkerLost,
+    WorkerRegistered,
+    dispatch_decoder,
+    encoder,
+    worker_event_decoder,
+)
+from sdk.log import append, ensure_streams, read_job_events, read_subject
+
+T = TypeVar("T")
+HEARTBEAT_INTERVAL_S = 0.3
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 5.0, what: str = "") -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s}s: {what or check}; last: {result!r}")
+        await asyncio.sleep(0.05)
+
+
+# --- fixtures: a server, a client, schedulers and simulated workers -----------------------------
+
+
+@pytest.fixture
+async def js(fresh_nats: EmbeddedNats) -> AsyncIterator[JetStreamContext]:
+    nc = await connect(fresh_nats.url, name="test-scheduler-client")
+    await ensure_streams(nc.jetstream())
+    yield nc.jetstream()
+    await nc.close()
+
+
+class Schedulers:
+    """Starts schedulers, each on a connection of its own like a separate process; stops them all."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.running: list[tuple[Scheduler, NatsClient]] = []
+
+    async def start(self, instance_id: str) -> Scheduler:
+        nc = await connect(self.url, name=instance_id)
+        scheduler = Scheduler(nc, instance_id=instance_id, tick_s=0.1)
+        await scheduler.start()
+        self.running.append((scheduler, nc))
+        return scheduler
+
+    async def crash(self, scheduler: Scheduler) -> None:
+        """The process vanishes: its connection drops without releasing the lease."""
+        nc = next(nc for s, nc in self.running if s is scheduler)
+        await nc.close()
+
+    async def stop_all(self) -> None:
+        for scheduler, nc in self.running:
+            await scheduler.stop()
+            await nc.close()
+
+
+@pytest.fixture
+async def schedulers(fresh_nats: EmbeddedNats, js: JetStreamContext) -> AsyncIterator[Schedulers]:
+    started = Schedulers(fresh_nats.url)
+    yield started
+    await started.stop_all()
+
+
+class FakeWorker:
+    """A worker as the scheduler sees it: a registration and a heartbeat every `interval_s`."""
+
+    def __init__(self, js: JetStreamContext, worker_id: str, region: str, capabilities: tuple[str, ...]) -> None:
+        self.js = js
+        self.worker_id = worker_id
+        self.region = region
+        self.capabilities = capabilities
+        self._beating: asyncio.Task[None] | None = None
+
+    async def register(self) -> None:
+        event = WorkerRegistered(
+            worker_id=self.worker_id, name=self.worker_id, region=self.region, capabilities=self.capabilities
+        )
+        await append(self.js, subjects.worker_subject(self.worker_id), event)
+
+    async def beat(self) -> None:
+        heartbeat = Heartbeat(worker_id=self.worker_id, region=self.region, interval_s=HEARTBEAT_INTERVAL_S)
+        await self.js.publish(subjects.heartbeat_subject(self.region, self.worker_id), encoder.encode(heartbeat))
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await self.beat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def start_beating(self) -> None:
+        await self.beat()
+        self._beating = asyncio.create_task(self._beat_forever())
+
+    async def stop_beating(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._beating
+            self._beating = None
+
+    async def dispatches(self) -> list[Dispatch]:
+        """Everything waiting on this worker's dispatch subject, oldest first."""
+        subject = subjects.dispatch_subject(self.region, self.worker_id)
+        out: list[Dispatch] = []
+        seq = 1
+        while True:
+            try:
+                msg = await self.js.get_msg(subjects.DISPATCH_STREAM, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                return out
+            out.append(dispatch_decoder.decode(msg.data or b""))
+            seq = msg.seq + 1
+
+
+@pytest.fixture
+async def workers(js: JetStreamContext) -> AsyncIterator[Callable[..., Awaitable[FakeWorker]]]:
+    started: list[FakeWorker] = []
+
+    async def online(
+        worker_id: str, region: str = "eu", capabilities: tuple[str, ...] = ("echo",), **config: Any
+    ) -> FakeWorker:
+        """Register a worker (with runtime config overrides, if any) and keep it heartbeating."""
+        if config:
+            kv = await js.key_value(subjects.WORKER_CONFIG_BUCKET)
+            await kv.put(worker_id, msgspec.json.encode(config))
+        worker = FakeWorker(js, worker_id, region, capabilities)
+        started.append(worker)
+        await worker.register()
+        await worker.start_beating()
+        return worker
+
+    yield online
+    for worker in started:
+        await worker.stop_beating()
+
+
+# --- reading outcomes ------------------------------------------------------------------------------
+
+
+async def submit(js: JetStreamContext, **fields: Any) -> str:
+    job_id = uuid.uuid4().hex[:12]
+    submitted = JobSubmitted(job_id=job_id, job_type="echo", **fields)
+    await append(js, subjects.job_subject(job_id), submitted, expected_seq=0)
+    return job_id
+
+
+async def events(js: JetStreamContext, job_id: str) -> list[JobEvent]:
+    return [event for event, _ in await read_job_events(js, job_id)]
+
+
+def kinds(history: list[JobEvent]) -> list[str]:
+    return [type(event).__name__ for event in history]
+
+
+async def until_event(js: JetStreamContext, job_id: str, kind: type[T], *, timeout_s: float = 5.0) -> T:
+    """The job's first event of `kind` after it appears; with the job's whole history in the failure."""
+
+    async def find() -> T | None:
+        return next((e for e in reversed(await events(js, job_id)) if isinstance(e, kind)), None)
+
+    return await eventually(find, timeout_s=timeout_s, what=f"{kind.__name__} on job {job_id}")
+
+
+async def leader_among(*candidates: Scheduler, timeout_s: float = 5.0) -> Scheduler:
+    async def the_one() -> Scheduler | None:
+        leaders = [s for s in candidates if s.is_leader]
+        assert len(leaders) <= 1, "two schedulers lead at once"
+        return leaders[0] if leaders else None
+
+    return await eventually(the_one, timeout_s=timeout_s, what="a leader")
+
+
+# --- the stories -------------------------------------------------------------------------------------
+
+
+async def test_submitted_job_is_assigned_once_and_dispatched_to_its_worker(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    scheduler = await schedulers.start("s1")
+    await leader_among(scheduler)
+    near, _far = await workers("w-eu", "eu"), await workers("w-us", "us")
+
+    job_id = await submit(js, region="eu", params={"text": "hi"}, timeout_s=60.0)
+
+    assigned = await until_event(js, job_id, JobAssigned)
+    assert (assigned.worker_id, assigned.region, assigned.attempt) == ("w-eu", "eu", 1)
+    sent = await eventually(near.dispatches, what="the dispatch")
+    assert sent == [
+        Assignment(job_id=job_id, attempt=1, job_type="echo", model=None, params={"text": "hi"}, timeout_s=60.0)
+    ]
+    # A later job, once assigned, proves the scheduler has moved on without touching the first again.
+    await until_event(js, await submit(js, region="eu"), JobAssigned)
+    assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned"]
+    assert [d.job_id for d in await near.dispatches()].count(job_id) == 1
+
+
+async def test_two_schedulers_elect_one_leader_and_never_assign_a_job_twice(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    first, second = await asyncio.gather(schedulers.start("s1"), schedulers.start("s2"))
+    await leader_among(first, second)
+    worker = await workers("w1", max_concurrency=100)
+
+    job_ids = await asyncio.gather(*(submit(js) for _ in range(100)))
+
+    async def all_assigned() -> bool:
+        await leader_among(first, second)  # fails the test if both lead at any poll
+        return len({d.job_id for d in await worker.dispatches()}) == 100
+
+    await eventually(all_assigned, timeout_s=15.0, what="100 jobs dispatched")
+    for job_id in job_ids:
+        assignments = [e for e in await events(js, job_id) if isinstance(e, JobAssigned)]
+        assert [(a.worker_id, a.attempt) for a in assignments] == [("w1", 1)], job_id
+    assert len(await worker.dispatches()) == 100
+    assert [first.is_leader, second.is_leader].count(True) == 1
+
+
+async def test_standby_takes_over_when_the_leader_stops(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    first, second = await asyncio.gather(schedulers.start("s1"), schedulers.start("s2"))
+    leader = await leader_among(first, second)
+    standby = second if leader is first else first
+    worker = await workers("w1")
+
+    started_s = time.monotonic()
+    await leader.stop()
+
+    assert await leader_among(standby, timeout_s=3.0) is standby
+    assert time.monotonic() - started_s < 3.0
+    job_id = await submit(js)
+    assert (await until_event(js, job_id, JobAssigned)).worker_id == "w1"
+    assert [d.job_id for d in await eventually(worker.dispatches)] == [job_id]
+
+
+async def test_standby_takes_over_when_the_leader_crashes(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    first, second = await asyncio.gather(schedulers.start("s1"), schedulers.start("s2"))
+    leader = await leader_among(first, second)
+    standby = second if leader is first else first
+    await workers("w1")
+
+    await schedulers.crash(leader)
+
+    # The dead leader's key lives until the lease TTL (5 s), then the standby's next try wins.
+    assert await leader_among(standby, timeout_s=8.0) is standby
+    assert not leader.is_leader  # its renewals failed, so it stepped down
+    assert (await until_event(js, await submit(js), JobAssigned)).worker_id == "w1"
+
+
+async def test_new_leader_sends_an_assignment_the_old_leader_appended_but_never_dispatched(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    worker = await workers("w1")
+    job_id = await submit(js)
+    # The old leader's last act: the assignment is in the log, the dispatch never left.
+    await append(js, subjects.job_subject(job_id), JobAssigned(job_id=job_id, worker_id="w1", region="eu", attempt=1),
+                 expected_seq=1)
+
+    await leader_among(await schedulers.start("s1"))
+
+    assert [d.job_id for d in await eventually(worker.dispatches, what="the re-sent dispatch")] == [job_id]
+    assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned"]
+
+
+async def test_leader_steps_down_at_once_when_it_loses_the_lease(js: JetStreamContext, schedulers: Schedulers) -> None:
+    scheduler = await schedulers.start("s1")
+    await leader_among(scheduler)
+
+    kv = await js.key_value(subjects.SCHEDULER_LEASE_BUCKET)
+    await kv.put(subjects.SCHEDULER_LEASE_KEY, b"intruder")
+
+    async def stepped_down() -> bool:
+        return not scheduler.is_leader
+
+    await eventually(stepped_down, timeout_s=2.0, what="the leader steps down")
+
+
+async def test_job_requeued_when_worker_lost_and_failed_when_attempts_run_out(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    worker = await workers("w1")
+    job_id = await submit(js, max_attempts=2)
+    await until_event(js, job_id, JobAssigned)
+
+    await worker.stop_beating()
+
+    requeued = await until_event(js, job_id, JobRequeued)
+    assert (requeued.attempt, requeued.reason) == (2, "worker_lost")
+    lost = await read_subject(js, subjects.WORKERS_STREAM, subjects.worker_subject("w1"))
+    assert isinstance(worker_event_decoder.decode(lost[-1][0]), WorkerLost)
+    assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned", "JobRequeued"]
+
+    # A heartbeat brings the worker back, and the job's second attempt goes to it.
+    await worker.start_beating()
+
+    async def second_attempt() -> bool:
+        return [e.attempt for e in await events(js, job_id) if isinstance(e, JobAssigned)] == [1, 2]
+
+    await eventually(second_attempt, what="attempt 2 assigned")
+    assert [d.attempt for d in await worker.dispatches() if isinstance(d, Assignment)] == [1, 2]
+
+    await worker.stop_beating()
+
+    failed = await until_event(js, job_id, JobFailed)
+    assert (failed.worker_id, failed.attempt, failed.error.code) == (None, 2, "max_attempts_exceeded")
+    assert kinds(await events(js, job_id)) == [
+        "JobSubmitted", "JobAssigned", "JobRequeued", "JobAssigned", "JobFailed"
+    ]
+
+
+async def test_jobs_of_a_deregistered_worker_are_requeued(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    await workers("w1")
+    job_id = await submit(js)
+    await until_event(js, job_id, JobAssigned)
+
+    await append(js, subjects.worker_subject("w1"), WorkerDeregistered(worker_id="w1", reason="shutdown"))
+
+    requeued = await until_event(js, job_id, JobRequeued)
+    assert (requeued.attempt, requeued.reason) == (2, "worker_deregistered")
+
+
+async def test_queued_job_expires_after_its_timeout(js: JetStreamContext, schedulers: Schedulers) -> None:
+    await leader_among(await schedulers.start("s1"))
+
+    job_id = await submit(js, timeout_s=0.5)
+    patient_id = await submit(js, timeout_s=600.0)
+
+    await until_event(js, job_id, JobExpired)
+    assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobExpired"]
+    assert kinds(await events(js, patient_id)) == ["JobSubmitted"]
+
+
+async def test_cancel_request_sends_a_cancel_order_and_a_lost_worker_cancels_the_job(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    worker = await workers("w1", "eu")
+    job_id = await submit(js)
+    await until_event(js, job_id, JobAssigned)
+
+    seq = (await read_job_events(js, job_id))[-1][1]
+    await append(js, subjects.job_subject(job_id), JobCancelRequested(job_id=job_id), expected_seq=seq)
+
+    async def cancel_order() -> list[Dispatch]:
+        sent = await worker.dispatches()
+        return sent if len(sent) == 2 else []
+
+    assert (await eventually(cancel_order, what="a cancel order"))[1] == CancelOrder(job_id=job_id, attempt=1)
+
+    # The worker dies before it confirms: the job is cancelled, not run again.
+    await worker.stop_beating()
+    assert (await until_event(js, job_id, JobCancelled)).reason == "worker_lost"
+    assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned", "JobCancelRequested", "JobCancelled"]
+
+
+async def test_queued_job_waits_for_a_free_slot_and_higher_priority_goes_first(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    await workers("w1", max_concurrency=1)
+    running = await submit(js)
+    await until_event(js, running, JobAssigned)
+
+    low = await submit(js, priority=0)
+    high = await submit(js, priority=5)
+    last = await read_job_events(js, running)
+    started = await append(js, subjects.job_subject(running), JobStarted(job_id=running, worker_id="w1", attempt=1),
+                           expected_seq=last[-1][1])
+    completed = JobCompleted(job_id=running, worker_id="w1", attempt=1, result="done")
+    await append(js, subjects.job_subject(running), completed, expected_seq=started.seq)
+
+    assigned = await until_event(js, high, JobAssigned)
+    assert assigned.at_ms >= completed.at_ms  # it waited for the slot
+    assert kinds(await events(js, low)) == ["JobSubmitted"]  # the one slot went to the higher priority
+
+
+async def test_config_change_makes_a_refusing_worker_take_queued_work(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    await workers("w1", load_control={"acceptance_rate": 0.0})
+    job_id = await submit(js)
+    kv = await js.key_value(subjects.WORKER_CONFIG_BUCKET)
+
+    changed_at_ms = int(time.time() * 1000)
+    await kv.put("w1", msgspec.json.encode({"load_control": {"acceptance_rate": 1.0}}))
+
+    assert (await until_event(js, job_id, JobAssigned)).at_ms >= changed_at_ms
