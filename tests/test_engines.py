@@ -1,0 +1,265 @@
+"""The transformers and diffusers engines, run for real on tiny random-weight models (CPU, offline)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from nats.aio.client import Client as NatsClient
+from nats.js.api import ObjectMeta
+
+from sdk import subjects
+from sdk.api import ModelSettings
+from tests.tiny_models import build_tiny_diffusion, build_tiny_gpt2
+from worker.engines.base import EngineError, JobContext, ModelSpec
+from worker.engines.image import ImageEngine, LoadedPipeline
+from worker.engines.llm import LLMEngine, LoadedLLM
+from worker.engines.weights import OVERHEAD
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_diffusion(tmp_path_factory.mktemp("models") / "diffusion")
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_gpt2: Path) -> LoadedLLM:
+    return LLMEngine().load_model(ModelSpec(name=str(tiny_gpt2)))
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_diffusion: Path) -> LoadedPipeline:
+    return ImageEngine().load_model(ModelSpec(name=str(tiny_diffusion)))
+
+
+class Recorder:
+    """A job context's outputs as the runtime would see them."""
+
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.progress: list[float] = []
+
+    def context(self, params: dict[str, Any], **kwargs: Any) -> JobContext:
+        return JobContext("job-1", 1, params, emit=self.emit, progress=self.on_progress, **kwargs)
+
+    async def emit(self, chunk: str) -> None:
+        self.chunks.append(chunk)
+
+    async def on_progress(self, fraction: float, message: str | None = None) -> None:
+        self.progress.append(fraction)
+
+
+async def generate(llm: LoadedLLM, **params: Any) -> tuple[dict[str, Any], list[str]]:
+    recorder = Recorder()
+    result = await LLMEngine().inference(llm, recorder.context(params))
+    return result, recorder.chunks
+
+
+# --- LLM -----------------------------------------------------------------------------------------
+
+
+async def test_llm_greedy_text_matches_transformers_with_token_counts(llm: LoadedLLM) -> None:
+    result, _ = await generate(llm, prompt="The quick brown fox", max_new_tokens=12, temperature=0)
+
+    inputs = llm.tokenizer("The quick brown fox", return_tensors="pt")
+    expected = llm.model.generate(**inputs, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    new_tokens = expected[0, inputs["input_ids"].shape[1] :]
+    assert result["text"] == llm.tokenizer.decode(new_tokens, skip_special_tokens=True)
+    assert result["prompt_tokens"] == inputs["input_ids"].shape[1]
+    assert result["completion_tokens"] == 12
+    assert result["finish_reason"] == "length"
+    assert result["time_to_first_token_ms"] > 0
+    assert result["tokens_per_s"] > 0
+
+
+async def test_streamed_chunks_add_up_to_the_text_in_order(llm: LoadedLLM) -> None:
+    result, chunks = await generate(llm, prompt="Hello world", max_new_tokens=20, seed=7)
+
+    assert len(chunks) > 1
+    assert "".join(chunks) == result["text"]
+
+
+async def test_same_seed_gives_same_text(llm: LoadedLLM) -> None:
+    first, _ = await generate(llm, prompt="Hello", max_new_tokens=16, temperature=1.0, seed=42)
+    again, _ = await generate(llm, prompt="Hello", max_new_tokens=16, temperature=1.0, seed=42)
+    other, _ = await generate(llm, prompt="Hello", max_new_tokens=16, temperature=1.0, seed=43)
+
+    assert first["text"] == again["text"]
+    assert first["text"] != other["text"]
+
+
+async def test_without_temperature_the_model_generation_config_decides(llm: LoadedLLM) -> None:
+    # The tiny model's generation config does not sample, like GPT-2's: its default is greedy.
+    default, _ = await generate(llm, prompt="Hello", max_new_tokens=16)
+    greedy, _ = await generate(llm, prompt="Hello", max_new_tokens=16, temperature=0)
+
+    assert not llm.model.generation_config.do_sample
+    assert default["text"] == greedy["text"]
+
+
+async def test_generation_ends_before_the_first_stop_string(llm: LoadedLLM) -> None:
+    full, _ = await generate(llm, prompt="Workers report", max_new_tokens=30, temperature=0)
+    stop = full["text"][12:15]
+    expected = full["text"][: full["text"].index(stop)]
+
+    result, chunks = await generate(llm, prompt="Workers report", max_new_tokens=30, temperature=0, stop=[stop, "@@"])
+
+    assert result["text"] == expected
+    assert "".join(chunks) == expected
+    assert result["finish_reason"] == "stop"
+    assert result["completion_tokens"] < 30
+
+
+async def test_messages_are_rendered_with_the_chat_template(llm: LoadedLLM) -> None:
+    messages = [{"role": "user", "content": "Hello world"}]
+    result, _ = await generate(llm, messages=messages, max_new_tokens=4, temperature=0)
+
+    rendered = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+    assert result["prompt_tokens"] == len(rendered["input_ids"])
+    assert result["completion_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({}, "`prompt` or `messages`"),
+        ({"prompt": "hi", "messages": [{"role": "user", "content": "hi"}]}, "`prompt` or `messages`"),
+        ({"prompt": "hi", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"prompt": "hi", "max_new_tokens": 8193}, "max_new_tokens"),
+        ({"prompt": "hi", "temperature": "hot"}, "temperature"),
+        ({"prompt": "hi", "stop": "x"}, "stop"),
+        ({"prompt": "hi", "top_k": 5}, "top_k"),
+        ({"prompt": "fox " * 200}, "the model reads 128 at most"),
+    ],
+)
+async def test_bad_llm_params_are_rejected_naming_the_field(
+    llm: LoadedLLM, params: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(EngineError) as failure:
+        await generate(llm, **params)
+
+    assert failure.value.code == "bad_params"
+    assert named in failure.value.message
+
+
+async def test_cancel_stops_generation_early(llm: LoadedLLM) -> None:
+    chunks: list[str] = []
+
+    async def cancel_on_first_chunk(chunk: str) -> None:
+        chunks.append(chunk)
+        ctx.cancelled.set()
+
+    params = {"prompt": "Hello", "max_new_tokens": 500, "temperature": 0}
+    ctx = JobContext("job-1", 1, params, emit=cancel_on_first_chunk)
+    with pytest.raises(EngineError) as failure:
+        await LLMEngine().inference(llm, ctx)
+
+    assert failure.value.code == "cancelled"
+    assert 1 <= len(chunks) < 20
+
+
+def test_memory_estimate_is_weight_bytes_at_the_target_dtype_plus_overhead(tiny_gpt2: Path) -> None:
+    engine = LLMEngine()
+    as_float32 = engine.memory_required(ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float32")))
+    as_float16 = engine.memory_required(ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float16")))
+
+    weights_file = tiny_gpt2 / "model.safetensors"
+    with weights_file.open("rb") as file:
+        (header_bytes,) = struct.unpack("<Q", file.read(8))
+        assert all(t["dtype"] == "F32" for k, t in json.loads(file.read(header_bytes)).items() if k != "__metadata__")
+    data_bytes = weights_file.stat().st_size - 8 - header_bytes
+    assert as_float32 == int(data_bytes * OVERHEAD)
+    assert as_float16 == int(data_bytes // 2 * OVERHEAD)
+
+
+def test_memory_estimate_of_a_model_not_on_disk_is_zero() -> None:
+    assert LLMEngine().memory_required(ModelSpec(name="nobody/not-downloaded")) == 0
+
+
+# --- Image ---------------------------------------------------------------------------------------
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+async def test_image_job_stores_pngs_of_the_asked_size(pipeline: LoadedPipeline, nc: NatsClient) -> None:
+    store = await nc.jetstream().object_store(subjects.RESULTS_BUCKET)
+
+    async def store_object(name: str, data: bytes, content_type: str) -> str:
+        info = await store.put(name, data, meta=ObjectMeta(headers={"Content-Type": content_type}))
+        return info.name
+
+    recorder = Recorder()
+    params = {
+        "prompt": "a fox", "negative_prompt": "blurry", "width": 64, "height": 96, "steps": 2, "num_images": 2,
+        "seed": 5,
+    }
+    result = await ImageEngine().inference(pipeline, recorder.context(params, store_object=store_object))
+
+    assert [(i["index"], i["object"], i["width"], i["height"]) for i in result["images"]] == [
+        (0, "job-1/0.png", 64, 96),
+        (1, "job-1/1.png", 64, 96),
+    ]
+    assert all(i["content_type"] == "image/png" for i in result["images"])
+    for image in result["images"]:
+        assert png_size((await store.get(image["object"])).data) == (64, 96)
+    assert (result["seed"], result["steps"]) == (5, 2)
+    assert recorder.progress == [0.5, 1.0]
+
+
+@pytest.mark.parametrize(
+    ("params", "named"),
+    [
+        ({"width": 64}, "prompt"),
+        ({"prompt": "x", "width": 100}, "width"),
+        ({"prompt": "x", "height": 4096}, "height"),
+        ({"prompt": "x", "steps": 0}, "steps"),
+        ({"prompt": "x", "num_images": 9}, "num_images"),
+    ],
+)
+async def test_bad_image_params_are_rejected_naming_the_field(
+    pipeline: LoadedPipeline, params: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(EngineError) as failure:
+        await ImageEngine().inference(pipeline, Recorder().context(params))
+
+    assert failure.value.code == "bad_params"
+    assert named in failure.value.message
+
+
+async def test_cancelled_image_job_stops_between_steps_and_stores_nothing(pipeline: LoadedPipeline) -> None:
+    stored: list[str] = []
+    steps_done: list[float] = []
+
+    async def store_object(name: str, data: bytes, content_type: str) -> str:
+        stored.append(name)
+        return name
+
+    async def cancel_on_first_step(fraction: float, message: str | None = None) -> None:
+        steps_done.append(fraction)
+        ctx.cancelled.set()
+
+    params = {"prompt": "a fox", "steps": 50}
+    ctx = JobContext("job-1", 1, params, progress=cancel_on_first_step, store_object=store_object)
+    with pytest.raises(EngineError) as failure:
+        await ImageEngine().inference(pipeline, ctx)
+
+    assert failure.value.code == "cancelled"
+    assert stored == []
+    assert 1 <= len(steps_done) < 50
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default is bfloat16 or float16")
+def test_default_dtype_on_cpu_is_float32(llm: LoadedLLM) -> None:
+    assert llm.model.dtype == torch.float32

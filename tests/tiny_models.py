@@ -1,0 +1,100 @@
+"""Tiny random-weight models built offline, so engine tests run real transformers/diffusers code fast.
+
+Nothing here downloads: tokenizers are trained or written on the spot and models are initialised from
+small configs, then saved with `save_pretrained` so they load the way a real model would.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedTokenizerFast,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "GPUs run inference jobs for people who submit them.",
+    "Workers report progress, the scheduler places jobs, and the log remembers everything.",
+    "Hello world! How are you today? I am fine, thank you.",
+]
+EOS = "<|endoftext|>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tiny_gpt2(path: Path, *, chat_template: bool = True) -> Path:
+    """A 2-layer GPT-2 with a byte-level BPE vocabulary of a few hundred tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    # No byte alphabet beyond what the sentences use: every token decodes to readable ASCII.
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[EOS])
+    bpe.train_from_iterator(SENTENCES, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS)
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    eos_id = tokenizer.eos_token_id
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5,
+        bos_token_id=eos_id, eos_token_id=eos_id,
+    )
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        # The output head is tied to the embeddings: a zero row gives EOS a logit of 0, below the
+        # best of the others, so greedy output always runs to `max_new_tokens`.
+        model.transformer.wte.weight[eos_id].zero_()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_diffusion(path: Path) -> Path:
+    """A Stable-Diffusion-shaped pipeline (UNet, VAE, CLIP text encoder, scheduler) at toy size."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=600, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        )
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=_character_clip_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path)
+    return path
+
+
+def _character_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's BPE with one token per byte (and per word-final byte) and no merges."""
+    symbols = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, EOS: 1}
+    for symbol in symbols + [f"{s}</w>" for s in symbols]:
+        vocab[symbol] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)

@@ -1,0 +1,139 @@
+"""Image generation with diffusers: any `DiffusionPipeline`, results stored as PNGs in the object store.
+
+The pipeline runs in a thread; its step callback reports progress and stops it between steps when the
+job is cancelled. Images never travel in events: each PNG goes to `results` as `<job_id>/<n>.png` and
+the result names the objects.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import msgspec
+import torch
+from diffusers import DiffusionPipeline
+from PIL.Image import Image
+
+from worker.engines import weights
+from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
+from worker.engines.running import parse_params, run_in_thread
+
+logger = logging.getLogger(__name__)
+
+#: Latents are an eighth of the image in each direction, so sizes come in steps of 8.
+Side = Annotated[int, msgspec.Meta(ge=64, le=2048, multiple_of=8)]
+
+
+class ImageParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    prompt: Annotated[str, msgspec.Meta(min_length=1)]
+    negative_prompt: str | None = None
+    #: None: the pipeline's native size.
+    width: Side | None = None
+    height: Side | None = None
+    steps: Annotated[int, msgspec.Meta(ge=1, le=150)] = 30
+    guidance_scale: Annotated[float, msgspec.Meta(ge=0.0, le=50.0)] = 7.5
+    #: None: a random seed, returned in the result so the images can be made again.
+    seed: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
+    num_images: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
+
+
+@dataclass
+class LoadedPipeline:
+    pipeline: DiffusionPipeline | None
+
+
+class ImageEngine(BaseEngine):
+    job_type = "image"
+
+    def memory_required(self, spec: ModelSpec) -> int:
+        return weights.memory_required(spec.name, spec.settings)
+
+    def load_model(self, spec: ModelSpec) -> LoadedPipeline:
+        device = weights.default_device()
+        dtype = weights.load_dtype(spec.settings, device)
+        logger.info("loading %s on %s as %s", spec.name, device, dtype)
+        pipeline = DiffusionPipeline.from_pretrained(
+            spec.name, dtype=dtype, trust_remote_code=spec.settings.trust_remote_code
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return LoadedPipeline(pipeline=pipeline.to(device))
+
+    def unload_model(self, model: LoadedPipeline) -> None:
+        # Dropping the handle's reference is what lets the weights go; the cache holds the handle.
+        model.pipeline = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    async def inference(self, model: LoadedPipeline, ctx: JobContext) -> dict[str, Any]:
+        params = parse_params(ctx.params, ImageParams)
+        # 32 bits, like most diffusion tools: the seed stays exact in any JSON client.
+        seed = secrets.randbelow(2**32) if params.seed is None else params.seed
+        started = time.perf_counter()
+        pngs = await run_in_thread(
+            functools.partial(_generate, model, params, seed), ctx.progress, ctx.cancelled
+        )
+        images = []
+        for index, (png, width, height) in enumerate(pngs):
+            name = await ctx.store_object(f"{ctx.job_id}/{index}.png", png, "image/png")
+            images.append(
+                {"index": index, "object": name, "width": width, "height": height, "content_type": "image/png"}
+            )
+        return {
+            "images": images,
+            "seed": seed,
+            "steps": params.steps,
+            "elapsed_ms": (time.perf_counter() - started) * 1000,
+        }
+
+
+def _generate(
+    handle: LoadedPipeline, params: ImageParams, seed: int, send: Callable[[float], None], halt: threading.Event
+) -> list[tuple[bytes, int, int]]:
+    pipeline = handle.pipeline
+    assert pipeline is not None, "inference on an unloaded pipeline"
+
+    def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        send(min(1.0, (step + 1) / params.steps))
+        if halt.is_set():
+            # diffusers' documented way to stop a pipeline between steps.
+            pipe._interrupt = True
+        return tensors
+
+    # Pipelines differ in what they take; a step callback is optional, a negative prompt is not.
+    accepted = inspect.signature(pipeline.__call__).parameters
+    if params.negative_prompt is not None and "negative_prompt" not in accepted:
+        raise EngineError("bad_params", f"{type(pipeline).__name__} takes no `negative_prompt`")
+    optional = {
+        "negative_prompt": params.negative_prompt,
+        "guidance_scale": params.guidance_scale,
+        # Without it a pipeline runs to the end and only then sees a cancel.
+        "callback_on_step_end": on_step_end,
+    }
+    output = pipeline(
+        prompt=params.prompt,
+        width=params.width,
+        height=params.height,
+        num_inference_steps=params.steps,
+        num_images_per_prompt=params.num_images,
+        # A CPU generator makes the same seed give the same noise on any device.
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        **{name: value for name, value in optional.items() if name in accepted},
+    )
+    if halt.is_set():
+        return []  # cancelled: nothing to encode, the caller reports the cancel
+    return [(_png(image), image.width, image.height) for image in output.images]
+
+
+def _png(image: Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
