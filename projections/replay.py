@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from nats.js import JetStreamContext
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 REPLAY_IDLE_S = 10.0
 
 
-async def rebuild(nats_url: str, db_path: Path, until_seq: int | None = None) -> dict[str, int]:
-    """Refold `db_path` from the streams as they are now (JOBS only up to `until_seq`: a past state).
+async def rebuild(
+    nats_url: str, db_path: Path, until_seq: int | None = None, *, until: Mapping[str, int] | None = None
+) -> dict[str, int]:
+    """Refold `db_path` from the streams as they are now, or a past state: JOBS up to `until_seq`, or
+    each stream up to its position in `until` (e.g. another copy's positions, to compare the two).
 
     Returns the position reached in each stream.
     """
@@ -39,8 +43,9 @@ async def rebuild(nats_url: str, db_path: Path, until_seq: int | None = None) ->
         await ensure_streams(js)
         # Read the targets first, so the replay ends by itself even while events keep arriving.
         targets = {stream: await _last_seq(js, stream) for stream in FOLDED_STREAMS}
-        if until_seq is not None:
-            targets[subjects.JOBS_STREAM] = min(targets[subjects.JOBS_STREAM], until_seq)
+        limits = {**(until or {}), **({subjects.JOBS_STREAM: until_seq} if until_seq is not None else {})}
+        for stream, limit in limits.items():
+            targets[stream] = min(targets[stream], limit)
         db_path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f"{db_path.name}.", suffix=".rebuild", dir=db_path.parent)
         os.close(fd)

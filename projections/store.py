@@ -373,3 +373,9 @@ async def dump(db_path: Path) -> dict[str, list[tuple[Any, ...]]]:
     """Every row of the read models, ordered by primary key: two databases with equal dumps are equal."""
     async with aiosqlite.connect(db_path) as db:
         return {table: list(await db.execute_fetchall(f"SELECT * FROM {table} ORDER BY id")) for table in TABLES[:2]}
+
+
+async def read_positions(db_path: Path) -> dict[str, int]:
+    """The stream positions a database has applied (what `rebuild(until=...)` takes to reproduce it)."""
+    async with aiosqlite.connect(db_path) as db:
+        return dict(await db.execute_fetchall("SELECT stream, seq FROM positions"))  # type: ignore[arg-type]

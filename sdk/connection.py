@@ -15,7 +15,6 @@ from typing import Any
 from urllib.parse import urlparse
 
 import msgspec
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -66,17 +65,19 @@ async def connect(
     url = nats_url_from_env(url)
     servers = [u.strip() for u in url.split(",")]
     await wait_for_port(servers[0], wait_s)
+    nc = NatsClient()
 
     async def error_cb(exc: Exception) -> None:
         logger.warning("%s: NATS error: %s", name, exc)
 
     async def disconnected_cb() -> None:
-        logger.warning("%s: disconnected from NATS", name)
+        if not (nc.is_closed or nc.is_draining):
+            logger.warning("%s: disconnected from NATS", name)
 
     async def reconnected_cb() -> None:
         logger.info("%s: reconnected to NATS", name)
 
-    nc = await nats.connect(
+    await nc.connect(
         servers,
         name=name,
         user=user,

@@ -52,7 +52,8 @@ class Child:
         code = self.process.poll()
         return "running" if code is None else f"exited ({code})"
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def stop(self, timeout_s: float = 45.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s` (longer than a worker's drain, 30 s by default)."""
         if not self.running:
             return
         assert self.process is not None

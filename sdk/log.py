@@ -15,7 +15,7 @@ from nats.js import api as js_api
 from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFoundError
 
 from sdk import subjects
-from sdk.errors import Conflict
+from sdk.errors import Conflict, PlatformError
 from sdk.events import Event, JobEvent, encoder, event_type, job_event_decoder
 from sdk.jobs import Job, apply
 
@@ -156,10 +156,17 @@ async def decide_and_append(
     for attempt in range(attempts):
         if job is None or attempt > 0:
             job = await load_job(js, job_id)
-        event = decide(job)
-        if event is None:
-            return job, None
-        new = apply(job, event)  # refuse an impossible transition before anything is written
+        try:
+            event = decide(job)
+            if event is None:
+                return job, None
+            new = apply(job, event)  # refuse an impossible transition before anything is written
+        except PlatformError:
+            if job is known and known is not None:
+                # The recent copy may lag the log (the event that makes this valid is in flight): re-read.
+                job = None
+                continue
+            raise
         try:
             ack = await append(js, subjects.job_subject(job_id), event, expected_seq=job.seq if job else 0)
         except WrongLastSequence:
