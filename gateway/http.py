@@ -17,10 +17,12 @@ from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
 from litestar.params import Parameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_503_SERVICE_UNAVAILABLE
 from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 
+import msgspec
 from gateway.nats_api import NatsApi
 from gateway.service import MAX_WAIT_S, Gateway
 from sdk.api import (
@@ -28,6 +30,7 @@ from sdk.api import (
     CancelAccepted,
     CancelJob,
     GetJob,
+    GetResult,
     JobEvents,
     JobPage,
     JobView,
@@ -44,6 +47,7 @@ from sdk.errors import HTTP_STATUS, PlatformError
 from sdk.log import ensure_streams
 
 logger = logging.getLogger(__name__)
+_json = msgspec.json.Encoder()
 
 NATS_DOWN = (ConnectionClosedError, NoServersError, OutboundBufferLimitError, NatsTimeoutError)
 
@@ -101,6 +105,28 @@ async def wait_job(
     return await gateway.wait(job_id, timeout_s)
 
 
+@get("/api/v1/jobs/{job_id:str}/stream", summary="An LLM job's text as server-sent events")
+async def stream_job(job_id: str, gateway: Gateway) -> ServerSentEvent:
+    """`token` events (JSON strings) whose texts add up to the final text, also for a client that
+    connects late; then one `done` event with the finished job."""
+    pieces = await gateway.stream(job_id)
+
+    async def events() -> AsyncIterator[ServerSentEventMessage]:
+        async for item in pieces:
+            if isinstance(item, str):
+                yield ServerSentEventMessage(event="token", data=_json.encode(item).decode())
+            else:
+                yield ServerSentEventMessage(event="done", data=_json.encode(item).decode())
+
+    return ServerSentEvent(events())
+
+
+@get("/api/v1/jobs/{job_id:str}/result/{index:int}", summary="A stored result of a job (an image)")
+async def job_result(job_id: str, index: Annotated[int, Parameter(ge=0, le=63)], gateway: Gateway) -> Response[bytes]:
+    data, content_type = await gateway.result(GetResult(id=job_id, index=index))
+    return Response(data, media_type=content_type)
+
+
 # --- Workers ---------------------------------------------------------------------------------------
 
 
@@ -140,11 +166,11 @@ async def put_config_defaults(data: dict[str, Any], gateway: Gateway) -> dict[st
 @get("/health", summary="Each dependency's state; 503 while NATS is unreachable")
 async def health(gateway: Gateway) -> Response[dict[str, str]]:
     state = await gateway.health()
-    ok = all(value == "ok" for value in state.values())
-    return Response(
-        {"status": "ok" if ok else "unavailable", **state},
-        status_code=HTTP_200_OK if ok else HTTP_503_SERVICE_UNAVAILABLE,
-    )
+    if all(value == "ok" for value in state.values()):
+        return Response({"status": "ok", **state}, status_code=HTTP_200_OK)
+    down = ", ".join(name for name, value in state.items() if value != "ok")
+    body = {"status": "unavailable", **state, "code": "unavailable", "message": f"unreachable: {down}"}
+    return Response(body, status_code=HTTP_503_SERVICE_UNAVAILABLE)
 
 
 # --- Errors ----------------------------------------------------------------------------------------
@@ -196,7 +222,7 @@ def create_app(nats_url: str | None = None, *, serve_nats_api: bool = True) -> L
 
     return Litestar(
         route_handlers=[
-            submit_job, get_job, list_jobs, cancel_job, job_events, wait_job,
+            submit_job, get_job, list_jobs, cancel_job, job_events, wait_job, stream_job, job_result,
             list_workers, get_worker, get_worker_config, put_worker_config, get_config_defaults,
             put_config_defaults, health,
         ],

@@ -20,6 +20,7 @@ from sdk import subjects
 from sdk.api import (
     CancelJob,
     GetJob,
+    GetResult,
     GetWorker,
     GetWorkerConfig,
     JobEventsRequest,
@@ -56,6 +57,7 @@ class NatsApi:
             subjects.API_JOBS_CANCEL: lambda m: g.cancel(decode(m.data, CancelJob)),
             subjects.API_JOBS_EVENTS: lambda m: g.events(decode(m.data, JobEventsRequest).id),
             subjects.API_JOBS_WAIT: self._wait,
+            subjects.API_JOBS_RESULT: self._result,
             subjects.API_WORKERS_LIST: lambda m: g.workers(decode(m.data, ListWorkers)),
             subjects.API_WORKERS_GET: lambda m: g.worker(decode(m.data, GetWorker).id),
             subjects.API_WORKERS_REGISTER: lambda m: g.register(decode(m.data, RegisterWorker)),
@@ -86,7 +88,8 @@ class NatsApi:
 
     async def _answer(self, msg: Msg, handler: Handler) -> None:
         try:
-            reply = encoder.encode(await handler(msg))
+            answer = await handler(msg)
+            reply = answer if isinstance(answer, bytes) else encoder.encode(answer)
         except PlatformError as exc:
             reply = encode_error(exc.to_reply())
         except Exception as exc:
@@ -98,6 +101,10 @@ class NatsApi:
     async def _wait(self, msg: Msg) -> Any:
         req = decode(msg.data, WaitJob)
         return await self.gateway.wait(req.id, req.timeout_s)
+
+    async def _result(self, msg: Msg) -> bytes:
+        data, _ = await self.gateway.result(decode(msg.data, GetResult))
+        return data
 
     async def _set_config(self, msg: Msg) -> Any:
         req = decode(msg.data, SetWorkerConfig)

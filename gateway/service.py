@@ -10,12 +10,14 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
 
 from nats.aio.client import Client as NatsClient
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.aio.msg import Msg
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 
 from gateway.feed import JobFeed
 from sdk import subjects
@@ -25,6 +27,7 @@ from sdk.api import (
     CancelJob,
     EventRecord,
     GetJob,
+    GetResult,
     GetWorker,
     HeartbeatAck,
     JobEvents,
@@ -84,6 +87,7 @@ from sdk.events import (
 )
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus
 from sdk.log import append, decide_and_append, load_job, read_job_events
+from sdk.streaming import assemble
 from sdk.worker_config import deep_merge, effective_config, parse_partial
 
 logger = logging.getLogger(__name__)
@@ -200,6 +204,40 @@ class Gateway:
         finally:
             self.feed.forget_waiter(job_id, future)
         return job_view(job)
+
+    async def stream(self, job_id: str, owner: str | None = None, timeout_s: float = MAX_WAIT_S) -> AsyncIterator[str | JobView]:
+        """A job's text as it is generated, then the finished job (see `sdk.streaming.assemble`).
+        Raises `JobNotFound` before anything is streamed."""
+        await self._job(job_id, owner)
+        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_chunk(msg: Msg) -> None:
+            chunks.put_nowait(msg.data)
+
+        sub = await self.nc.subscribe(subjects.stream_subject(job_id), cb=on_chunk)
+
+        async def pieces() -> AsyncIterator[str | JobView]:
+            try:
+                async for item in assemble(chunks, self.wait(job_id, timeout_s, owner)):
+                    yield item
+            finally:
+                await sub.unsubscribe()
+
+        return pieces()
+
+    async def result(self, req: GetResult, owner: str | None = None) -> tuple[bytes, str]:
+        """The bytes and content type of a finished job's stored result `index` (an image)."""
+        job = await self._job(req.id, owner)
+        refs = job.result.get("images", []) if isinstance(job.result, dict) else []
+        if job.status is not JobStatus.COMPLETED or not 0 <= req.index < len(refs):
+            raise JobNotFound(f"job {req.id} has no stored result {req.index} ({len(refs)} stored)")
+        ref = refs[req.index]
+        store = await self.js.object_store(subjects.RESULTS_BUCKET)
+        try:
+            obj = await store.get(ref["object"])
+        except ObjectNotFoundError:
+            raise JobNotFound(f"result {req.index} of job {req.id} is no longer stored") from None
+        return obj.data or b"", ref.get("content_type", "application/octet-stream")
 
     async def _job(self, job_id: str, owner: str | None) -> Job:
         job = await load_job(self.js, job_id)

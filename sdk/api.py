@@ -91,6 +91,11 @@ class WaitJob(Strict):
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 60.0
 
 
+class GetResult(Strict):
+    id: str
+    index: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
+
+
 class JobEventsRequest(Strict):
     id: str
 
@@ -102,6 +107,13 @@ class EventRecord(msgspec.Struct, kw_only=True):
 
 class JobEvents(msgspec.Struct, kw_only=True):
     items: list[EventRecord]
+
+
+class StreamChunk(msgspec.Struct, kw_only=True):
+    """A piece of a running job's output on `stream.<job_id>`; `offset` is where it starts in the text."""
+
+    offset: int
+    text: str
 
 
 class JobView(msgspec.Struct, kw_only=True):

@@ -9,10 +9,14 @@ HTTP. Both have the same methods, return the same typed structs and raise the sa
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from sdk import subjects
 from sdk.api import (
@@ -20,21 +24,27 @@ from sdk.api import (
     CancelJob,
     EventRecord,
     GetJob,
+    GetResult,
     GetWorker,
+    GetWorkerConfig,
     JobEvents,
     JobEventsRequest,
     JobPage,
     JobView,
     ListJobs,
     ListWorkers,
+    SetWorkerConfig,
     SubmitJob,
     Submitted,
     WaitJob,
+    WorkerConfigView,
     WorkerPage,
     WorkerView,
 )
-from sdk.connection import connect, request
-from sdk.errors import Timeout
+from sdk.connection import connect, decode_reply, request
+from sdk.errors import JobError, Timeout
+from sdk.events import encoder
+from sdk.streaming import assemble
 
 #: The gateway answers a wait within this long; longer waits are several requests.
 WAIT_SLICE_S = 60.0
@@ -99,6 +109,33 @@ class Client:
                 if remaining <= 0:
                     raise
 
+    async def stream(self, job_id: str, *, timeout_s: float = 300.0) -> AsyncIterator[str]:
+        """An LLM job's text as it is generated. The pieces always add up to the final text, also for a
+        reader that subscribes late; raises `JobError` if the job ends without a result."""
+        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_chunk(msg: Msg) -> None:
+            chunks.put_nowait(msg.data)
+
+        sub = await self.nc.subscribe(subjects.stream_subject(job_id), cb=on_chunk)
+        try:
+            async for item in assemble(chunks, self.wait(job_id, timeout_s=timeout_s)):
+                if isinstance(item, str):
+                    yield item
+                elif item.status != "completed":
+                    raise JobError(f"job {job_id} {item.status}", {"error": msgspec.to_builtins(item.error)})
+        finally:
+            await sub.unsubscribe()
+
+    async def result(self, job_id: str, index: int = 0) -> bytes:
+        """The bytes of a job's stored result `index` (an image job's PNGs)."""
+        msg = await self.nc.request(
+            subjects.API_JOBS_RESULT, encoder.encode(GetResult(id=job_id, index=index)), timeout=self.timeout_s
+        )
+        if msg.data.startswith(b'{"kind":"error"'):
+            decode_reply(msg.data, None)
+        return msg.data
+
     async def cancel(self, job_id: str, *, reason: str | None = None) -> CancelAccepted:
         return await self._call(subjects.API_JOBS_CANCEL, CancelJob(id=job_id, reason=reason), CancelAccepted)
 
@@ -124,3 +161,11 @@ class Client:
 
     async def worker(self, worker_id: str) -> WorkerView:
         return await self._call(subjects.API_WORKERS_GET, GetWorker(id=worker_id), WorkerView)
+
+    async def worker_config(self, worker_id: str) -> WorkerConfigView:
+        return await self._call(subjects.API_WORKERS_CONFIG_GET, GetWorkerConfig(id=worker_id), WorkerConfigView)
+
+    async def set_worker_config(self, worker_id: str, changes: dict[str, Any]) -> WorkerConfigView:
+        """Merge `changes` (nested keys allowed) into the worker's runtime config; refused whole if any is bad."""
+        req = SetWorkerConfig(id=worker_id, changes=changes)
+        return await self._call(subjects.API_WORKERS_CONFIG_SET, req, WorkerConfigView)

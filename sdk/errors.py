@@ -77,6 +77,12 @@ class Unavailable(PlatformError):
     code = "unavailable"
 
 
+class JobError(PlatformError):
+    """The job ended without a result (failed, cancelled or expired) where one was expected."""
+
+    code = "job_unsuccessful"
+
+
 class InsufficientGpuMemory(PlatformError):
     code = "insufficient_gpu_memory"
 
@@ -96,6 +102,7 @@ _BY_CODE: dict[str, type[PlatformError]] = {
         Timeout,
         Unavailable,
         InsufficientGpuMemory,
+        JobError,
     )
 }
 
@@ -111,6 +118,7 @@ HTTP_STATUS: dict[str, int] = {
     Timeout.code: 504,
     Unavailable.code: 503,
     InsufficientGpuMemory.code: 507,
+    JobError.code: 409,
     PlatformError.code: 500,
 }
 

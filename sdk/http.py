@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
 
 import httpx
 import msgspec
 
-from sdk.api import CancelAccepted, EventRecord, JobEvents, JobPage, JobView, SubmitJob, Submitted, WorkerPage, WorkerView
+from sdk.api import (
+    CancelAccepted,
+    EventRecord,
+    JobEvents,
+    JobPage,
+    JobView,
+    SubmitJob,
+    Submitted,
+    WorkerConfigView,
+    WorkerPage,
+    WorkerView,
+)
 from sdk.client import WAIT_SLICE_S
-from sdk.errors import ErrorReply, Timeout, Unavailable, from_reply
+from sdk.errors import ErrorReply, JobError, PlatformError, Timeout, Unavailable, from_reply
 
 _encoder = msgspec.json.Encoder()
 
@@ -45,11 +57,9 @@ class HttpClient:
         except httpx.TransportError as exc:
             raise Unavailable(f"{method} {path}: {exc}") from None
         if response.status_code >= 400:
-            try:
-                reply = msgspec.json.decode(response.content, type=ErrorReply)
-            except msgspec.DecodeError:
-                reply = ErrorReply(code="http_error", message=f"HTTP {response.status_code}: {response.text[:200]}")
-            raise from_reply(reply)
+            raise _error(response)
+        if reply_type is bytes:
+            return response.content
         return msgspec.json.decode(response.content, type=reply_type)
 
     async def submit(
@@ -87,6 +97,34 @@ class HttpClient:
                 if remaining <= 0:
                     raise
 
+    async def stream(self, job_id: str, *, timeout_s: float = 300.0) -> AsyncIterator[str]:
+        """An LLM job's text as it is generated (server-sent events); the pieces add up to the final
+        text, also when connecting late; raises `JobError` if the job ends without a result."""
+        try:
+            async with self._http.stream("GET", f"/api/v1/jobs/{job_id}/stream", timeout=timeout_s) as response:
+                if response.status_code >= 400:
+                    await response.aread()
+                    raise _error(response)
+                event = ""
+                async for line in response.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:") and event == "token":
+                        yield msgspec.json.decode(line[5:].strip(), type=str)
+                    elif line.startswith("data:") and event == "done":
+                        job = msgspec.json.decode(line[5:].strip(), type=JobView)
+                        if job.status != "completed":
+                            raise JobError(f"job {job_id} {job.status}", {"error": msgspec.to_builtins(job.error)})
+                        return
+        except httpx.TimeoutException:
+            raise Timeout(f"stream of job {job_id}: nothing within {timeout_s}s") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(f"stream of job {job_id}: {exc}") from None
+
+    async def result(self, job_id: str, index: int = 0) -> bytes:
+        """The bytes of a job's stored result `index` (an image job's PNGs)."""
+        return await self._call("GET", f"/api/v1/jobs/{job_id}/result/{index}", bytes)
+
     async def cancel(self, job_id: str, *, reason: str | None = None) -> CancelAccepted:
         return await self._call("POST", f"/api/v1/jobs/{job_id}/cancel", CancelAccepted, params={"reason": reason})
 
@@ -112,3 +150,27 @@ class HttpClient:
 
     async def worker(self, worker_id: str) -> WorkerView:
         return await self._call("GET", f"/api/v1/workers/{worker_id}", WorkerView)
+
+    async def worker_config(self, worker_id: str) -> WorkerConfigView:
+        return await self._call("GET", f"/api/v1/workers/{worker_id}/config", WorkerConfigView)
+
+    async def set_worker_config(self, worker_id: str, changes: dict[str, Any]) -> WorkerConfigView:
+        """Merge `changes` (nested keys allowed) into the worker's runtime config; refused whole if any is bad."""
+        return await self._call("PUT", f"/api/v1/workers/{worker_id}/config", WorkerConfigView, body=changes)
+
+    async def set_config_defaults(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge `changes` into the runtime config every worker inherits."""
+        return await self._call("PUT", "/api/v1/config/defaults", dict[str, Any], body=changes)
+
+    async def health(self) -> dict[str, str]:
+        """The gateway's view of its dependencies; raises `Unavailable` while NATS is unreachable."""
+        return await self._call("GET", "/health", dict[str, str])
+
+
+def _error(response: httpx.Response) -> PlatformError:
+    """The typed error of an HTTP error response (the gateway's body is `{code, message, details}`)."""
+    try:
+        reply = msgspec.json.decode(response.content, type=ErrorReply)
+    except msgspec.DecodeError:
+        reply = ErrorReply(code="http_error", message=f"HTTP {response.status_code}: {response.text[:200]}")
+    return from_reply(reply)

@@ -97,8 +97,12 @@ class LocalStack:
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
-    def _child(self, name: str, args: list[str], module: str = "sdk.ctl") -> Child:
-        child = Child(name, [sys.executable, "-m", module, *args], self.logs / f"{name}.log", env=self.env)
+    def _child(
+        self, name: str, args: list[str], module: str = "sdk.ctl", env: dict[str, str] | None = None
+    ) -> Child:
+        child = Child(
+            name, [sys.executable, "-m", module, *args], self.logs / f"{name}.log", env={**self.env, **(env or {})}
+        )
         self.children[name] = child
         child.start()
         return child
@@ -114,10 +118,13 @@ class LocalStack:
         for name in workers:
             self.start_worker(name)
 
-    def start_worker(self, name: str, region: str = "local", *extra: str) -> Child:
+    def start_worker(
+        self, name: str, region: str = "local", *extra: str, env: dict[str, str] | None = None
+    ) -> Child:
+        """A `gpu-worker start` child; `extra` are more flags, `env` e.g. `GPU_WORKER_*` settings."""
         args = ["start", "--nats-url", self.nats_url, "--name", name, "--region", region,
                 "--state-dir", str(self.data_dir / "workers" / name), *extra]
-        return self._child(f"worker-{name}" if name != "local" else "worker", args, module="worker")
+        return self._child(f"worker-{name}" if name != "local" else "worker", args, module="worker", env=env)
 
     def restart_crashed(self, after_s: float = 2.0) -> None:
         for child in self.children.values():

@@ -7,13 +7,13 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from nats.aio.client import Client as NatsClient
 
 from sdk.broker import EmbeddedNats
 from sdk.client import Client
 from sdk.connection import connect
+from sdk.errors import PlatformError
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import ensure_streams
@@ -48,6 +48,23 @@ async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NatsClient]:
     await client.close()
 
 
+# --- Tiny random-weight models, saved and loaded through the real from_pretrained path --------------
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_gpt2
+
+    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def tiny_diffusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import build_tiny_diffusion
+
+    return build_tiny_diffusion(tmp_path_factory.mktemp("models") / "diffusion")
+
+
 # --- The platform as a user runs it: every component a real process ------------------------------
 
 HEARTBEAT_INTERVAL_S = 0.4
@@ -70,12 +87,12 @@ async def start_stack(data_dir: Path, workers: list[str]) -> LocalStack:
         async with HttpClient(stack.http_url) as http:
             async def gateway_up() -> bool:
                 try:
-                    return (await http._http.get("/health")).status_code == 200
-                except httpx.TransportError:
+                    return (await http.health())["status"] == "ok"
+                except PlatformError:
                     return False
 
             await wait_until(gateway_up, 30, "the gateway")
-            await http._http.put("/api/v1/config/defaults", json={"heartbeat_interval_s": HEARTBEAT_INTERVAL_S})
+            await http.set_config_defaults({"heartbeat_interval_s": HEARTBEAT_INTERVAL_S})
             for name in workers:
                 stack.start_worker(name)
 

@@ -14,21 +14,10 @@ from nats.js.api import ObjectMeta
 
 from sdk import subjects
 from sdk.api import ModelSettings
-from tests.tiny_models import build_tiny_diffusion, build_tiny_gpt2
 from worker.engines.base import EngineError, JobContext, ModelSpec
 from worker.engines.image import ImageEngine, LoadedPipeline
 from worker.engines.llm import LLMEngine, LoadedLLM
 from worker.engines.weights import OVERHEAD
-
-
-@pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "gpt2")
-
-
-@pytest.fixture(scope="session")
-def tiny_diffusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_diffusion(tmp_path_factory.mktemp("models") / "diffusion")
 
 
 @pytest.fixture(scope="session")

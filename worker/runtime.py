@@ -34,6 +34,7 @@ from nats.js.object_store import ObjectStore
 
 from sdk import subjects
 from sdk.api import (
+    StreamChunk,
     MAX_BODY_BYTES,
     Accepted,
     HeartbeatAck,
@@ -550,7 +551,7 @@ class Worker:
             assignment.job_id,
             assignment.attempt,
             assignment.params,
-            emit=partial(self._emit, assignment.job_id),
+            emit=partial(self._emit, held),
             progress=progress.offer,
             store_object=partial(self._store_object, assignment.job_id),
         )
@@ -644,9 +645,11 @@ class Worker:
 
     # --- What a running job can do -------------------------------------------------------------------
 
-    async def _emit(self, job_id: str, chunk: str) -> None:
+    async def _emit(self, held: _HeldJob, chunk: str) -> None:
         assert self._nc is not None
-        await self._nc.publish(subjects.stream_subject(job_id), chunk.encode())
+        payload = encoder.encode(StreamChunk(offset=held.streamed_chars, text=chunk))
+        held.streamed_chars += len(chunk)
+        await self._nc.publish(subjects.stream_subject(held.assignment.job_id), payload)
 
     async def _send_progress(self, held: _HeldJob, fraction: float, message: str | None) -> None:
         a = held.assignment
@@ -760,6 +763,8 @@ class _HeldJob:
         self.running = False
         #: Set by a CancelOrder: the platform asked for the cancel, so the ending is `cancelled`.
         self.cancel_requested = False
+        #: Characters streamed so far: each chunk carries its offset, so a reader can tell a gap.
+        self.streamed_chars = 0
         self.ctx: JobContext
         self.progress: _Progress
         self.task: asyncio.Task[None]
