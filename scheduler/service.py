@@ -295,14 +295,16 @@ class Scheduler:
             await self._dispatch(assigned, placement.worker_id, placement.region)
 
     async def _sweep(self, now_s: float) -> None:
-        """Declare silent workers lost, take back the jobs of gone workers, expire jobs that waited too long."""
+        """Declare silent workers lost; take back the jobs of gone workers and the jobs that living workers
+        say they do not hold; expire jobs that waited too long."""
         for worker, silent_s in self.view.overdue_workers(now_s):
             await self._declare_lost(worker, silent_s)
-        outcomes: list[tuple[Job, JobEvent]] = [
-            (job, recover(job, reason=reason)) for job, reason in self.view.orphaned_jobs()
+        outcomes: list[tuple[Job, JobEvent, str]] = [
+            (job, recover(job, reason=reason), reason) for job, reason in self.view.orphaned_jobs()
         ]
-        outcomes += [(job, JobExpired(job_id=job.id)) for job in self.view.expired_jobs(now_ms())]
-        await asyncio.gather(*(self._settle(job, event) for job, event in outcomes))
+        expired = self.view.expired_jobs(now_ms())
+        outcomes += [(job, JobExpired(job_id=job.id), "waited past its timeout") for job in expired]
+        await asyncio.gather(*(self._settle(job, event, why) for job, event, why in outcomes))
 
     async def _declare_lost(self, worker: WorkerState, silent_s: float) -> None:
         event = WorkerLost(worker_id=worker.worker_id, reason=f"no heartbeat for {silent_s:.1f}s")
@@ -313,9 +315,10 @@ class Scheduler:
         self.view.mark_lost(worker.worker_id, ack.seq)
         logger.info("worker %s lost: %s", worker.worker_id, event.reason)
 
-    async def _settle(self, job: Job, event: JobEvent) -> None:
+    async def _settle(self, job: Job, event: JobEvent, why: str) -> None:
         if await self._append(job, event) is not None:
-            logger.info("job %s (attempt %d): %s", job.id, job.attempt, type(event).__name__)
+            logger.info("job %s (attempt %d, worker %s): %s, %s",
+                        job.id, job.attempt, job.worker_id, type(event).__name__, why)
 
     async def _append(self, job: Job, event: JobEvent) -> Job | None:
         """Append at the job's expected sequence and apply it to the view; None if it did not land."""

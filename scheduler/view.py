@@ -1,8 +1,9 @@
 """The scheduler's in-memory view: jobs, workers and their configs, folded from the streams.
 
 No I/O here. The service feeds every event, heartbeat and config change in, and asks the view what to
-decide about (queued jobs, silent workers, orphaned and expired jobs). Leader and standbys fold the same
-way, so a standby that takes over already knows everything.
+decide about (queued jobs, silent workers, orphaned and expired jobs). A job is orphaned when its worker
+is gone, or when the worker's latest heartbeats say it does not hold the job (`recovery.not_held`).
+Leader and standbys fold the same way, so a standby that takes over already knows everything.
 
 Only jobs that are not finished stay in memory. An event carries the stream sequence it was stored at,
 and a job remembers the sequence of the last event applied to it: the leader applies its own appends at
@@ -18,7 +19,7 @@ from typing import Any
 import msgspec
 
 from scheduler.placement import WorkerSnapshot
-from scheduler.recovery import is_expired
+from scheduler.recovery import NOT_HELD_AFTER_HEARTBEATS, NOT_HELD_BY_WORKER, HeldReport, is_expired, not_held
 from sdk.api import WorkerConfig
 from sdk.errors import BadRequest, InvalidTransition, StaleAttempt
 from sdk.events import (
@@ -63,6 +64,8 @@ class WorkerState(msgspec.Struct, kw_only=True):
     heartbeat_interval_s: float | None = None
     loaded_models: set[str] = msgspec.field(default_factory=set)
     memory_free_bytes: int | None = None
+    #: What the latest heartbeats (oldest first) said this worker holds, to find jobs it does not.
+    held_reports: tuple[HeldReport, ...] = ()
     #: Sequence of the last event on `workers.<id>`, for expected-sequence appends of `WorkerLost`.
     seq: int = 0
 
@@ -139,14 +142,21 @@ class SchedulerView:
         return [job for i in self._queued if is_expired(job := self.jobs[i], now_ms)]
 
     def orphaned_jobs(self) -> Iterator[tuple[Job, str]]:
-        """Jobs held by a worker that will never finish them, with the reason."""
+        """Jobs assigned to or running on a worker that will never finish them, with the reason: the
+        worker is gone, or it is alive but its latest heartbeats leave the job out (the dispatch never
+        reached it, or it restarted without the job before anyone noticed it was away)."""
         for worker_id, job_ids in self._held.items():
             worker = self.workers.get(worker_id)
-            if worker is None or not worker.gone or not job_ids:
+            if worker is None or not job_ids:
                 continue
-            reason = "worker_deregistered" if worker.deregistered else "worker_lost"
+            if worker.gone:
+                reason = "worker_deregistered" if worker.deregistered else "worker_lost"
+                for job_id in job_ids:
+                    yield self.jobs[job_id], reason
+                continue
             for job_id in job_ids:
-                yield self.jobs[job_id], reason
+                if not_held(job := self.jobs[job_id], worker.held_reports):
+                    yield job, NOT_HELD_BY_WORKER
 
     # --- workers ---------------------------------------------------------------------------------
 
@@ -186,6 +196,8 @@ class SchedulerView:
         if worker.lost:
             return  # sent before the loss was declared: not a sign of life
         worker.last_seen_s = now_s
+        report = HeldReport(stored_at_ms=stored_at_us // 1000, job_ids=frozenset(heartbeat.in_flight))
+        worker.held_reports = (*worker.held_reports, report)[-NOT_HELD_AFTER_HEARTBEATS:]
         worker.heartbeat_interval_s = heartbeat.interval_s
         worker.heartbeat_draining = heartbeat.draining
         worker.loaded_models = set(heartbeat.loaded_models)

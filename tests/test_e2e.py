@@ -248,3 +248,75 @@ async def test_gateway_answers_503_while_nats_is_down_and_recovers(tmp_path: Pat
             assert (await raw.post("/api/v1/jobs", json={"type": "echo"})).status_code == 201
     finally:
         stack.stop()
+
+
+async def test_job_completes_when_its_worker_is_killed_and_back_before_it_is_missed(
+    stack: LocalStack, client: Client
+) -> None:
+    from sdk.events import JobRequeued, heartbeat_decoder
+
+    # Heartbeats far apart while the worker is away, so its restart (seconds: the torch import) fits well
+    # inside the three it may miss: the platform never declares it lost, and only the restarted worker's
+    # heartbeats, which leave the job out, can tell that the job is gone.
+    slow_interval_s = 10.0
+    workers = [w for w in await client.workers() if w.status == "online"]
+    nc = await connect(stack.nats_url, name="test-inspect")
+    js = nc.jetstream()
+
+    async def set_heartbeat_interval(interval_s: float | None) -> None:
+        for w in workers:
+            await client.set_worker_config(w.id, {"heartbeat_interval_s": interval_s})
+
+    async def beating_slowly() -> bool:
+        for w in workers:
+            last = await js.get_msg(subjects.HEARTBEATS_STREAM, subject=subjects.heartbeat_subject(w.region, w.id),
+                                    direct=True)
+            if heartbeat_decoder.decode(last.data or b"").interval_s != slow_interval_s:
+                return False
+        return True
+
+    async def last_worker_seq(worker_id: str) -> int:
+        return (await js.get_msg(subjects.WORKERS_STREAM, subject=subjects.worker_subject(worker_id), direct=True)).seq
+
+    victim = None
+    try:
+        await set_heartbeat_interval(slow_interval_s)
+        await wait_until(beating_slowly, 10, "heartbeats at the slow interval")
+        job = await client.submit("echo", params={"sleep_s": 3})
+
+        async def running() -> bool:
+            return (await client.get(job.id, min_seq=job.seq)).status == "running"
+
+        await wait_until(running, 20, "the job to start")
+        first = await client.get(job.id, min_seq=job.seq)
+        victim = next(w for w in workers if w.id == first.worker_id)
+        seq_before = await last_worker_seq(victim.id)
+        stack.children[f"worker-{victim.name}"].kill()
+        stack.start_worker(victim.name)
+
+        async def registered_again() -> bool:
+            return await last_worker_seq(first.worker_id) > seq_before
+
+        await wait_until(registered_again, 30, "the killed worker to register again")
+        await set_heartbeat_interval(None)  # back to the usual pace: its next heartbeats come at once
+
+        done = await client.wait(job.id, timeout_s=30)
+        assert (done.status, done.attempt) == ("completed", 2)
+        history = [record.event for record in await client.events(job.id)]
+        assert [event_type(e) for e in history if event_type(e) != "job.progress"] == [
+            "job.submitted", "job.assigned", "job.started", "job.requeued",
+            "job.assigned", "job.started", "job.completed",
+        ]
+        requeued = next(e for e in history if isinstance(e, JobRequeued))
+        assert requeued.reason == "not_held_by_worker"  # not "worker_lost": nobody missed the worker
+        assert (await client.worker(victim.id)).status == "online"
+    finally:
+        await nc.close()
+        await set_heartbeat_interval(None)
+        if victim is not None:
+            restarted = victim.id
+
+            async def online() -> bool:
+                return (await client.worker(restarted)).status == "online"
+
+            await wait_until(online, 30, "the restarted worker to be online")

@@ -1,8 +1,10 @@
-"""The scheduler against a real nats-server: placement, dispatch, leadership, loss and expiry.
+"""The scheduler against a real nats-server: placement, dispatch, leadership, loss, jobs a worker does not
+hold, and expiry; at the end, the pure decision about jobs a living worker does not hold.
 
 Workers are simulated the way the platform sees them: a `WorkerRegistered` event on `workers.<id>` and
-heartbeats on `heartbeats.<region>.<id>`. Outcomes are read back from the JOBS, WORKERS and DISPATCH
-streams. Each test has a server of its own, so no job or lease of another test can interfere.
+heartbeats on `heartbeats.<region>.<id>` that list the jobs dispatched to the worker. Outcomes are read
+back from the JOBS, WORKERS and DISPATCH streams. Each test has a server of its own, so no job or lease of
+another test can interfere.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from scheduler.recovery import DISPATCH_TRANSIT_MARGIN_S, NOT_HELD_BY_WORKER, HeldReport, not_held, recover
 from scheduler.service import Scheduler
+from scheduler.view import SchedulerView
 from sdk import subjects
 from sdk.broker import EmbeddedNats
 from sdk.connection import connect
@@ -46,6 +50,7 @@ from sdk.events import (
     encoder,
     worker_event_decoder,
 )
+from sdk.jobs import Job, JobStatus
 from sdk.log import append, ensure_streams, read_job_events, read_subject
 
 T = TypeVar("T")
@@ -108,14 +113,30 @@ async def schedulers(fresh_nats: EmbeddedNats, js: JetStreamContext) -> AsyncIte
 
 
 class FakeWorker:
-    """A worker as the scheduler sees it: a registration and a heartbeat every `interval_s`."""
+    """A worker as the scheduler sees it: a registration and a heartbeat every `interval_s` listing the jobs
+    dispatched to it (as `in_flight`); with `keeps_dispatches=False` its dispatches never reach it."""
 
-    def __init__(self, js: JetStreamContext, worker_id: str, region: str, capabilities: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        worker_id: str,
+        region: str,
+        capabilities: tuple[str, ...],
+        *,
+        keeps_dispatches: bool = True,
+    ) -> None:
         self.js = js
         self.worker_id = worker_id
         self.region = region
         self.capabilities = capabilities
+        self.keeps_dispatches = keeps_dispatches
         self._beating: asyncio.Task[None] | None = None
+        #: Dispatches read so far with their stream sequence; the beat task and the test both read.
+        self._received: list[tuple[int, Dispatch]] = []
+        self._next_seq = 1
+        self._reading = asyncio.Lock()
+        #: Dispatches before this sequence were lost with the process in a restart.
+        self._held_from_seq = 1
 
     async def register(self) -> None:
         event = WorkerRegistered(
@@ -124,7 +145,9 @@ class FakeWorker:
         await append(self.js, subjects.worker_subject(self.worker_id), event)
 
     async def beat(self) -> None:
-        heartbeat = Heartbeat(worker_id=self.worker_id, region=self.region, interval_s=HEARTBEAT_INTERVAL_S)
+        heartbeat = Heartbeat(
+            worker_id=self.worker_id, region=self.region, interval_s=HEARTBEAT_INTERVAL_S, in_flight=await self.held()
+        )
         await self.js.publish(subjects.heartbeat_subject(self.region, self.worker_id), encoder.encode(heartbeat))
 
     async def _beat_forever(self) -> None:
@@ -143,18 +166,32 @@ class FakeWorker:
                 await self._beating
             self._beating = None
 
+    async def restart(self) -> None:
+        """Come back at once without the jobs dispatched so far, as a killed process that is restarted
+        within a heartbeat (its unacked dispatches come back only after the ack wait, a minute later)."""
+        await self.dispatches()
+        self._held_from_seq = self._next_seq
+
+    async def held(self) -> tuple[str, ...]:
+        """Ids of the jobs whose assignment reached this worker (since its last restart)."""
+        await self.dispatches()
+        if not self.keeps_dispatches:
+            return ()
+        held = (d.job_id for seq, d in self._received if seq >= self._held_from_seq and isinstance(d, Assignment))
+        return tuple(dict.fromkeys(held))
+
     async def dispatches(self) -> list[Dispatch]:
-        """Everything waiting on this worker's dispatch subject, oldest first."""
+        """Everything sent to this worker's dispatch subject, oldest first."""
         subject = subjects.dispatch_subject(self.region, self.worker_id)
-        out: list[Dispatch] = []
-        seq = 1
-        while True:
-            try:
-                msg = await self.js.get_msg(subjects.DISPATCH_STREAM, seq=seq, subject=subject, next=True)
-            except NotFoundError:
-                return out
-            out.append(dispatch_decoder.decode(msg.data or b""))
-            seq = msg.seq + 1
+        async with self._reading:
+            while True:
+                try:
+                    msg = await self.js.get_msg(subjects.DISPATCH_STREAM, seq=self._next_seq, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                self._received.append((msg.seq, dispatch_decoder.decode(msg.data or b"")))
+                self._next_seq = msg.seq + 1
+        return [dispatch for _, dispatch in self._received]
 
 
 @pytest.fixture
@@ -162,13 +199,18 @@ async def workers(js: JetStreamContext) -> AsyncIterator[Callable[..., Awaitable
     started: list[FakeWorker] = []
 
     async def online(
-        worker_id: str, region: str = "eu", capabilities: tuple[str, ...] = ("echo",), **config: Any
+        worker_id: str,
+        region: str = "eu",
+        capabilities: tuple[str, ...] = ("echo",),
+        *,
+        keeps_dispatches: bool = True,
+        **config: Any,
     ) -> FakeWorker:
         """Register a worker (with runtime config overrides, if any) and keep it heartbeating."""
         if config:
             kv = await js.key_value(subjects.WORKER_CONFIG_BUCKET)
             await kv.put(worker_id, msgspec.json.encode(config))
-        worker = FakeWorker(js, worker_id, region, capabilities)
+        worker = FakeWorker(js, worker_id, region, capabilities, keeps_dispatches=keeps_dispatches)
         started.append(worker)
         await worker.register()
         await worker.start_beating()
@@ -370,6 +412,63 @@ async def test_jobs_of_a_deregistered_worker_are_requeued(
     assert (requeued.attempt, requeued.reason) == (2, "worker_deregistered")
 
 
+async def test_job_a_living_worker_never_received_is_requeued_then_failed_when_attempts_run_out(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    await workers("w-drop", "eu", keeps_dispatches=False)  # heartbeats on, but its dispatches go missing
+    await workers("w-keep", "us")
+    dropped = await submit(js, region="eu", max_attempts=2)
+    kept = await submit(js, region="us")
+
+    first = await until_event(js, dropped, JobAssigned)
+    requeued = await until_event(js, dropped, JobRequeued, timeout_s=10.0)
+    assert (first.worker_id, requeued.attempt, requeued.reason) == ("w-drop", 2, NOT_HELD_BY_WORKER)
+    # Heartbeats taken while the dispatch may still have been on its way do not count against it.
+    assert requeued.at_ms - first.at_ms > DISPATCH_TRANSIT_MARGIN_S * 1000
+
+    failed = await until_event(js, dropped, JobFailed, timeout_s=10.0)
+    assert (failed.worker_id, failed.attempt, failed.error.code) == (None, 2, "max_attempts_exceeded")
+    assert failed.error.details == {"reason": NOT_HELD_BY_WORKER, "worker_id": "w-drop", "max_attempts": 2}
+    history = await events(js, dropped)
+    assert kinds(history) == ["JobSubmitted", "JobAssigned", "JobRequeued", "JobAssigned", "JobFailed"]
+    assert [e.worker_id for e in history if isinstance(e, JobAssigned)] == ["w-drop", "w-drop"]
+    # The job its worker holds, assigned as long ago, stays where it is; and no worker was declared lost.
+    assert kinds(await events(js, kept)) == ["JobSubmitted", "JobAssigned"]
+    for worker_id in ("w-drop", "w-keep"):
+        records = await read_subject(js, subjects.WORKERS_STREAM, subjects.worker_subject(worker_id))
+        assert [type(worker_event_decoder.decode(data)).__name__ for data, _ in records] == ["WorkerRegistered"]
+
+
+async def test_running_job_of_a_worker_that_restarted_without_it_is_requeued_to_a_second_attempt(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    worker = await workers("w1")
+    job_id = await submit(js)
+    assigned = await until_event(js, job_id, JobAssigned)
+    seq = (await read_job_events(js, job_id))[-1][1]
+    await append(js, subjects.job_subject(job_id), JobStarted(job_id=job_id, worker_id="w1", attempt=1),
+                 expected_seq=seq)
+
+    # Back within one heartbeat, so nothing says the worker was ever away: only its heartbeats tell.
+    await worker.restart()
+
+    requeued = await until_event(js, job_id, JobRequeued, timeout_s=10.0)
+    assert (requeued.attempt, requeued.reason) == (2, NOT_HELD_BY_WORKER)
+
+    async def second_attempt() -> list[JobAssigned]:
+        assignments = [e for e in await events(js, job_id) if isinstance(e, JobAssigned)]
+        return assignments if len(assignments) == 2 else []
+
+    assert [(a.worker_id, a.attempt) for a in await eventually(second_attempt)] == [("w1", 1), ("w1", 2)]
+    assert assigned.attempt == 1
+    assert [d.attempt for d in await worker.dispatches() if isinstance(d, Assignment)] == [1, 2]
+    assert kinds(await events(js, job_id)) == [
+        "JobSubmitted", "JobAssigned", "JobStarted", "JobRequeued", "JobAssigned"
+    ]
+
+
 async def test_queued_job_expires_after_its_timeout(js: JetStreamContext, schedulers: Schedulers) -> None:
     await leader_among(await schedulers.start("s1"))
 
@@ -437,3 +536,101 @@ async def test_config_change_makes_a_refusing_worker_take_queued_work(
     await kv.put("w1", msgspec.json.encode({"load_control": {"acceptance_rate": 1.0}}))
 
     assert (await until_event(js, job_id, JobAssigned)).at_ms >= changed_at_ms
+
+
+# --- the pure decision: which jobs a living worker does not hold -------------------------------------
+
+ASSIGNED_AT_MS = 1_000_000
+AFTER_MS = ASSIGNED_AT_MS + int(DISPATCH_TRANSIT_MARGIN_S * 1000) + 1
+
+
+def assigned_job(job_id: str = "j1", *, max_attempts: int = 3) -> Job:
+    view = SchedulerView()
+    view.apply_job_event(JobSubmitted(job_id=job_id, job_type="echo", max_attempts=max_attempts), seq=1)
+    assigned = JobAssigned(job_id=job_id, worker_id="w1", region="eu", attempt=1, at_ms=ASSIGNED_AT_MS)
+    job = view.apply_job_event(assigned, seq=2)
+    assert job is not None
+    return job
+
+
+def report(stored_at_ms: int, *job_ids: str) -> HeldReport:
+    return HeldReport(stored_at_ms=stored_at_ms, job_ids=frozenset(job_ids))
+
+
+def test_job_left_out_of_two_heartbeats_after_the_margin_is_not_held() -> None:
+    assert not_held(assigned_job(), [report(AFTER_MS, "other"), report(AFTER_MS + 300)])
+
+
+def test_job_in_either_of_the_last_two_heartbeats_is_held() -> None:
+    job = assigned_job()
+    assert not not_held(job, [report(AFTER_MS), report(AFTER_MS + 300, "j1")])
+    assert not not_held(job, [report(AFTER_MS, "j1"), report(AFTER_MS + 300)])  # one more beat decides
+
+
+def test_one_heartbeat_without_the_job_is_not_enough() -> None:
+    assert not not_held(assigned_job(), [report(AFTER_MS)])
+
+
+def test_heartbeats_within_the_dispatch_margin_do_not_count() -> None:
+    job = assigned_job()
+    assert not not_held(job, [report(ASSIGNED_AT_MS - 500), report(AFTER_MS)])  # taken before the assignment
+    assert not not_held(job, [report(ASSIGNED_AT_MS + 100), report(ASSIGNED_AT_MS + 400)])  # dispatch in transit
+
+
+def view_with_worker_holding(job_id: str, *, max_attempts: int, cancel: bool = False) -> SchedulerView:
+    view = SchedulerView()
+    view.apply_worker_event(WorkerRegistered(worker_id="w1", name="w1", region="eu"), 1, 1, now_s=0.0)
+    view.apply_job_event(JobSubmitted(job_id=job_id, job_type="echo", max_attempts=max_attempts), seq=1)
+    view.apply_job_event(JobAssigned(job_id=job_id, worker_id="w1", region="eu", attempt=1, at_ms=ASSIGNED_AT_MS), 2)
+    view.apply_job_event(JobStarted(job_id=job_id, worker_id="w1", attempt=1), seq=3)
+    if cancel:
+        view.apply_job_event(JobCancelRequested(job_id=job_id), seq=4)
+    return view
+
+
+def beat(view: SchedulerView, stored_at_ms: int, *in_flight: str) -> None:
+    heartbeat = Heartbeat(worker_id="w1", region="eu", in_flight=in_flight)
+    view.apply_heartbeat(heartbeat, stored_at_us=stored_at_ms * 1000, now_s=stored_at_ms / 1000)
+
+
+def test_view_takes_back_a_running_job_once_two_heartbeats_leave_it_out() -> None:
+    view = view_with_worker_holding("j1", max_attempts=3)
+    beat(view, AFTER_MS, "j1")
+    beat(view, AFTER_MS + 300)
+    assert list(view.orphaned_jobs()) == []
+
+    beat(view, AFTER_MS + 600)
+
+    [(job, reason)] = view.orphaned_jobs()
+    assert (job.id, job.status, reason) == ("j1", JobStatus.RUNNING, NOT_HELD_BY_WORKER)
+    requeued = recover(job, reason=reason)
+    assert isinstance(requeued, JobRequeued)
+    assert (requeued.attempt, requeued.reason) == (2, NOT_HELD_BY_WORKER)
+
+
+def test_view_cancels_or_fails_a_job_not_held_like_a_lost_workers_job() -> None:
+    cancelled = view_with_worker_holding("j1", max_attempts=3, cancel=True)
+    exhausted = view_with_worker_holding("j2", max_attempts=1)
+    for view in (cancelled, exhausted):
+        beat(view, AFTER_MS)
+        beat(view, AFTER_MS + 300)
+
+    [(job, reason)] = cancelled.orphaned_jobs()
+    outcome = recover(job, reason=reason)
+    assert isinstance(outcome, JobCancelled)
+    assert (outcome.job_id, outcome.reason) == ("j1", NOT_HELD_BY_WORKER)
+    [(job, reason)] = exhausted.orphaned_jobs()
+    failed = recover(job, reason=reason)
+    assert isinstance(failed, JobFailed)
+    assert (failed.attempt, failed.error.code, failed.error.details) == (
+        1, "max_attempts_exceeded", {"reason": NOT_HELD_BY_WORKER, "worker_id": "w1", "max_attempts": 1}
+    )
+
+
+def test_view_gives_a_lost_workers_jobs_the_loss_as_reason() -> None:
+    view = view_with_worker_holding("j1", max_attempts=3)
+    beat(view, AFTER_MS)
+    beat(view, AFTER_MS + 300)
+    view.apply_worker_event(WorkerLost(worker_id="w1", reason="silent"), 2, (AFTER_MS + 400) * 1000, now_s=0.0)
+
+    assert [(job.id, reason) for job, reason in view.orphaned_jobs()] == [("j1", "worker_lost")]
