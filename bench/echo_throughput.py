@@ -24,6 +24,7 @@ from rich.table import Table
 from sdk.client import Client
 from sdk.connection import connect
 from sdk.events import JobSubmitted, encoder
+from sdk.http import HttpClient
 from sdk.local import LocalStack
 
 app = App(name="bench-echo", help=__doc__)
@@ -88,10 +89,11 @@ async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: i
                     if time.monotonic() > deadline:
                         raise RuntimeError("gateway did not come up")
                     await asyncio.sleep(0.1)
-                await http.put("/api/v1/config/defaults", json={"max_concurrency": worker_concurrency})
+            async with HttpClient(stack.http_url, api_key=stack.operator_key) as operator:
+                await operator.set_config_defaults({"max_concurrency": worker_concurrency})
             for n in range(workers):
                 stack.start_worker(f"bench{n}", "local", "--engines", "echo")
-            client = await Client.connect(stack.nats_url)
+            client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
             while len([w for w in await client.workers() if w.status == "online"]) < workers:
                 await asyncio.sleep(0.2)
             await run_jobs(client, 100, concurrency)  # warm up every path

@@ -58,7 +58,7 @@ async def through_platform(model_path: Path, params: dict[str, object], runs: in
                             raise
                     await asyncio.sleep(0.1)
             stack.start_worker("bench", "local", "--engines", "llm")
-            client = await Client.connect(stack.nats_url)
+            client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
             while not [w for w in await client.workers() if w.status == "online"]:
                 await asyncio.sleep(0.2)
             timings_ms = []

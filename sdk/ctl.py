@@ -1,5 +1,7 @@
 """`gpuctl`: the operator's command line. `gpuctl up` runs the whole platform on one machine; each
 component also runs on its own (`gpuctl gateway`, `gpuctl scheduler`, `gpuctl projections`).
+`gpuctl keys create|list|revoke` and `gpuctl workers enroll|rotate|revoke` manage credentials straight
+from the data dir (the master key and the platform's NATS password), with no gateway in between.
 
 Components are imported lazily, inside their commands: the SDK stays importable without them.
 """
@@ -14,13 +16,21 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 from cyclopts import App, Parameter, validators
 from rich.console import Console
 from rich.live import Live
+from rich.table import Table
 
-from sdk.connection import nats_url_from_env
+from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment, Token
+from sdk.connection import nats_url_from_env, redact
+from sdk.errors import PlatformError
+
+if TYPE_CHECKING:
+    from gateway.admin import Admin
+
+T = TypeVar("T")
 
 logger = logging.getLogger("gpuctl")
 console = Console(stderr=True)
@@ -29,6 +39,15 @@ app = App(name="gpuctl", help="Run and operate the gpu-fabric platform.")
 
 Port = Annotated[int, Parameter(validator=validators.Number(gte=1, lte=65535))]
 NatsUrl = Annotated[str | None, Parameter(env_var="NATS_URL", help="Use this NATS server instead of starting one.")]
+PlatformNats = Annotated[
+    str | None,
+    Parameter(
+        env_var="NATS_URL", help="The platform's NATS server (default: 127.0.0.1:NATS_PORT, where `gpuctl up` runs it)."
+    ),
+]
+DataDir = Annotated[
+    Path, Parameter(help="The platform's data dir (its `secrets/` hold the master key and NATS passwords).")
+]
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -54,11 +73,40 @@ def run_until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
 
 @app.command
-def gateway(*, nats_url: NatsUrl = None, http_port: Port = 8000, host: str = "127.0.0.1") -> None:
-    """Run the HTTP gateway and the `api.>` NATS endpoints."""
+def gateway(
+    *,
+    nats_url: NatsUrl = None,
+    http_port: Port = 8000,
+    host: str = "127.0.0.1",
+    secrets_dir: Annotated[Path, Parameter(env_var="GF_SECRETS_DIR")] = Path(".data/secrets"),
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    access_ttl_s: Annotated[float, Parameter(validator=validators.Number(gt=0))] = 900.0,
+    worker_credentials_max_age_s: Annotated[float, Parameter(validator=validators.Number(gt=0))] = 86400.0,
+) -> None:
+    """Run the HTTP gateway and the `api.>` NATS endpoints.
+
+    Parameters
+    ----------
+    secrets_dir
+        Where the master key lives (created there, mode 0600, on first run).
+    tls_cert
+        Serve HTTPS with this certificate (PEM); `tls_key` is its private key.
+    access_ttl_s
+        How long an access token is valid.
+    worker_credentials_max_age_s
+        Workers rotate credentials older than this (they are told at a heartbeat).
+    """
+    from gateway.auth import AuthSettings
     from gateway.main import serve
 
-    run_until_signal(lambda stop: serve(nats_url_from_env(nats_url), host, http_port, stop))
+    settings = AuthSettings(access_ttl_s=access_ttl_s, worker_credentials_max_age_s=worker_credentials_max_age_s)
+    run_until_signal(
+        lambda stop: serve(
+            nats_url_from_env(nats_url), host, http_port, stop,
+            secrets_dir=secrets_dir, settings=settings, tls_cert=tls_cert, tls_key=tls_key,
+        )
+    )
 
 
 @app.command
@@ -119,7 +167,11 @@ def up(
     signal.signal(signal.SIGTERM, on_signal)
     try:
         stack.start(workers=["local"] if worker else [])
-        console.print(f"API  {stack.http_url}/api/v1   docs {stack.http_url}/schema   NATS {stack.nats_url}")
+        console.print(f"API  {stack.http_url}/api/v1   docs {stack.http_url}/schema   NATS {redact(stack.nats_url)}")
+        console.print(
+            f"operator API key in {stack.operator_key_file} (export GF_API_KEY=$(cat {stack.operator_key_file})); "
+            f"NATS passwords in {stack.secrets_dir / 'nats.env'}"
+        )
         with Live(stack.table(), console=console, refresh_per_second=2) as live:
             while not stopping:
                 stack.restart_crashed()
@@ -128,6 +180,104 @@ def up(
     finally:
         stack.stop()
         console.print("stopped every component")
+
+
+# --- gpuctl keys / gpuctl workers: credentials, from the data dir ----------------------------------
+
+keys = App(name="keys", help="API keys for clients and operators (shown once, stored as digests).")
+workers = App(name="workers", help="Worker credentials: enrollment tokens, rotation, revocation.")
+app.command(keys)
+app.command(workers)
+
+
+def _with_admin(data_dir: Path, nats_url: str | None, nats_port: int, action: Callable[[Admin], Awaitable[T]]) -> T:
+    """Run `action` as the platform user against the NATS server (the one `gpuctl up` runs, by default),
+    with the master key from `<data_dir>/secrets`; a refusal is a message and exit status 1."""
+    from gateway.admin import open_admin
+    from sdk.local import SECRETS_DIR, platform_url
+
+    _setup_logging("WARNING")
+    url = platform_url(data_dir, nats_url or f"nats://127.0.0.1:{nats_port}")
+
+    async def run() -> T:
+        async with open_admin(url, data_dir / SECRETS_DIR) as admin:
+            return await action(admin)
+
+    try:
+        return asyncio.run(run())
+    except PlatformError as exc:
+        console.print(f"[red]gpuctl: {exc.message}[/]")
+        sys.exit(1)
+
+
+@keys.command(name="create")
+def create_key(
+    name: str, /, *, role: ApiKeyRole = "client", data_dir: DataDir = Path(".data"), nats_url: PlatformNats = None,
+    nats_port: Port = 4222,
+) -> None:
+    """Create an API key named NAME and print it (once: only its digest is kept)."""
+    created = _with_admin(data_dir, nats_url, nats_port, lambda a: a.create_api_key(CreateApiKey(name=name, role=role)))
+    console.print(f"created {created.role} key {created.key_id} ({created.name}); it is shown this once:")
+    print(created.api_key)
+
+
+@keys.command(name="list")
+def list_keys(*, data_dir: DataDir = Path(".data"), nats_url: PlatformNats = None, nats_port: Port = 4222) -> None:
+    """List API keys (ids, names, roles; never the keys)."""
+    page = _with_admin(data_dir, nats_url, nats_port, lambda a: a.list_api_keys())
+    table = Table("key id", "name", "role", "created", "revoked")
+    for key in page.items:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.created_at_ms / 1000))
+        revoked = time.strftime("%Y-%m-%d %H:%M", time.localtime(key.revoked_at_ms / 1000)) if key.revoked_at_ms else ""
+        table.add_row(key.key_id, key.name, key.role, created, revoked)
+    Console().print(table)
+
+
+@keys.command(name="revoke")
+def revoke_key(
+    key_id: str, /, *, data_dir: DataDir = Path(".data"), nats_url: PlatformNats = None, nats_port: Port = 4222
+) -> None:
+    """Revoke the API key KEY_ID, and every access token issued for it, at once."""
+    _with_admin(data_dir, nats_url, nats_port, lambda a: a.revoke_api_key(key_id))
+    console.print(f"revoked API key {key_id}")
+
+
+@workers.command(name="enroll")
+def enroll_worker(
+    *,
+    ttl_s: Annotated[float, Parameter(validator=validators.Number(gt=0))] = 3600.0,
+    worker_id: Token | None = None,
+    data_dir: DataDir = Path(".data"),
+    nats_url: PlatformNats = None,
+    nats_port: Port = 4222,
+) -> None:
+    """Print a one-use enrollment token for `gpu-worker configure --enrollment-token` (valid TTL_S seconds;
+    with --worker-id only that worker may use it, which re-enrolls a revoked worker)."""
+    request = CreateEnrollment(ttl_s=ttl_s, worker_id=worker_id)
+    created = _with_admin(data_dir, nats_url, nats_port, lambda a: a.create_enrollment(request))
+    console.print(
+        f"enrollment token, one use, valid {ttl_s:.0f}s; the worker connects to NATS as user `worker` "
+        f"(password: GF_WORKER_PASSWORD in {data_dir / 'secrets' / 'nats.env'}):"
+    )
+    print(created.enrollment_token)
+
+
+@workers.command(name="rotate")
+def rotate_worker(
+    worker_id: str, /, *, data_dir: DataDir = Path(".data"), nats_url: PlatformNats = None, nats_port: Port = 4222
+) -> None:
+    """Have WORKER_ID switch to new credentials at its next heartbeat."""
+    _with_admin(data_dir, nats_url, nats_port, lambda a: a.request_rotation(worker_id))
+    console.print(f"worker {worker_id} rotates its credentials at its next heartbeat")
+
+
+@workers.command(name="revoke")
+def revoke_worker(
+    worker_id: str, /, *, data_dir: DataDir = Path(".data"), nats_url: PlatformNats = None, nats_port: Port = 4222
+) -> None:
+    """Refuse WORKER_ID's requests from now on; the jobs it held are requeued."""
+    _with_admin(data_dir, nats_url, nats_port, lambda a: a.revoke_worker(worker_id))
+    console.print(f"revoked worker {worker_id}; its jobs are requeued")
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ class JobSubmitted(Event, frozen=True, tag="job.submitted"):
     max_attempts: int = 3
     timeout_s: float = 300.0
     idempotency_key: str | None = None
-    #: The principal that submitted the job (an API key id); None when auth is off.
+    #: The principal that submitted the job (its API key id); None for jobs from before authentication.
     owner: str | None = None
 
 

@@ -1,4 +1,10 @@
-"""`HttpClient`: the SDK over the HTTP gateway, with the same methods and types as `Client`."""
+"""`HttpClient`: the SDK over the HTTP gateway, with the same methods and types as `Client`, plus the
+operator's admin calls (API keys, enrollment tokens, rotating and revoking workers).
+
+    async with HttpClient("https://gateway.example", api_key="gfk_...") as client: ...
+
+`verify` is True (system CAs), a CA bundle path, an `ssl.SSLContext`, or False (dev only: see sdk.tls).
+"""
 
 from __future__ import annotations
 
@@ -10,27 +16,51 @@ import httpx
 import msgspec
 
 from sdk.api import (
+    ApiKeyCreated,
+    ApiKeyInfo,
+    ApiKeyList,
+    ApiKeyRole,
     CancelAccepted,
+    CreateApiKey,
+    CreateEnrollment,
+    EnrollmentCreated,
+    IssueTokens,
     EventRecord,
     JobEvents,
     JobPage,
     JobView,
+    RefreshTokens,
     SubmitJob,
     Submitted,
+    TokenPair,
+    WorkerAction,
     WorkerConfigView,
     WorkerPage,
     WorkerView,
 )
+from sdk.auth import Headers, TokenSession
 from sdk.client import WAIT_SLICE_S
 from sdk.errors import ErrorReply, JobError, PlatformError, Timeout, Unavailable, from_reply
+from sdk.tls import Verify, httpx_verify
 
 _encoder = msgspec.json.Encoder()
 
 
 class HttpClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, timeout_s: float = 10.0, **options: Any) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        verify: Verify = True,
+        **options: Any,
+    ) -> None:
         self.timeout_s = timeout_s
-        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout_s, **options)
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=timeout_s, verify=httpx_verify(verify), **options
+        )
+        self.auth = TokenSession(api_key, issue=self._issue, refresh=self._refresh)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -45,12 +75,21 @@ class HttpClient:
         self, method: str, path: str, reply_type: Any, *, body: Any = None, params: dict[str, Any] | None = None,
         timeout_s: float | None = None,
     ) -> Any:
+        async def send(headers: Headers) -> Any:
+            return await self._send(method, path, reply_type, body, params, timeout_s, headers)
+
+        return await self.auth.call(send)
+
+    async def _send(
+        self, method: str, path: str, reply_type: Any, body: Any, params: dict[str, Any] | None,
+        timeout_s: float | None, auth: Headers,
+    ) -> Any:
         content = None if body is None else _encoder.encode(body)
         query = {k: v for k, v in (params or {}).items() if v is not None}
+        headers = {**({"content-type": "application/json"} if content is not None else {}), **(auth or {})}
         try:
             response = await self._http.request(
-                method, path, content=content, params=query, timeout=timeout_s or self.timeout_s,
-                headers={"content-type": "application/json"} if content is not None else None,
+                method, path, content=content, params=query, timeout=timeout_s or self.timeout_s, headers=headers
             )
         except httpx.TimeoutException:
             raise Timeout(f"{method} {path}: no answer within {timeout_s or self.timeout_s}s") from None
@@ -58,9 +97,18 @@ class HttpClient:
             raise Unavailable(f"{method} {path}: {exc}") from None
         if response.status_code >= 400:
             raise _error(response)
+        if reply_type is None:
+            return None
         if reply_type is bytes:
             return response.content
         return msgspec.json.decode(response.content, type=reply_type)
+
+    async def _issue(self, api_key: str) -> TokenPair:
+        return await self._send("POST", "/api/v1/auth/token", TokenPair, IssueTokens(api_key=api_key), None, None, None)
+
+    async def _refresh(self, refresh_token: str) -> TokenPair:
+        body = RefreshTokens(refresh_token=refresh_token)
+        return await self._send("POST", "/api/v1/auth/refresh", TokenPair, body, None, None, None)
 
     async def submit(
         self,
@@ -100,11 +148,21 @@ class HttpClient:
     async def stream(self, job_id: str, *, timeout_s: float = 300.0) -> AsyncIterator[str]:
         """An LLM job's text as it is generated (server-sent events); the pieces add up to the final
         text, also when connecting late; raises `JobError` if the job ends without a result."""
+
+        async def open_stream(headers: Headers) -> httpx.Response:
+            request = self._http.build_request(
+                "GET", f"/api/v1/jobs/{job_id}/stream", headers=headers, timeout=timeout_s
+            )
+            response = await self._http.send(request, stream=True)
+            if response.status_code >= 400:
+                await response.aread()
+                await response.aclose()
+                raise _error(response)
+            return response
+
         try:
-            async with self._http.stream("GET", f"/api/v1/jobs/{job_id}/stream", timeout=timeout_s) as response:
-                if response.status_code >= 400:
-                    await response.aread()
-                    raise _error(response)
+            response = await self.auth.call(open_stream)
+            try:
                 event = ""
                 async for line in response.aiter_lines():
                     if line.startswith("event:"):
@@ -116,6 +174,8 @@ class HttpClient:
                         if job.status != "completed":
                             raise JobError(f"job {job_id} {job.status}", {"error": msgspec.to_builtins(job.error)})
                         return
+            finally:
+                await response.aclose()
         except httpx.TimeoutException:
             raise Timeout(f"stream of job {job_id}: nothing within {timeout_s}s") from None
         except httpx.TransportError as exc:
@@ -163,8 +223,37 @@ class HttpClient:
         return await self._call("PUT", "/api/v1/config/defaults", dict[str, Any], body=changes)
 
     async def health(self) -> dict[str, str]:
-        """The gateway's view of its dependencies; raises `Unavailable` while NATS is unreachable."""
-        return await self._call("GET", "/health", dict[str, str])
+        """The gateway's view of its dependencies; raises `Unavailable` while NATS is unreachable.
+        Needs no credentials."""
+        return await self._send("GET", "/health", dict[str, str], None, None, None, None)
+
+    # --- Admin (an operator's API key) -------------------------------------------------------------
+
+    async def create_api_key(self, name: str, role: ApiKeyRole = "client") -> ApiKeyCreated:
+        """A new API key; `api_key` in the reply is shown this once."""
+        return await self._call("POST", "/api/v1/admin/keys", ApiKeyCreated, body=CreateApiKey(name=name, role=role))
+
+    async def list_api_keys(self) -> list[ApiKeyInfo]:
+        page: ApiKeyList = await self._call("GET", "/api/v1/admin/keys", ApiKeyList)
+        return page.items
+
+    async def revoke_api_key(self, key_id: str) -> None:
+        await self._call("DELETE", f"/api/v1/admin/keys/{key_id}", None)
+
+    async def create_enrollment_token(
+        self, *, ttl_s: float = 3600.0, worker_id: str | None = None
+    ) -> EnrollmentCreated:
+        """A one-use token for `gpu-worker configure` (bound to `worker_id` when given)."""
+        body = CreateEnrollment(ttl_s=ttl_s, worker_id=worker_id)
+        return await self._call("POST", "/api/v1/admin/workers/enroll", EnrollmentCreated, body=body)
+
+    async def rotate_worker(self, worker_id: str) -> WorkerAction:
+        """The worker switches to new credentials at its next heartbeat."""
+        return await self._call("POST", f"/api/v1/admin/workers/{worker_id}/rotate", WorkerAction)
+
+    async def revoke_worker(self, worker_id: str) -> WorkerAction:
+        """The worker's requests are refused from now on; its jobs are requeued."""
+        return await self._call("POST", f"/api/v1/admin/workers/{worker_id}/revoke", WorkerAction)
 
 
 def _error(response: httpx.Response) -> PlatformError:

@@ -2,24 +2,86 @@
 
 `gpuctl up` runs it for people; the end-to-end tests and the benchmarks run the same thing, so what
 they measure is what a user starts. Every child is stopped by its PID.
+
+The data dir keeps the secrets of the installation in `secrets/` (mode 0700, files 0600), created on
+first run and reused after:
+
+| file            | what                                                                     |
+| --------------- | ------------------------------------------------------------------------ |
+| `nats.env`      | the NATS users' passwords (`GF_PLATFORM_PASSWORD=...`), for nats-server   |
+| `master.key`    | the gateway's master key (every token MAC and worker secret derives from it) |
+| `operator.key`  | an operator API key, created on first run for the person running `gpuctl up` |
+
+Children get their NATS URL, credentials included, through the environment (`NATS_URL`), never on
+the command line: services as the `platform` user, workers as `worker`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from rich.table import Table
 
-from sdk.broker import EmbeddedNats, free_port
+from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment
+from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable
+from sdk.connection import redact, with_user
+
+if TYPE_CHECKING:
+    from gateway.admin import Admin
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SECRETS_DIR = "secrets"
+NATS_ENV_FILE = "nats.env"
+OPERATOR_KEY_FILE = "operator.key"
+#: Where `gpu-worker start` keeps its credentials in its state dir (`worker.config.LocalConfig`).
+WORKER_CREDENTIALS_FILE = "credentials.json"
+
+
+def write_private(path: Path, text: str) -> None:
+    """Create `path` readable by its owner only (its folder too), atomically; an existing file wins."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(text)
+    try:
+        os.link(temporary, path)  # fails if another process created it first: that one wins
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+
+
+def load_or_create_nats_env(path: Path) -> dict[str, str]:
+    """The NATS passwords in `path` (`NAME=value` lines), generated on first run."""
+    if not path.exists():
+        write_private(path, "".join(f"{name}={value}\n" for name, value in nats_passwords().items()))
+        logger.info("generated NATS passwords in %s", path)
+    pairs = (line.partition("=") for line in path.read_text(encoding="utf-8").splitlines() if "=" in line)
+    return {name.strip(): value.strip() for name, _, value in pairs}
+
+
+def platform_url(data_dir: Path, url: str) -> str:
+    """`url` as the platform user, with the password from the data dir unless `url` carries one."""
+    if "@" in url:
+        return url
+    passwords = load_or_create_nats_env(Path(data_dir) / SECRETS_DIR / NATS_ENV_FILE)
+    return with_user(url, "platform", passwords[password_variable("platform")])
 
 
 @dataclass
@@ -83,19 +145,40 @@ class LocalStack:
         nats_url: str | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
+        """With `nats_url` (credentials included) the stack uses that server for every component
+        instead of starting one."""
         self.data_dir = Path(data_dir).resolve()
         self.logs = self.data_dir / "logs"
+        self.secrets_dir = self.data_dir / SECRETS_DIR
         self.http_port = http_port or free_port()
         self.env = env or {}
-        self.broker = None if nats_url else EmbeddedNats(
-            self.data_dir / "nats", port=nats_port, log_file=self.logs / "nats-server.log"
-        )
-        self.nats_url = nats_url or self.broker.url  # type: ignore[union-attr]
+        self.broker: EmbeddedNats | None = None
+        if nats_url is not None:
+            self.platform_url = self.worker_url = self.client_url = nats_url
+        else:
+            passwords = load_or_create_nats_env(self.secrets_dir / NATS_ENV_FILE)
+            self.broker = EmbeddedNats(
+                self.data_dir / "nats", port=nats_port, env=passwords, log_file=self.logs / "nats-server.log"
+            )
+            self.platform_url = self.broker.url_as("platform")
+            self.worker_url = self.broker.url_as("worker")
+            self.client_url = self.broker.url_as("client")
+        #: An operator API key (from `secrets/operator.key`, created on the first start).
+        self.operator_key: str | None = None
         self.children: dict[str, Child] = {}
+
+    @property
+    def nats_url(self) -> str:
+        """The platform user's URL (what services and operator tools connect with)."""
+        return self.platform_url
 
     @property
     def http_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def operator_key_file(self) -> Path:
+        return self.secrets_dir / OPERATOR_KEY_FILE
 
     def _child(
         self, name: str, args: list[str], module: str = "sdk.ctl", env: dict[str, str] | None = None
@@ -107,24 +190,70 @@ class LocalStack:
         child.start()
         return child
 
+    def service(self, name: str, args: list[str]) -> Child:
+        """A `gpuctl <command>` child connected as the platform user."""
+        env = {"NATS_URL": self.platform_url, "GF_SECRETS_DIR": str(self.secrets_dir)}
+        return self._child(name, args, env=env)
+
     def start(self, workers: list[str] = ()) -> None:  # type: ignore[assignment]
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.broker is not None:
             self.broker.start()
-        url = ["--nats-url", self.nats_url]
-        self._child("gateway", ["gateway", *url, "--http-port", str(self.http_port)])
-        self._child("scheduler", ["scheduler", *url])
-        self._child("projections", ["projections", *url, "--db", str(self.data_dir / "projections.db")])
+        self.operator_key = self._operator_key()
+        self.service("gateway", ["gateway", "--http-port", str(self.http_port)])
+        self.service("scheduler", ["scheduler"])
+        self.service("projections", ["projections", "--db", str(self.data_dir / "projections.db")])
         for name in workers:
             self.start_worker(name)
 
     def start_worker(
         self, name: str, region: str = "local", *extra: str, env: dict[str, str] | None = None
     ) -> Child:
-        """A `gpu-worker start` child; `extra` are more flags, `env` e.g. `GPU_WORKER_*` settings."""
-        args = ["start", "--nats-url", self.nats_url, "--name", name, "--region", region,
-                "--state-dir", str(self.data_dir / "workers" / name), *extra]
-        return self._child(f"worker-{name}" if name != "local" else "worker", args, module="worker", env=env)
+        """A `gpu-worker start` child; `extra` are more flags, `env` e.g. `GPU_WORKER_*` settings. A worker
+        without credentials in its state dir gets a new enrollment token."""
+        state_dir = self.data_dir / "workers" / name
+        worker_env = {"NATS_URL": self.worker_url}
+        if not (state_dir / WORKER_CREDENTIALS_FILE).exists():
+            worker_env["GPU_WORKER_ENROLLMENT_TOKEN"] = self.create_enrollment_token()
+        args = ["start", "--name", name, "--region", region, "--state-dir", str(state_dir), *extra]
+        return self._child(
+            f"worker-{name}" if name != "local" else "worker", args, module="worker", env={**worker_env, **(env or {})}
+        )
+
+    # --- Operator actions, from the data dir (like `gpuctl keys|workers`) ---------------------------
+
+    def admin(self) -> AbstractAsyncContextManager[Admin]:
+        """`async with stack.admin() as admin:` the operator's actions (`gateway.admin.Admin`)."""
+        from gateway.admin import open_admin
+
+        return open_admin(self.platform_url, self.secrets_dir)
+
+    def create_api_key(self, name: str, role: ApiKeyRole = "client") -> str:
+        """A new API key (blocking; from async code use `admin()`)."""
+        created = self._blocking(lambda admin: admin.create_api_key(CreateApiKey(name=name, role=role)))
+        return created.api_key
+
+    def create_enrollment_token(self, worker_id: str | None = None, ttl_s: float = 3600.0) -> str:
+        """A one-use enrollment token (blocking; from async code use `admin()`)."""
+        request = CreateEnrollment(ttl_s=ttl_s, worker_id=worker_id)
+        return self._blocking(lambda admin: admin.create_enrollment(request)).enrollment_token
+
+    def _operator_key(self) -> str:
+        if not self.operator_key_file.exists():
+            write_private(self.operator_key_file, self.create_api_key("operator (gpuctl up)", "operator") + "\n")
+            logger.info("created an operator API key in %s", self.operator_key_file)
+        return self.operator_key_file.read_text(encoding="utf-8").strip()
+
+    def _blocking(self, action: Callable[[Admin], Awaitable[T]]) -> T:
+        """Run an admin action to completion from sync code, also when an event loop is running here
+        (a test's): on a thread of its own, with a loop of its own."""
+
+        async def run() -> T:
+            async with self.admin() as admin:
+                return await action(admin)
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, run()).result()
 
     def restart_crashed(self, after_s: float = 2.0) -> None:
         for child in self.children.values():
@@ -140,7 +269,7 @@ class LocalStack:
             self.broker.stop()
 
     def table(self) -> Table:
-        table = Table(title=f"gpu-fabric  ·  {self.http_url}/api/v1  ·  docs /schema  ·  {self.nats_url}")
+        table = Table(title=f"gpu-fabric  ·  {self.http_url}/api/v1  ·  docs /schema  ·  {redact(self.nats_url)}")
         for column in ("component", "pid", "state", "restarts", "log"):
             table.add_column(column)
         for child in self.children.values():

@@ -58,6 +58,8 @@ API_WORKERS_CONFIG_GET = "api.workers.config.get"
 API_WORKERS_CONFIG_SET = "api.workers.config.set"
 API_WORKERS_REPORT_PREFIX = "api.workers.report"
 API_WORKERS_HEARTBEAT_PREFIX = "api.workers.heartbeat"
+#: A worker asks for its next credential generation here (signed, like reports).
+API_WORKERS_ROTATE_PREFIX = "api.workers.rotate"
 API_AUTH_TOKEN = "api.auth.token"
 API_AUTH_REFRESH = "api.auth.refresh"
 
@@ -110,6 +112,10 @@ def report_subject(worker_id: str) -> str:
 
 def heartbeat_request_subject(worker_id: str) -> str:
     return f"{API_WORKERS_HEARTBEAT_PREFIX}.{worker_id}"
+
+
+def rotate_subject(worker_id: str) -> str:
+    return f"{API_WORKERS_ROTATE_PREFIX}.{worker_id}"
 
 
 def stream_subject(job_id: str) -> str:

@@ -1,18 +1,21 @@
-"""Shared fixtures: a real nats-server from the wheel, on a free port, with a temporary store."""
+"""Shared fixtures: a real nats-server from the wheel, on a free port, with a temporary store, run with
+the platform's nats.conf (its users get new random passwords; `.url` connects as `platform`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from sdk.broker import EmbeddedNats
+from gateway.auth import AuthSettings
+from sdk.broker import EmbeddedNats, free_port
 from sdk.client import Client
-from sdk.connection import connect
+from sdk.connection import connect, port_open
 from sdk.errors import PlatformError
 from sdk.http import HttpClient
 from sdk.local import LocalStack
@@ -79,12 +82,47 @@ async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20
         await asyncio.sleep(0.05)
 
 
+@asynccontextmanager
+async def serving_gateway(
+    nats_url: str,
+    secrets_dir: Path,
+    *,
+    settings: AuthSettings = AuthSettings(),
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> AsyncIterator[str]:
+    """A gateway in this process (uvicorn, HTTP and the NATS endpoints), for tests that need settings of
+    their own (short token lifetimes, TLS); yields its base URL and stops it afterwards."""
+    from gateway.main import serve
+
+    port = free_port()
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        serve(
+            nats_url, "127.0.0.1", port, stop,
+            secrets_dir=secrets_dir, settings=settings, tls_cert=tls_cert, tls_key=tls_key,
+        )
+    )
+
+    async def listening() -> bool:
+        assert not task.done(), "the gateway exited while starting"
+        return await asyncio.to_thread(port_open, "127.0.0.1", port)
+
+    try:
+        await wait_until(listening, 20, "the gateway to listen")
+        yield f"{'https' if tls_cert else 'http'}://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        await task
+
+
 async def start_stack(data_dir: Path, workers: list[str]) -> LocalStack:
-    """Gateway, scheduler, projections and `workers`, with short heartbeats so losses show in seconds."""
+    """Gateway, scheduler, projections and `workers`, with short heartbeats so losses show in seconds.
+    Each worker enrolls with a token of its own; `stack.operator_key` is an operator's API key."""
     stack = LocalStack(data_dir)
     stack.start()
     try:
-        async with HttpClient(stack.http_url) as http:
+        async with HttpClient(stack.http_url, api_key=stack.operator_key) as http:
             async def gateway_up() -> bool:
                 try:
                     return (await http.health())["status"] == "ok"
@@ -120,12 +158,14 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Local
 
 @pytest.fixture
 async def client(stack: LocalStack) -> AsyncIterator[Client]:
-    sdk_client = await Client.connect(stack.nats_url)
+    """An operator's SDK client over NATS (as the `platform` user, like operator tools)."""
+    sdk_client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
     yield sdk_client
     await sdk_client.close()
 
 
 @pytest.fixture
 async def http(stack: LocalStack) -> AsyncIterator[HttpClient]:
-    async with HttpClient(stack.http_url) as http_client:
+    """An operator's SDK client over HTTP."""
+    async with HttpClient(stack.http_url, api_key=stack.operator_key) as http_client:
         yield http_client

@@ -8,17 +8,19 @@ import collections
 from pathlib import Path
 
 import httpx
+import msgspec
 import pytest
 
 from sdk import subjects
-from sdk.api import Accepted, ReportCompleted, ReportStarted
+from sdk.api import Accepted, ReportCompleted, ReportStarted, WorkerCredentials
 from sdk.client import Client
 from sdk.connection import connect, request
 from sdk.errors import InvalidTransition, JobNotFound, StaleAttempt, Unavailable
 from sdk.events import event_type
 from sdk.http import HttpClient
 from sdk.local import LocalStack
-from tests.conftest import start_stack, wait_until
+from sdk.signing import sign
+from tests.conftest import HEARTBEAT_INTERVAL_S, start_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +80,7 @@ async def test_job_moves_to_a_second_worker_when_its_worker_is_killed(stack: Loc
 
 
 async def test_two_schedulers_never_assign_a_job_twice(stack: LocalStack, client: Client) -> None:
-    stack._child("scheduler-2", ["scheduler", "--nats-url", stack.nats_url])
+    stack.service("scheduler-2", ["scheduler"])
     try:
         first = await asyncio.gather(*(client.submit("echo", params={"i": i}) for i in range(50)))
         # Kill the original scheduler mid-run: the standby takes over and the rest still completes.
@@ -109,8 +111,15 @@ async def test_same_idempotency_key_gives_one_job(stack: LocalStack, client: Cli
     assert (await jobs_stream_last_seq(stack.nats_url)) > before
 
 
-async def test_http_errors_have_status_and_reason_and_append_nothing(stack: LocalStack, http: HttpClient) -> None:
+async def operator_headers(stack: LocalStack) -> dict[str, str]:
+    """An operator's `Authorization` header, for requests made without the SDK."""
     async with httpx.AsyncClient(base_url=stack.http_url) as raw:
+        tokens = (await raw.post("/api/v1/auth/token", json={"api_key": stack.operator_key})).json()
+    return {"Authorization": f"Bearer {tokens['access_token']}"}
+
+
+async def test_http_errors_have_status_and_reason_and_append_nothing(stack: LocalStack, http: HttpClient) -> None:
+    async with httpx.AsyncClient(base_url=stack.http_url, headers=await operator_headers(stack)) as raw:
         job = await http.submit("echo")
         await http.wait(job.id, timeout_s=30)
         before = await jobs_stream_last_seq(stack.nats_url)
@@ -168,29 +177,51 @@ async def test_cancel_a_queued_and_a_running_job(stack: LocalStack, client: Clie
     assert [event_type(r.event) for r in await client.events(queued.id)] == ["job.submitted", "job.cancelled"]
 
 
+def signed_by(stack: LocalStack, worker_id: str, subject: str, report: msgspec.Struct) -> tuple[bytes, dict[str, str]]:
+    """A report's body and signature headers as the stack's worker `worker_id` would send them."""
+    for path in (stack.data_dir / "workers").glob("*/credentials.json"):
+        creds = msgspec.json.decode(path.read_bytes(), type=WorkerCredentials)
+        if creds.worker_id == worker_id:
+            body = msgspec.json.encode(report)
+            return body, sign(bytes.fromhex(creds.hmac_secret_hex), subject, body)
+    raise AssertionError(f"no credentials of worker {worker_id}")
+
+
 async def test_a_report_about_a_stale_attempt_is_refused(stack: LocalStack, client: Client) -> None:
     job = await client.submit("echo")
     done = await client.wait(job.id, timeout_s=30)
+    assert done.worker_id is not None
+    other_id = next(w.id for w in await client.workers() if w.name in ("w1", "w2") and w.id != done.worker_id)
     before = await jobs_stream_last_seq(stack.nats_url)
-    nc = await connect(stack.nats_url, name="test-stale-worker")
+    nc = await connect(stack.worker_url, name="test-stale-worker")
+
+    async def report(worker_id: str, body: msgspec.Struct) -> Accepted:
+        subject = subjects.report_subject(worker_id)
+        data, headers = signed_by(stack, worker_id, subject, body)
+        return await request(nc, subject, data, Accepted, headers=headers)
+
     try:
-        subject = subjects.report_subject(done.worker_id)
         with pytest.raises((StaleAttempt, InvalidTransition)):
-            await request(nc, subject, ReportCompleted(job_id=job.id, attempt=1, result="twice"), Accepted)
+            await report(done.worker_id, ReportCompleted(job_id=job.id, attempt=1, result="twice"))
         with pytest.raises(StaleAttempt):
-            await request(nc, subject, ReportStarted(job_id=job.id, attempt=7), Accepted)
-        other = subjects.report_subject("w-someone-else")
+            await report(done.worker_id, ReportStarted(job_id=job.id, attempt=7))
         with pytest.raises(StaleAttempt):
-            await request(nc, other, ReportCompleted(job_id=job.id, attempt=1, result="theirs"), Accepted)
+            await report(other_id, ReportCompleted(job_id=job.id, attempt=1, result="theirs"))
     finally:
         await nc.close()
     assert (await jobs_stream_last_seq(stack.nats_url)) == before
     assert (await client.get(job.id)).result == done.result
 
 
-async def test_replay_rebuilds_the_same_tables(stack: LocalStack, client: Client, tmp_path: Path) -> None:
+async def test_replay_rebuilds_the_same_tables(
+    stack: LocalStack, client: Client, http: HttpClient, tmp_path: Path
+) -> None:
     from projections.replay import rebuild
     from projections.store import dump, read_positions
+
+    # HEARTBEATS keeps two messages per worker: slow heartbeats down, so the ones the live copy applied
+    # are still in the stream when the rebuilds run (on a busy machine, seconds later).
+    await http.set_config_defaults({"heartbeat_interval_s": 10.0})
 
     jobs = await asyncio.gather(*(client.submit("echo", params={"i": i}) for i in range(20)))
     await asyncio.gather(*(client.wait(j.id, timeout_s=30) for j in jobs))
@@ -213,6 +244,7 @@ async def test_replay_rebuilds_the_same_tables(stack: LocalStack, client: Client
         assert await dump(db) == live
     finally:
         projections.start()
+        await http.set_config_defaults({"heartbeat_interval_s": HEARTBEAT_INTERVAL_S})
 
     async def serving_again() -> bool:
         try:
@@ -226,7 +258,8 @@ async def test_replay_rebuilds_the_same_tables(stack: LocalStack, client: Client
 async def test_gateway_answers_503_while_nats_is_down_and_recovers(tmp_path: Path) -> None:
     stack = await start_stack(tmp_path, [])
     try:
-        async with httpx.AsyncClient(base_url=stack.http_url) as raw:
+        # A token obtained before NATS goes: verifying it needs no NATS, so the answer is about NATS.
+        async with httpx.AsyncClient(base_url=stack.http_url, headers=await operator_headers(stack)) as raw:
             assert (await raw.get("/health")).status_code == 200
             assert stack.broker is not None
             stack.broker.stop()

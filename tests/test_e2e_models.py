@@ -117,7 +117,8 @@ async def test_model_too_large_for_free_memory_fails_with_a_typed_error(
 
 async def test_config_change_through_the_gateway_reaches_the_running_worker(client: Client, http: HttpClient) -> None:
     worker = next(w for w in await client.workers() if w.name == "w1")
-    before = (await http.worker_config(worker.id)).effective.max_concurrency
+    config = await http.worker_config(worker.id)
+    before = config.effective.max_concurrency
     try:
         view = await http.set_worker_config(worker.id, {"max_concurrency": before + 3})
         assert view.effective.max_concurrency == before + 3
@@ -128,7 +129,8 @@ async def test_config_change_through_the_gateway_reaches_the_running_worker(clie
 
         await wait_until(applied, 10, "the worker to apply the new max_concurrency")
     finally:
-        await http.set_worker_config(worker.id, {"max_concurrency": before})
+        # Back to the worker's own value, or none (null): later tests expect the platform default.
+        await http.set_worker_config(worker.id, {"max_concurrency": config.overrides.get("max_concurrency")})
 
 
 async def _collect(pieces: object) -> list[str]:

@@ -1,10 +1,9 @@
-"""The proposed NATS users and permissions (tests/fixtures/nats-auth.conf, docs/security.md) on a real
-nats-server: workers and clients can do their jobs and nothing more."""
+"""The NATS users and permissions of the platform's nats.conf (docs/security.md) on a real nats-server:
+workers and clients can do their jobs and nothing more."""
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,11 +15,9 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 
 from sdk import subjects
-from sdk.broker import EmbeddedNats
+from sdk.broker import EmbeddedNats, nats_passwords
 from sdk.events import Assignment, encoder
 from sdk.log import ensure_streams, read_subject
-
-CONFIG = Path(__file__).parent / "fixtures" / "nats-auth.conf"
 
 
 class Session:
@@ -44,14 +41,12 @@ Login = Callable[[str], Awaitable[Session]]
 
 @pytest.fixture
 def passwords() -> dict[str, str]:
-    # A prefix keeps a generated password from looking like a number to the config parser.
-    users = ("platform", "worker", "client")
-    return {f"GF_{user.upper()}_PASSWORD": f"gf_{secrets.token_urlsafe(24)}" for user in users}
+    return nats_passwords()
 
 
 @pytest.fixture
 def secured_nats(tmp_path: Path, passwords: dict[str, str]) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats", config=CONFIG, env=passwords)
+    server = EmbeddedNats(tmp_path / "nats", env=passwords)
     server.start()
     yield server
     server.stop()
@@ -68,7 +63,7 @@ async def login(secured_nats: EmbeddedNats, passwords: dict[str, str]) -> AsyncI
             errors.append(str(exc))
 
         nc = await nats.connect(
-            secured_nats.url,
+            secured_nats.address,
             user=user,
             password=passwords[f"GF_{user.upper()}_PASSWORD"],
             error_cb=on_error,
@@ -107,6 +102,8 @@ async def test_worker_can_report_but_cannot_write_the_event_log(platform: Sessio
     assert reply.data == b"ok:api.workers.report.x"
     reply = await worker.nc.request(subjects.heartbeat_request_subject("x"), b"{}", timeout=5)
     assert reply.data == b"ok:api.workers.heartbeat.x"
+    reply = await worker.nc.request(subjects.rotate_subject("x"), b"{}", timeout=5)
+    assert reply.data == b"ok:api.workers.rotate.x"
 
     for forbidden in ("workers.x", subjects.API_WORKERS_CONFIG_SET, subjects.API_JOBS_SUBMIT, "dispatch.eu.x"):
         await worker.nc.publish(forbidden, b"{}")
@@ -182,6 +179,6 @@ async def test_wrong_or_missing_password_is_refused(secured_nats: EmbeddedNats, 
     for user, password in [("worker", passwords["GF_CLIENT_PASSWORD"]), (None, None)]:
         with pytest.raises(NatsError, match="Authorization Violation"):
             nc = await nats.connect(
-                secured_nats.url, user=user, password=password, allow_reconnect=False, connect_timeout=2
+                secured_nats.address, user=user, password=password, allow_reconnect=False, connect_timeout=2
             )
             await nc.close()

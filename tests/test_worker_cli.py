@@ -15,12 +15,17 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import msgspec
 import pytest
 from rich.console import Console
 
+from sdk import subjects
+from sdk.api import Registered, RegisterWorker, WorkerCredentials
 from sdk.broker import free_port
 from sdk.client import Client
+from sdk.connection import connect, request
 from sdk.events import GpuInfo
+from sdk.http import HttpClient
 from sdk.local import LocalStack
 from tests.conftest import wait_until
 from worker.cli import app, registered_worker_id
@@ -87,8 +92,10 @@ async def test_configure_non_interactive_writes_the_given_values_for_the_owner_o
     run = await gpu_worker(
         capsys, "configure", "--non-interactive", "--config", str(path),
         "--nats-url", "nats://worker:pw-123@platform.example:4222", "--region", "eu-west", "--name", "gpu-box-1", "--gpus", "all", "--enrollment-token", "enroll-secret-123",
+        "--timeout-s", "0.5",
     )
     assert run.code == 0, run.err
+    assert "Not enrolled yet: cannot reach the platform" in run.out  # so the token stays for `start`
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     written = load_config(path, env={})
     assert (written.nats_url, written.region, written.name, written.gpus) == (
@@ -130,6 +137,41 @@ async def test_configure_asks_again_after_a_bad_answer_and_proposes_the_current_
     assert run.code == 0, run.err
     again = load_config(path, env={})
     assert (again.nats_url, again.region, again.name) == ("nats://10.1.2.3:4222", "eu-west", "box-8")
+
+
+async def test_configure_enrolls_and_the_started_worker_comes_back_as_that_worker(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, stack: LocalStack, http: HttpClient
+) -> None:
+    path = tmp_path / "worker.yaml"
+    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
+    flags = ["configure", "--yes", "--config", str(path), "--nats-url", stack.worker_url, "--region", "cli-enrolled",
+             "--name", "enrolled-box", "--enrollment-token", token]
+    run = await gpu_worker(capsys, *flags)
+    assert run.code == 0, run.err
+    config = load_config(path, env={})
+    credentials = msgspec.json.decode(config.credentials_file.read_bytes(), type=WorkerCredentials)
+    assert f"Enrolled as worker {credentials.worker_id}" in run.out
+    assert stat.S_IMODE(config.credentials_file.stat().st_mode) == 0o600
+    assert registered_worker_id(config.state_dir) == credentials.worker_id
+    assert config.enrollment_token is None, "the spent token is not kept"
+    assert token not in run.out + run.err + path.read_text()
+    assert (await http.worker(credentials.worker_id)).name == "enrolled-box"
+
+    run = await gpu_worker(capsys, *flags)
+    assert (run.code, "enrollment token already used" in run.err) == (1, True)
+
+    # `start` signs its registration with the stored secret: the same worker, no token needed.
+    stack._child("worker-enrolled", ["start", "--config", str(path), "--engines", "echo"], module="worker")
+    try:
+        async def online() -> bool:
+            return (await http.worker(credentials.worker_id)).status == "online"
+
+        await wait_until(online, 30, "the configured worker to start")
+        job = await http.submit("echo", params={"via": "configure"}, region="cli-enrolled")
+        done = await http.wait(job.id, timeout_s=30)
+        assert (done.status, done.worker_id) == ("completed", credentials.worker_id)
+    finally:
+        stack.children.pop("worker-enrolled").stop()
 
 
 # --- start -------------------------------------------------------------------------------------------------
@@ -320,7 +362,24 @@ async def test_models_lists_a_loaded_model_with_the_memory_it_took(
 
 
 @pytest.mark.slow
-async def test_models_says_when_none_is_loaded(platform: LocalStack, capsys: pytest.CaptureFixture[str]) -> None:
-    run = await gpu_worker(capsys, "models", "--nats-url", platform.nats_url, "--worker-id", w1_id(platform))
-    assert run.code == 0, run.err
-    assert run.out.startswith(f"No models loaded on w1 ({w1_id(platform)}).")
+async def test_models_says_when_none_is_loaded(
+    platform: LocalStack, http: HttpClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A worker that never ran a model, enrolled just now (w1 and w2 may hold models other tests loaded).
+    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
+    nc = await connect(platform.worker_url, name="test-no-models")
+    try:
+        req = RegisterWorker(name="no-models", region="cli-none", enrollment_token=token)
+        worker_id = (await request(nc, subjects.API_WORKERS_REGISTER, req, Registered)).worker_id
+    finally:
+        await nc.close()
+    try:
+        async def known() -> bool:
+            return any(w.id == worker_id for w in await http.workers(region="cli-none"))
+
+        await wait_until(known, 10, "the read model to know the new worker")
+        run = await gpu_worker(capsys, "models", "--nats-url", platform.nats_url, "--worker-id", worker_id)
+        assert run.code == 0, run.err
+        assert run.out.startswith(f"No models loaded on no-models ({worker_id}).")
+    finally:
+        await http.revoke_worker(worker_id)

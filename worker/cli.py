@@ -1,7 +1,9 @@
 """`gpu-worker`: run this machine as a worker of the platform, and look after it.
 
 - `configure` asks (or takes as flags) how to reach the platform, the region, the name, the GPUs and
-  an enrollment token, and writes the local config file.
+  an enrollment token, and writes the local config file. With a token it enrolls at once: it registers,
+  keeps the worker's id and credentials (HMAC secret, tokens; mode 0600) in the state dir, and drops
+  the spent token from the file. A platform out of reach leaves the token for `start` to use.
 - `start` reads the local config (flags > `GPU_WORKER_*` > config.yaml > defaults), runs the engines
   asked for (`--engines`; by default echo plus whichever model engines this install can import), shows
   a live screen on a terminal (log lines otherwise) and stops cleanly on SIGINT/SIGTERM: a first
@@ -45,9 +47,9 @@ from rich.prompt import Prompt
 from rich.table import Table
 
 from sdk import subjects
-from sdk.api import JobType, ReportModelLoaded, ReportModelUnloaded, Token, WorkerConfig
+from sdk.api import JobType, Registered, RegisterWorker, ReportModelLoaded, ReportModelUnloaded, Token, WorkerConfig
 from sdk.client import Client
-from sdk.connection import connect, nats_url_from_env
+from sdk.connection import connect, nats_url_from_env, request
 from sdk.errors import BadRequest, PlatformError, Timeout, Unavailable, WorkerNotFound
 from sdk.events import WorkerModelLoaded, WorkerModelUnloaded, worker_event_decoder
 from sdk.log import read_subject
@@ -77,7 +79,7 @@ from worker.console import (
 from worker.engines.base import BaseEngine
 from worker.engines.echo import EchoEngine
 from worker.models import LoadStage, MemoryProbe, ModelCache
-from worker.runtime import STATE_FILE, HostTelemetry, Worker, WorkerState
+from worker.runtime import STATE_FILE, HostTelemetry, Worker, WorkerState, save_credentials, save_identity
 from worker.telemetry import gpu_snapshot, memory_free_bytes
 
 logger = logging.getLogger(__name__)
@@ -107,7 +109,7 @@ app = App(name="gpu-worker", help="Run this machine as a GPU worker of the gpu-f
 
 
 @app.command
-def configure(
+async def configure(
     *,
     config: Path | None = None,
     nats_url: str | None = None,
@@ -116,6 +118,8 @@ def configure(
     gpus: str | None = None,
     enrollment_token: str | None = None,
     yes: Annotated[bool, Parameter(name=["--yes", "-y", "--non-interactive"], negative=())] = False,
+    enroll: bool = True,
+    timeout_s: float = 10.0,
 ) -> int:
     """Write this worker's config file, asking each question that no flag answers.
 
@@ -136,6 +140,11 @@ def configure(
         The one-use token from the platform's operator (empty: none).
     yes
         Accept the defaults for every question no flag answers, without prompting; a bad value is an error.
+    enroll
+        Spend the enrollment token now (register with the platform and store the credentials it
+        answers); with --no-enroll, `gpu-worker start` enrolls with it.
+    timeout_s
+        How long to wait for the platform when enrolling.
     """
     path = (config or Path(os.environ.get(CONFIG_PATH_ENV) or default_config_path())).expanduser()
     console = Console(highlight=False)
@@ -167,8 +176,58 @@ def configure(
         summary.add_row(key, format_value(msgspec.to_builtins(getattr(chosen, key))))
     summary.add_row("enrollment_token", "set" if chosen.enrollment_token else "not set")
     console.print(summary)
+    if enroll and chosen.enrollment_token is not None:
+        enrolled = await _enroll(chosen, path, console, timeout_s)
+        if enrolled != 0:
+            return enrolled
     console.print("Start the worker with: [bold]gpu-worker start[/]")
     return 0
+
+
+async def _enroll(config: LocalConfig, path: Path, console: Console, timeout_s: float) -> int:
+    """Register with the enrollment token; keep the id and credentials the platform answers (once) in
+    the state dir, and rewrite the config file without the spent token."""
+    assert config.enrollment_token is not None
+    try:
+        nc = await connect(config.nats_url, name="gpu-worker-configure", tls=config.tls.ssl_context(), wait_s=timeout_s)
+    except (Unavailable, NatsError, OSError) as exc:
+        message = exc.message if isinstance(exc, PlatformError) else f"{type(exc).__name__}: {exc}"
+        console.print(
+            f"[yellow]Not enrolled yet: cannot reach the platform ({escape(message)}); "
+            "`gpu-worker start` enrolls with the token.[/]"
+        )
+        return 0
+    try:
+        # Capabilities stay the default (echo) until `start` registers again with the engines it runs.
+        req = RegisterWorker(
+            name=config.name,
+            region=config.region,
+            worker_id=_previous_worker_id(config.state_dir),
+            enrollment_token=config.enrollment_token,
+        )
+        registered = await request(nc, subjects.API_WORKERS_REGISTER, req, Registered, timeout_s=timeout_s)
+    except PlatformError as exc:
+        return _fail(exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
+    assert registered.credentials is not None  # an enrollment always answers credentials
+    save_identity(config.state_dir, registered.worker_id)
+    save_credentials(config.credentials_file, registered.credentials)
+    save_config(msgspec.structs.replace(config, enrollment_token=None), path)
+    console.print(
+        f"Enrolled as worker [bold]{registered.worker_id}[/]; its credentials are in "
+        f"{escape(str(config.credentials_file))} (readable by you only)."
+    )
+    return 0
+
+
+def _previous_worker_id(state_dir: Path) -> str | None:
+    """The id this machine had as a worker before, to enroll as the same worker again."""
+    try:
+        return registered_worker_id(state_dir)
+    except WorkerNotFound:
+        return None
 
 
 class Question(NamedTuple):
@@ -756,7 +815,7 @@ def _fail(exc: PlatformError) -> int:
         message = f"cannot reach the platform: {message}"
     if isinstance(exc, Timeout):
         # A NATS user without the right to ask (a worker's own) gets no answer at all, not a refusal.
-        message += "; with auth on, this needs an operator's NATS user and API key (GF_API_KEY)"
+        message += "; this needs an operator's NATS user and API key (GF_API_KEY)"
     print(f"gpu-worker: {message}", file=sys.stderr)
     return EXIT_BAD_CONFIG if isinstance(exc, BadRequest) else EXIT_FAILED
 

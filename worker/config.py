@@ -26,6 +26,7 @@ import yaml
 from sdk.api import Token
 from sdk.connection import DEFAULT_NATS_URL
 from sdk.errors import BadRequest
+from sdk.tls import client_context
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ ENV_PREFIX = "GPU_WORKER_"
 #: Names the config file itself, so it is not a setting (and not refused as an unknown one).
 CONFIG_PATH_ENV = "GPU_WORKER_CONFIG"
 #: Values never echoed back in error messages.
-SECRET_KEYS = frozenset({"enrollment_token"})
+SECRET_KEYS = frozenset({"enrollment_token", "nats_url"})  # a URL may carry the NATS password
 
 
 class ConfigError(BadRequest):
@@ -63,12 +64,9 @@ class TlsConfig(Section):
         """The context to connect with, or None when TLS is off."""
         if not (self.enabled or self.ca_file or self.cert_file):
             return None
-        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        context = client_context(self.ca_file, verify=self.verify)
         if self.cert_file is not None:
             context.load_cert_chain(str(self.cert_file), str(self.key_file) if self.key_file else None)
-        if not self.verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
         return context
 
 
@@ -81,7 +79,7 @@ class LocalConfig(Section, kw_only=True):
     state_dir: Path
     #: Where the credentials from an enrollment are kept; None: `<state_dir>/credentials.json`.
     credentials_path: Path | None = None
-    #: One-use token that registers this worker when the platform runs with auth.
+    #: One-use token for this worker's first registration (`gpuctl workers enroll`).
     enrollment_token: str | None = None
     #: The GPU indices this worker may use, or "all".
     gpus: list[Annotated[int, msgspec.Meta(ge=0)]] | Literal["all"] = "all"

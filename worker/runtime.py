@@ -4,7 +4,11 @@
 the `worker-config` KV bucket, heartbeats, and consumes `dispatch.<region>.<worker_id>` through its own
 durable push consumer. Each assignment is reported started, run by the engine of its job type (with a
 timeout and a cancel), reported completed, failed or cancelled, and only then acked. Every request to
-the platform goes through `Worker._send`, the one place where requests will be signed.
+the platform goes through `Worker._send`, which signs it (`sdk.signing`) with the worker's HMAC secret.
+
+Credentials: the first registration spends an enrollment token and returns the worker's id, tokens and
+secret, kept in `credentials_path` (mode 0600); later registrations are signed instead. When a
+heartbeat's answer says `rotate`, the worker asks for its next generation and switches to it.
 
 Decisions about a job (may it run here? what does an engine's ending mean?) are pure functions at the
 bottom of this module; the class only does the I/O around them.
@@ -48,8 +52,10 @@ from sdk.api import (
     ReportFailed,
     ReportProgress,
     ReportStarted,
+    RotateCredentials,
     Token,
     WorkerConfig,
+    WorkerCredentials,
     WorkerReport,
 )
 from sdk.connection import connect, request
@@ -60,10 +66,12 @@ from sdk.errors import (
     PlatformError,
     StaleAttempt,
     Timeout,
+    Unauthorized,
     Unavailable,
     WorkerNotFound,
 )
 from sdk.events import Assignment, CancelOrder, ErrorInfo, GpuInfo, Heartbeat, dispatch_decoder, encoder
+from sdk.signing import sign
 from sdk.worker_config import effective_config, parse_partial
 from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
 
@@ -87,6 +95,8 @@ CANCEL_GRACE_S = 5.0
 MAX_ERROR_MESSAGE_CHARS = 4000
 #: The worker's identity between runs, in its state dir.
 STATE_FILE = "worker.json"
+#: Its credentials (id, tokens, HMAC secret), in its state dir unless `credentials_path` says otherwise.
+CREDENTIALS_FILE = "credentials.json"
 
 #: The platform's answers that mean "this attempt is not yours (any more)": never retried.
 NOT_YOURS = (StaleAttempt, InvalidTransition, JobNotFound)
@@ -153,7 +163,8 @@ class Worker:
         self._loaded_models = loaded_models
         self._tls = tls
         self._enrollment_token = enrollment_token
-        self._credentials_path = credentials_path or self._state_dir / "credentials.json"
+        self._credentials_path = credentials_path or self._state_dir / CREDENTIALS_FILE
+        self._credentials: WorkerCredentials | None = None
         self._drain_timeout_s = drain_timeout_s
         self._request_retry_s = request_retry_s
         self._connect_wait_s = connect_wait_s
@@ -207,6 +218,11 @@ class Worker:
     def worker_id(self) -> str | None:
         """The id the platform knows this worker by (None until registered)."""
         return self._worker_id
+
+    @property
+    def credentials_generation(self) -> int | None:
+        """The generation of the credentials this worker signs with (None before its enrollment)."""
+        return self._credentials.generation if self._credentials is not None else None
 
     @property
     def region(self) -> str:
@@ -330,17 +346,27 @@ class Worker:
 
     # --- Requests to the platform ------------------------------------------------------------------
 
-    async def _send(self, subject: str, payload: msgspec.Struct, reply_type: type[R], *, retry_for_s: float = 0.0) -> R:
-        """The one way this worker asks the platform anything (request signing goes here). Retries an
-        unanswered request (Timeout, Unavailable) with backoff for up to `retry_for_s`; a refusal (any
-        other error reply) is raised at once as its typed error."""
+    async def _send(
+        self, subject: str, payload: msgspec.Struct, reply_type: type[R], *, retry_for_s: float = 0.0
+    ) -> R:
+        """The one way this worker asks the platform anything; signed once it has credentials (a new
+        signature, with a new nonce, per attempt). Retries an unanswered request (Timeout, Unavailable)
+        with backoff for up to `retry_for_s`; a refusal (any other error reply) is raised at once as its
+        typed error."""
         assert self._nc is not None
+        body = encoder.encode(payload)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + retry_for_s
         delay_s = 0.1
         while True:
+            headers = None
+            if self._credentials is not None:
+                secret = bytes.fromhex(self._credentials.hmac_secret_hex)
+                headers = sign(secret, subject, body, worker_id=self._credentials.worker_id)
             try:
-                reply: R = await request(self._nc, subject, payload, reply_type, timeout_s=REQUEST_TIMEOUT_S)
+                reply: R = await request(
+                    self._nc, subject, body, reply_type, timeout_s=REQUEST_TIMEOUT_S, headers=headers
+                )
                 return reply
             except (Timeout, Unavailable) as exc:
                 remaining_s = deadline - loop.time()
@@ -358,22 +384,32 @@ class Worker:
         )
 
     async def _register(self, *, retry_for_s: float) -> None:
-        previous = self._worker_id or self._read_state()
+        if self._credentials is None:
+            self._credentials = self._read_credentials()
+        previous = self._worker_id or (self._credentials.worker_id if self._credentials else self._read_state())
         sample = await self._sample_telemetry()
-        registered = await self._send(
-            subjects.API_WORKERS_REGISTER,
-            RegisterWorker(
+
+        async def register() -> Registered:
+            req = RegisterWorker(
                 name=self._name,
                 region=self._region,
                 capabilities=sorted(self._engines),  # type: ignore[arg-type]  # checked against JobType
                 gpus=list(sample.gpus) if sample else [],
                 worker_id=previous,
-                # The enrollment token is for the first registration only; it cannot be used twice.
-                enrollment_token=self._enrollment_token if previous is None else None,
-            ),
-            Registered,
-            retry_for_s=retry_for_s,
-        )
+                # A worker with credentials signs instead; the token is for its first registration only.
+                enrollment_token=self._enrollment_token if self._credentials is None else None,
+            )
+            return await self._send(subjects.API_WORKERS_REGISTER, req, Registered, retry_for_s=retry_for_s)
+
+        try:
+            registered = await register()
+        except Unauthorized as exc:
+            if self._credentials is None or self._enrollment_token is None:
+                raise
+            # Revoked, or credentials of another installation: a new token given to it enrolls it again.
+            logger.warning("this worker's credentials were refused (%s); enrolling with the token", exc.message)
+            self._credentials = None
+            registered = await register()
         if self._worker_id is not None and (registered.worker_id, registered.region) != (self._worker_id, self._region):
             # The dispatch consumer is bound to the old identity; only a restart can move it.
             logger.error(
@@ -382,14 +418,37 @@ class Worker:
             )
             return
         self._worker_id, self._region = registered.worker_id, registered.region
-        _write_private(self._state_dir / STATE_FILE, msgspec.json.encode(WorkerState(worker_id=registered.worker_id)))
+        save_identity(self._state_dir, registered.worker_id)
         if registered.credentials is not None:
-            _write_private(self._credentials_path, msgspec.json.encode(registered.credentials))
-            logger.info("stored this worker's credentials in %s", self._credentials_path)
+            self._store_credentials(registered.credentials)
         returning = " (returning)" if previous == registered.worker_id else ""
         logger.info(
             "registered as %s (%s) in region %s%s", registered.worker_id, self._name, registered.region, returning
         )
+
+    async def _rotate(self) -> None:
+        """Ask for the next credential generation and switch to it (the previous one verifies for a
+        minute more, so requests signed meanwhile still land)."""
+        assert self._worker_id is not None
+        credentials = await self._send(subjects.rotate_subject(self._worker_id), RotateCredentials(), WorkerCredentials)
+        self._store_credentials(credentials)
+        logger.info("rotated this worker's credentials to generation %d", credentials.generation)
+
+    def _store_credentials(self, credentials: WorkerCredentials) -> None:
+        save_credentials(self._credentials_path, credentials)
+        self._credentials = credentials
+        logger.info(
+            "stored this worker's credentials (generation %d) in %s", credentials.generation, self._credentials_path
+        )
+
+    def _read_credentials(self) -> WorkerCredentials | None:
+        try:
+            return msgspec.json.decode(self._credentials_path.read_bytes(), type=WorkerCredentials)
+        except FileNotFoundError:
+            return None
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            logger.warning("ignoring unreadable credentials %s (enrolling again): %s", self._credentials_path, exc)
+            return None
 
     def _read_state(self) -> str | None:
         path = self._state_dir / STATE_FILE
@@ -487,9 +546,17 @@ class Worker:
             ack = await self._send(subjects.heartbeat_request_subject(self._worker_id), beat, HeartbeatAck)
         except WorkerNotFound:
             ack = HeartbeatAck(registered=False)
+        except Unauthorized as exc:
+            logger.error("heartbeat refused: %s; this worker needs a new enrollment if it was revoked", exc.message)
+            return
         except PlatformError as exc:
             logger.warning("heartbeat not accepted: %s", exc.message)
             return
+        if ack.rotate and ack.registered and not self._stopping:
+            try:
+                await self._rotate()
+            except PlatformError as exc:
+                logger.warning("credential rotation failed (the next heartbeat retries): %s", exc.message)
         if not ack.registered and not self._stopping:
             logger.warning("the platform no longer knows worker %s as online; registering again", self._worker_id)
             try:
@@ -900,6 +967,16 @@ def _check_engines(engines: Mapping[str, BaseEngine], models: ModelProvider | No
         if engine.needs_model and models is None:
             raise ValueError(f"the {job_type} engine loads models: pass a model provider (models=...)")
     return dict(engines)
+
+
+def save_identity(state_dir: Path, worker_id: str) -> None:
+    """Remember the worker's id in its state dir, so a restart comes back as the same worker."""
+    _write_private(state_dir / STATE_FILE, msgspec.json.encode(WorkerState(worker_id=worker_id)))
+
+
+def save_credentials(path: Path, credentials: WorkerCredentials) -> None:
+    """Keep the worker's credentials (its HMAC secret among them) readable by the owner only."""
+    _write_private(path, msgspec.json.encode(credentials))
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -6,10 +6,11 @@ The parts: `master_key` (the root secret and derivation), `tokens` (credential f
 (timestamp window and nonces) and `credentials` (the service the gateway calls).
 """
 
-from gateway.auth.credentials import ApiKeyInfo, AuthSettings, Credentials, WorkerCredentials
+from gateway.auth.credentials import AuthSettings, Credentials
 from gateway.auth.master_key import load_or_create_master_key
 from gateway.auth.replay import NonceWindow
-from gateway.auth.tokens import Principal, TokenPair
+from gateway.auth.tokens import Principal
+from sdk.api import ApiKeyInfo, TokenPair, WorkerCredentials
 
 __all__ = [
     "ApiKeyInfo",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from typing import Literal, TypeVar, get_args
+from typing import TypeVar, get_args
 
 import msgspec
 from nats.js import JetStreamContext
@@ -52,7 +52,6 @@ from gateway.auth.tokens import (
     Kind,
     Principal,
     Role,
-    TokenPair,
     digest,
     digest_matches,
     mint_access,
@@ -64,7 +63,7 @@ from gateway.auth.tokens import (
     split_secret_token,
 )
 from sdk import subjects
-from sdk.api import Token, convert
+from sdk.api import ApiKeyInfo, ApiKeyRole, Token, TokenPair, WorkerCredentials, convert
 from sdk.errors import BadRequest, Conflict, PlatformError, WorkerNotFound
 from sdk.events import now_ms
 from sdk.signing import WORKER_ID_HEADER, AuthReason, forbidden, read_headers, refused, signature_matches
@@ -74,7 +73,6 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], int]
 T = TypeVar("T")
 
-ApiKeyRole = Literal["client", "operator"]
 API_KEY_ROLES: tuple[str, ...] = get_args(ApiKeyRole)
 #: Gateways' clocks differ a little; a revocation marker is kept this much longer than strictly needed.
 CLOCK_SKEW_MS = 60_000
@@ -82,9 +80,11 @@ CLOCK_SKEW_MS = 60_000
 PRUNE_INTERVAL_MS = 60_000
 #: Compare-and-set retries on one record before giving up with `Conflict`.
 CAS_ATTEMPTS = 5
+#: Signed requests whose subject ends in the worker id.
 _WORKER_SUBJECT_PREFIXES = (
     f"{subjects.API_WORKERS_REPORT_PREFIX}.",
     f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.",
+    f"{subjects.API_WORKERS_ROTATE_PREFIX}.",
 )
 
 
@@ -95,26 +95,8 @@ class AuthSettings(msgspec.Struct, frozen=True, kw_only=True):
     rotation_grace_s: float = 60.0
     #: Signed worker requests are accepted within this many seconds of the gateway's clock.
     replay_window_s: float = 60.0
-
-
-class WorkerCredentials(msgspec.Struct, frozen=True, kw_only=True):
-    """What an enrolled (or rotated) worker receives, once; the platform keeps none of it."""
-
-    worker_id: str
-    access_token: str
-    refresh_token: str
-    hmac_secret_hex: str
-    generation: int
-    expires_in_s: float
-    refresh_expires_in_s: float
-
-
-class ApiKeyInfo(msgspec.Struct, frozen=True, kw_only=True):
-    key_id: str
-    name: str
-    role: Role
-    created_at_ms: int
-    revoked_at_ms: int | None = None
+    #: A worker's credentials older than this are rotated (the worker is told at its next heartbeat).
+    worker_credentials_max_age_s: float = 86400.0
 
 
 class Credentials:
@@ -140,6 +122,7 @@ class Credentials:
         self.access_ttl_ms = int(settings.access_ttl_s * 1000)
         self.refresh_ttl_ms = int(settings.refresh_ttl_s * 1000)
         self.rotation_grace_ms = int(settings.rotation_grace_s * 1000)
+        self.worker_max_age_ms = int(settings.worker_credentials_max_age_s * 1000)
         self.nonces = NonceWindow(settings.replay_window_s)
         self._revocations = RevocationCache(kv, retain_ms=self.access_ttl_ms + CLOCK_SKEW_MS)
         self._pruned_at_ms = 0
@@ -322,7 +305,9 @@ class Credentials:
         if not await self._swap(enroll_key(token_id), used, revision):
             raise refused(AuthReason.ALREADY_USED, "enrollment token already used")
         generation = existing[0].generation + 1 if existing is not None else 1
-        record = WorkerRecord(worker_id=worker_id, generation=generation, family=new_family_id(), enrolled_at_ms=now)
+        record = WorkerRecord(
+            worker_id=worker_id, generation=generation, family=new_family_id(), enrolled_at_ms=now, generation_at_ms=now
+        )
         # Revision 0 means "must not exist": two tokens racing for one new id cannot both win.
         if not await self._swap(worker_key(worker_id), record, existing[1] if existing is not None else 0):
             raise Conflict(f"worker {worker_id} changed during its enrollment; try again with a new token")
@@ -344,6 +329,8 @@ class Credentials:
                 previous_generation=record.generation,
                 previous_family=record.family,
                 previous_valid_until_ms=now + self.rotation_grace_ms,
+                generation_at_ms=now,
+                rotation_requested_at_ms=None,
             )
             if await self._swap(worker_key(worker_id), rotated, revision):
                 await self._revoke_family(
@@ -358,6 +345,24 @@ class Credentials:
                 )
                 return await self._worker_credentials(rotated, now)
         raise Conflict(f"worker {worker_id} kept changing")
+
+    async def request_rotation(self, worker_id: str) -> None:
+        """Mark the worker's credentials for rotation; the gateway tells the worker at its next
+        heartbeat, and the worker asks for them (so only the worker ever receives its secret)."""
+        for _ in range(CAS_ATTEMPTS):
+            record, revision = await self._worker_record(worker_id)
+            requested = msgspec.structs.replace(record, rotation_requested_at_ms=self._clock())
+            if await self._swap(worker_key(worker_id), requested, revision):
+                logger.info("rotation of worker %s requested (generation %d)", worker_id, record.generation)
+                return
+        raise Conflict(f"worker {worker_id} kept changing")
+
+    async def rotation_due(self, worker_id: str) -> bool:
+        """Whether the worker should rotate now: an operator asked, or its generation is older than
+        `worker_credentials_max_age_s`."""
+        record, _ = await self._worker_record(worker_id)
+        issued_at_ms = record.generation_at_ms or record.enrolled_at_ms
+        return record.rotation_requested_at_ms is not None or self._clock() - issued_at_ms >= self.worker_max_age_ms
 
     async def revoke_worker(self, worker_id: str) -> None:
         """Refuse the worker's signatures and tokens from now on; enrolling it again needs a token for it."""
@@ -383,13 +388,26 @@ class Credentials:
     async def verify_report(
         self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None = None
     ) -> str:
-        """Check a signed worker request and return its worker id. In order: the worker id header equals
-        the subject's worker (`Forbidden`), the worker is enrolled and not revoked, the signature, the
-        replay window and the nonce (`Unauthorized` with the reason)."""
+        """Check a signed worker request on a subject that ends in the worker id (report, heartbeat,
+        rotate) and return the worker id. In order: the worker id header equals the subject's worker
+        (`Forbidden`), the worker is enrolled and not revoked, the signature, the replay window and the
+        nonce (`Unauthorized` with the reason)."""
+        return await self._verify_signed(subject, body, headers, now_ms, from_subject=True)
+
+    async def verify_signed(
+        self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None = None
+    ) -> str:
+        """`verify_report` for a subject that does not name the worker (a returning worker's
+        registration, its config read): the worker is the one the `X-Worker-Id` header names."""
+        return await self._verify_signed(subject, body, headers, now_ms, from_subject=False)
+
+    async def _verify_signed(
+        self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None, *, from_subject: bool
+    ) -> str:
         now = self._clock() if now_ms is None else now_ms
         try:
-            worker_id = _subject_worker(subject)
             signed = read_headers(headers)
+            worker_id = _subject_worker(subject) if from_subject else convert(signed.worker_id, Token)
             if signed.worker_id != worker_id:
                 raise forbidden(
                     AuthReason.WORKER_MISMATCH,
@@ -533,4 +551,4 @@ def _subject_worker(subject: str) -> str:
     for prefix in _WORKER_SUBJECT_PREFIXES:
         if subject.startswith(prefix) and "." not in subject[len(prefix) :]:
             return subject[len(prefix) :]
-    raise BadRequest(f"{subject} is not a worker report or heartbeat subject")
+    raise BadRequest(f"{subject} is not a worker report, heartbeat or rotate subject")

@@ -18,6 +18,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 MASTER_KEY_BYTES = 32
+#: The key's file name in the secrets dir (`<data dir>/secrets`, or the gateway's `--secrets-dir`).
+MASTER_KEY_FILE = "master.key"
 
 
 def load_or_create_master_key(path: Path) -> bytes:

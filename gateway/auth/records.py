@@ -65,6 +65,11 @@ class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     generation: int
     family: str
     enrolled_at_ms: int
+    #: When the current generation was issued (0 for records written before rotation was scheduled:
+    #: `enrolled_at_ms` then).
+    generation_at_ms: int = 0
+    #: An operator asked for a rotation; the worker is told at its next heartbeat.
+    rotation_requested_at_ms: int | None = None
     #: After a rotation, the previous generation's secret and tokens still verify until this instant.
     previous_generation: int | None = None
     previous_family: str | None = None

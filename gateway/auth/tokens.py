@@ -63,14 +63,6 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     family: str
 
 
-class TokenPair(msgspec.Struct, frozen=True, kw_only=True):
-    access_token: str
-    refresh_token: str
-    expires_in_s: float
-    refresh_expires_in_s: float
-    token_type: str = "Bearer"
-
-
 _claims_encoder = msgspec.json.Encoder()
 _claims_decoder = msgspec.json.Decoder(AccessClaims)
 
