@@ -103,7 +103,8 @@ class EmbeddedNats:
         if self.tls_cert is not None:
             cmd += ["--tls", "--tlscert", str(self.tls_cert), "--tlskey", str(self.tls_key or self.tls_cert)]
         self.process = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})}
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})},
+            start_new_session=True,  # Ctrl-C reaches its owner only, which stops it last, after the components
         )
         deadline = time.monotonic() + wait_s
         while not port_open("127.0.0.1", self.port):
