@@ -25,6 +25,7 @@ from sdk.client import Client
 from sdk.connection import connect
 from sdk.events import JobSubmitted, encoder
 from sdk.http import HttpClient
+from sdk.broker import NATS_CONF
 from sdk.local import LocalStack
 
 app = App(name="bench-echo", help=__doc__)
@@ -73,9 +74,21 @@ async def run_jobs(client: Client, count: int, concurrency: int) -> tuple[float,
     return count / (time.perf_counter() - start), latencies_ms
 
 
-async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: int) -> None:
+def without_fsync(data_dir: Path) -> Path:
+    """nats.conf as shipped, less `sync_interval: always`: what the per-write fsync costs."""
+    text = NATS_CONF.read_text()
+    assert "sync_interval: always" in text
+    variant = data_dir / "nats-no-fsync.conf"
+    variant.write_text(text.replace("sync_interval: always", ""))
+    return variant
+
+
+async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: int, fsync: bool) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         stack = LocalStack(Path(data_dir))
+        if not fsync:
+            assert stack.broker is not None
+            stack.broker.config = without_fsync(Path(data_dir))
         stack.start()
         try:
             async with httpx.AsyncClient(base_url=stack.http_url) as http:
@@ -104,7 +117,8 @@ async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: i
         finally:
             stack.stop()
 
-    table = Table(title=f"echo jobs through the platform ({workers} worker(s), max_concurrency {worker_concurrency})")
+    sync = "fsync before every ack" if fsync else "no per-write fsync"
+    table = Table(title=f"echo jobs through the platform ({workers} worker(s), max_concurrency {worker_concurrency}, {sync})")
     for column in ("measure", "value"):
         table.add_column(column)
     table.add_row("jobs/s (concurrency %d, %d jobs)" % (concurrency, jobs), f"{rate:,.0f}")
@@ -126,8 +140,9 @@ def main(
     concurrency: Annotated[int, Parameter(help="jobs in flight at once")] = 64,
     workers: int = 1,
     worker_concurrency: int = 64,
+    fsync: Annotated[bool, Parameter(help="keep nats.conf's `sync_interval: always` (--no-fsync drops it)")] = True,
 ) -> None:
-    asyncio.run(bench(jobs, concurrency, workers, worker_concurrency))
+    asyncio.run(bench(jobs, concurrency, workers, worker_concurrency, fsync))
 
 
 if __name__ == "__main__":

@@ -62,7 +62,9 @@ def stream_configs() -> list[js_api.StreamConfig]:
             name=subjects.DISPATCH_STREAM,
             subjects=[subjects.DISPATCH_SUBJECTS],
             retention=js_api.RetentionPolicy.WORK_QUEUE,
-            storage=file,
+            # Derived from `JobAssigned` in JOBS: a dispatch lost with a server restart is requeued by the
+            # scheduler (the job is not in its worker's heartbeats), so it need not pay an fsync per job.
+            storage=js_api.StorageType.MEMORY,
         ),
     ]
 
@@ -73,7 +75,11 @@ async def ensure_streams(js: JetStreamContext) -> None:
         try:
             await js.add_stream(config)
         except BadRequestError:
-            await js.update_stream(config)
+            try:
+                await js.update_stream(config)
+            except BadRequestError as exc:
+                # e.g. a storage type changed since this data dir was made: keep what is there.
+                logger.warning("stream %s keeps its existing config: %s", config.name, exc.description)
     await _ensure_kv(js, subjects.WORKER_CONFIG_BUCKET, history=10)
     await _ensure_kv(js, subjects.SCHEDULER_LEASE_BUCKET, ttl=LEASE_TTL_S)
     await _ensure_kv(js, subjects.AUTH_BUCKET, history=1)
