@@ -13,6 +13,10 @@ test *ARGS:
 test-fast *ARGS:
     python -m pytest -q -m "not slow" {{ARGS}}
 
+# Lint: unused imports, undefined names, import order.
+lint:
+    ruff check sdk gateway scheduler worker projections bench tests
+
 # Benchmarks: echo jobs through the platform vs raw JetStream, and the LLM overhead. Figures go to docs/benchmarks.md.
 bench *ARGS:
     python -m bench.echo_throughput {{ARGS}}

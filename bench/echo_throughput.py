@@ -21,11 +21,11 @@ from cyclopts import App, Parameter
 from rich.console import Console
 from rich.table import Table
 
+from sdk.broker import NATS_CONF
 from sdk.client import Client
 from sdk.connection import connect
 from sdk.events import JobSubmitted, encoder
 from sdk.http import HttpClient
-from sdk.broker import NATS_CONF
 from sdk.local import LocalStack
 
 app = App(name="bench-echo", help=__doc__)

@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Litestar, Request, Response, delete, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
@@ -38,7 +39,6 @@ from litestar.status_codes import (
 from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-import msgspec
 from gateway.access import job_scope, require_client, require_operator
 from gateway.auth import AuthSettings, Credentials, Principal, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError, ObjectNotFoundError
@@ -82,9 +81,9 @@ from sdk.events import (
     JobStarted,
     JobSubmitted,
     WorkerCredentialsRotated,
+    WorkerDeregistered,
     WorkerDraining,
     WorkerLost,
-    WorkerDeregistered,
     WorkerModelLoaded,
     WorkerModelUnloaded,
     WorkerRegistered,

@@ -24,7 +24,18 @@ from nats.aio.subscription import Subscription
 from projections.feed import FOLDED_STREAMS, QUEUE_SIZE, Delivered, follow, next_batch
 from projections.store import Store, WorkerStatus, worker_view
 from sdk import subjects
-from sdk.api import GetJob, GetWorker, JobPage, JobView, ListWorkers, OwnedListJobs, WorkerPage, WorkerView, decode, job_view
+from sdk.api import (
+    GetJob,
+    GetWorker,
+    JobPage,
+    JobView,
+    ListWorkers,
+    OwnedListJobs,
+    WorkerPage,
+    WorkerView,
+    decode,
+    job_view,
+)
 from sdk.connection import connect, encode_error
 from sdk.errors import BadRequest, JobNotFound, PlatformError, Unavailable, WorkerNotFound
 from sdk.jobs import JobStatus

@@ -54,6 +54,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """SIGTERM, then SIGKILL after `timeout_s`; False if it had already exited."""
+    if process.poll() is not None:
+        return False
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return True
+
+
 class EmbeddedNats:
     """`nats-server -c nats.conf` on `port` with its JetStream store in `store_dir`; stopped by PID.
 
@@ -117,15 +130,8 @@ class EmbeddedNats:
         logger.info("nats-server pid %s listening on %s, store %s", self.process.pid, self.address, self.store_dir)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        logger.info("nats-server pid %s stopped", self.process.pid)
+        if self.process is not None and terminate(self.process, timeout_s):
+            logger.info("nats-server pid %s stopped", self.process.pid)
 
     def __enter__(self) -> "EmbeddedNats":
         self.start()

@@ -24,9 +24,6 @@ from nats.aio.msg import Msg
 
 from sdk import subjects
 from sdk.api import (
-    IssueTokens,
-    RefreshTokens,
-    TokenPair,
     CancelAccepted,
     CancelJob,
     EventRecord,
@@ -34,15 +31,18 @@ from sdk.api import (
     GetResult,
     GetWorker,
     GetWorkerConfig,
+    IssueTokens,
     JobEvents,
     JobEventsRequest,
     JobPage,
     JobView,
     ListJobs,
     ListWorkers,
+    RefreshTokens,
     SetWorkerConfig,
     SubmitJob,
     Submitted,
+    TokenPair,
     WaitJob,
     WorkerConfigView,
     WorkerPage,

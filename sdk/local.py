@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, TypeVar
 from rich.table import Table
 
 from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment
-from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable
+from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable, terminate
 from sdk.connection import redact, with_user
 
 if TYPE_CHECKING:
@@ -116,16 +115,8 @@ class Child:
 
     def stop(self, timeout_s: float = 45.0) -> None:
         """SIGTERM, then SIGKILL after `timeout_s` (longer than a worker's drain, 30 s by default)."""
-        if not self.running:
-            return
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        logger.info("stopped %s (pid %s)", self.name, self.process.pid)
+        if self.process is not None and terminate(self.process, timeout_s):
+            logger.info("stopped %s (pid %s)", self.name, self.process.pid)
 
     def kill(self) -> None:
         """SIGKILL: the crash a worker cannot clean up after."""

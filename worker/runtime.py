@@ -38,7 +38,6 @@ from nats.js.object_store import ObjectStore
 
 from sdk import subjects
 from sdk.api import (
-    StreamChunk,
     MAX_BODY_BYTES,
     Accepted,
     HeartbeatAck,
@@ -53,6 +52,7 @@ from sdk.api import (
     ReportProgress,
     ReportStarted,
     RotateCredentials,
+    StreamChunk,
     Token,
     WorkerConfig,
     WorkerCredentials,

@@ -16,8 +16,13 @@ import logging
 import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from gateway.auth.records import REVOKED_PREFIX, Revocation, family_revocation_key, revocation_decoder
-from gateway.auth.records import subject_revocation_key
+from gateway.auth.records import (
+    REVOKED_PREFIX,
+    Revocation,
+    family_revocation_key,
+    revocation_decoder,
+    subject_revocation_key,
+)
 from gateway.auth.tokens import AccessClaims
 
 logger = logging.getLogger(__name__)
