@@ -21,13 +21,13 @@ import msgspec
 from litestar import Litestar, Request, Response, delete, get, post, put
 from litestar.connection import ASGIConnection
 from litestar.datastructures import State
-from litestar.di import Provide
+from litestar.di import NamedDependency, Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.handlers import BaseRouteHandler
 from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
-from litestar.params import Parameter
+from litestar.params import FromPath, FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 from litestar.status_codes import (
     HTTP_200_OK,
@@ -85,7 +85,7 @@ async def provide_gateway(state: State) -> Gateway:
     return state.gateway
 
 
-async def provide_principal(request: Request[Any, Any, Any], gateway: Gateway) -> Principal:
+async def provide_principal(request: Request[Any, Any, Any], gateway: NamedDependency[Gateway]) -> Principal:
     """The caller, from its access token; `Unauthorized` (401, with the reason) without a valid one."""
     return gateway.authenticate(request.headers.get(subjects.AUTH_HEADER))
 
@@ -102,12 +102,12 @@ OPERATOR = [operator_only]
 
 
 @post("/api/v1/auth/token", status_code=HTTP_200_OK, summary="Exchange an API key for access and refresh tokens")
-async def issue_tokens(data: IssueTokens, gateway: Gateway) -> TokenPair:
+async def issue_tokens(data: JSONBody[IssueTokens], gateway: NamedDependency[Gateway]) -> TokenPair:
     return await gateway.issue_tokens(data)
 
 
 @post("/api/v1/auth/refresh", status_code=HTTP_200_OK, summary="Rotate a token pair (the refresh token is spent)")
-async def refresh_tokens(data: RefreshTokens, gateway: Gateway) -> TokenPair:
+async def refresh_tokens(data: JSONBody[RefreshTokens], gateway: NamedDependency[Gateway]) -> TokenPair:
     return await gateway.refresh_tokens(data)
 
 
@@ -115,28 +115,33 @@ async def refresh_tokens(data: RefreshTokens, gateway: Gateway) -> TokenPair:
 
 
 @post("/api/v1/jobs", status_code=HTTP_201_CREATED, summary="Submit a job")
-async def submit_job(data: SubmitJob, gateway: Gateway, principal: Principal) -> Response[Submitted]:
+async def submit_job(
+    data: JSONBody[SubmitJob], gateway: NamedDependency[Gateway], principal: NamedDependency[Principal]
+) -> Response[Submitted]:
     submitted = await gateway.submit(data, require_client(principal).subject)  # owned by its API key
     return Response(submitted, status_code=HTTP_201_CREATED if submitted.created else HTTP_200_OK)
 
 
 @get("/api/v1/jobs/{job_id:str}", summary="A job's current view")
 async def get_job(
-    job_id: str, gateway: Gateway, principal: Principal, min_seq: Annotated[int | None, Parameter(ge=0)] = None
+    job_id: FromPath[str],
+    gateway: NamedDependency[Gateway],
+    principal: NamedDependency[Principal],
+    min_seq: Annotated[int | None, QueryParameter(ge=0)] = None,
 ) -> JobView:
     return await gateway.get(GetJob(id=job_id, min_seq=min_seq), job_scope(principal))
 
 
 @get("/api/v1/jobs", summary="List jobs, newest first")
 async def list_jobs(
-    gateway: Gateway,
-    principal: Principal,
-    status: str | None = None,
-    job_type: Annotated[str | None, Parameter(query="type")] = None,
-    worker_id: str | None = None,
-    limit: Annotated[int, Parameter(ge=1, le=500)] = 50,
-    cursor: str | None = None,
-    min_seq: Annotated[int | None, Parameter(ge=0)] = None,
+    gateway: NamedDependency[Gateway],
+    principal: NamedDependency[Principal],
+    status: FromQuery[str | None] = None,
+    job_type: Annotated[str | None, QueryParameter(name="type")] = None,
+    worker_id: FromQuery[str | None] = None,
+    limit: Annotated[int, QueryParameter(ge=1, le=500)] = 50,
+    cursor: FromQuery[str | None] = None,
+    min_seq: Annotated[int | None, QueryParameter(ge=0)] = None,
 ) -> JobPage:
     req = ListJobs(status=status, type=job_type, worker_id=worker_id, limit=limit, cursor=cursor, min_seq=min_seq)
     return await gateway.list(req, job_scope(principal))
@@ -144,28 +149,35 @@ async def list_jobs(
 
 @post("/api/v1/jobs/{job_id:str}/cancel", status_code=HTTP_202_ACCEPTED, summary="Cancel a job")
 async def cancel_job(
-    job_id: str, gateway: Gateway, principal: Principal, reason: Annotated[str | None, Parameter(max_length=500)] = None
+    job_id: FromPath[str],
+    gateway: NamedDependency[Gateway],
+    principal: NamedDependency[Principal],
+    reason: Annotated[str | None, QueryParameter(max_length=500)] = None,
 ) -> CancelAccepted:
     return await gateway.cancel(CancelJob(id=job_id, reason=reason), job_scope(principal))
 
 
 @get("/api/v1/jobs/{job_id:str}/events", summary="A job's history, oldest first")
-async def job_events(job_id: str, gateway: Gateway, principal: Principal) -> JobEvents:
+async def job_events(
+    job_id: FromPath[str], gateway: NamedDependency[Gateway], principal: NamedDependency[Principal]
+) -> JobEvents:
     return await gateway.events(job_id, job_scope(principal))
 
 
 @get("/api/v1/jobs/{job_id:str}/wait", summary="Wait until a job is finished")
 async def wait_job(
-    job_id: str,
-    gateway: Gateway,
-    principal: Principal,
-    timeout_s: Annotated[float, Parameter(gt=0, le=MAX_WAIT_S)] = 60.0,
+    job_id: FromPath[str],
+    gateway: NamedDependency[Gateway],
+    principal: NamedDependency[Principal],
+    timeout_s: Annotated[float, QueryParameter(gt=0, le=MAX_WAIT_S)] = 60.0,
 ) -> JobView:
     return await gateway.wait(job_id, timeout_s, job_scope(principal))
 
 
 @get("/api/v1/jobs/{job_id:str}/stream", summary="An LLM job's text as server-sent events")
-async def stream_job(job_id: str, gateway: Gateway, principal: Principal) -> ServerSentEvent:
+async def stream_job(
+    job_id: FromPath[str], gateway: NamedDependency[Gateway], principal: NamedDependency[Principal]
+) -> ServerSentEvent:
     """`token` events (JSON strings) whose texts add up to the final text, also for a client that
     connects late; then one `done` event with the finished job."""
     pieces = await gateway.stream(job_id, job_scope(principal))
@@ -182,7 +194,10 @@ async def stream_job(job_id: str, gateway: Gateway, principal: Principal) -> Ser
 
 @get("/api/v1/jobs/{job_id:str}/result/{index:int}", summary="A stored result of a job (an image)")
 async def job_result(
-    job_id: str, index: Annotated[int, Parameter(ge=0, le=63)], gateway: Gateway, principal: Principal
+    job_id: FromPath[str],
+    index: Annotated[int, PathParameter(ge=0, le=63)],
+    gateway: NamedDependency[Gateway],
+    principal: NamedDependency[Principal],
 ) -> Response[bytes]:
     data, content_type = await gateway.result(GetResult(id=job_id, index=index), job_scope(principal))
     return Response(data, media_type=content_type)
@@ -192,32 +207,36 @@ async def job_result(
 
 
 @get("/api/v1/workers", summary="List workers", guards=OPERATOR)
-async def list_workers(gateway: Gateway, region: str | None = None, status: str | None = None) -> WorkerPage:
+async def list_workers(
+    gateway: NamedDependency[Gateway], region: FromQuery[str | None] = None, status: FromQuery[str | None] = None
+) -> WorkerPage:
     return await gateway.workers(ListWorkers(region=region, status=status))
 
 
 @get("/api/v1/workers/{worker_id:str}", summary="One worker", guards=OPERATOR)
-async def get_worker(worker_id: str, gateway: Gateway) -> WorkerView:
+async def get_worker(worker_id: FromPath[str], gateway: NamedDependency[Gateway]) -> WorkerView:
     return await gateway.worker(worker_id)
 
 
 @get("/api/v1/workers/{worker_id:str}/config", summary="A worker's runtime configuration", guards=OPERATOR)
-async def get_worker_config(worker_id: str, gateway: Gateway) -> WorkerConfigView:
+async def get_worker_config(worker_id: FromPath[str], gateway: NamedDependency[Gateway]) -> WorkerConfigView:
     return await gateway.get_config(worker_id)
 
 
 @put("/api/v1/workers/{worker_id:str}/config", summary="Change a worker's runtime configuration", guards=OPERATOR)
-async def put_worker_config(worker_id: str, data: dict[str, Any], gateway: Gateway) -> WorkerConfigView:
+async def put_worker_config(
+    worker_id: FromPath[str], data: JSONBody[dict[str, Any]], gateway: NamedDependency[Gateway]
+) -> WorkerConfigView:
     return await gateway.set_config(worker_id, data)
 
 
 @get("/api/v1/config/defaults", summary="Runtime configuration every worker inherits", guards=OPERATOR)
-async def get_config_defaults(gateway: Gateway) -> dict[str, Any]:
+async def get_config_defaults(gateway: NamedDependency[Gateway]) -> dict[str, Any]:
     return await gateway.get_defaults()
 
 
 @put("/api/v1/config/defaults", summary="Change the runtime configuration every worker inherits", guards=OPERATOR)
-async def put_config_defaults(data: dict[str, Any], gateway: Gateway) -> dict[str, Any]:
+async def put_config_defaults(data: JSONBody[dict[str, Any]], gateway: NamedDependency[Gateway]) -> dict[str, Any]:
     return await gateway.set_defaults(data)
 
 
@@ -225,19 +244,19 @@ async def put_config_defaults(data: dict[str, Any], gateway: Gateway) -> dict[st
 
 
 @post("/api/v1/admin/keys", status_code=HTTP_201_CREATED, guards=OPERATOR, summary="Create an API key (shown once)")
-async def create_api_key(data: CreateApiKey, gateway: Gateway) -> ApiKeyCreated:
+async def create_api_key(data: JSONBody[CreateApiKey], gateway: NamedDependency[Gateway]) -> ApiKeyCreated:
     return await gateway.admin.create_api_key(data)
 
 
 @get("/api/v1/admin/keys", guards=OPERATOR, summary="List API keys (never their secrets)")
-async def list_api_keys(gateway: Gateway) -> ApiKeyList:
+async def list_api_keys(gateway: NamedDependency[Gateway]) -> ApiKeyList:
     return await gateway.admin.list_api_keys()
 
 
 @delete(
     "/api/v1/admin/keys/{key_id:str}", status_code=HTTP_204_NO_CONTENT, guards=OPERATOR, summary="Revoke an API key"
 )
-async def revoke_api_key(key_id: str, gateway: Gateway) -> None:
+async def revoke_api_key(key_id: FromPath[str], gateway: NamedDependency[Gateway]) -> None:
     await gateway.admin.revoke_api_key(key_id)
 
 
@@ -245,7 +264,7 @@ async def revoke_api_key(key_id: str, gateway: Gateway) -> None:
     "/api/v1/admin/workers/enroll", status_code=HTTP_201_CREATED, guards=OPERATOR,
     summary="Create a one-use enrollment token for a worker (shown once)",
 )
-async def enroll_worker(data: CreateEnrollment, gateway: Gateway) -> EnrollmentCreated:
+async def enroll_worker(data: JSONBody[CreateEnrollment], gateway: NamedDependency[Gateway]) -> EnrollmentCreated:
     return await gateway.admin.create_enrollment(data)
 
 
@@ -253,7 +272,7 @@ async def enroll_worker(data: CreateEnrollment, gateway: Gateway) -> EnrollmentC
     "/api/v1/admin/workers/{worker_id:str}/rotate", status_code=HTTP_202_ACCEPTED, guards=OPERATOR,
     summary="Have a worker rotate its credentials at its next heartbeat",
 )
-async def rotate_worker(worker_id: str, gateway: Gateway) -> WorkerAction:
+async def rotate_worker(worker_id: FromPath[str], gateway: NamedDependency[Gateway]) -> WorkerAction:
     return await gateway.admin.request_rotation(worker_id)
 
 
@@ -261,7 +280,7 @@ async def rotate_worker(worker_id: str, gateway: Gateway) -> WorkerAction:
     "/api/v1/admin/workers/{worker_id:str}/revoke", status_code=HTTP_200_OK, guards=OPERATOR,
     summary="Revoke a worker's credentials at once; its jobs are requeued",
 )
-async def revoke_worker(worker_id: str, gateway: Gateway) -> WorkerAction:
+async def revoke_worker(worker_id: FromPath[str], gateway: NamedDependency[Gateway]) -> WorkerAction:
     return await gateway.admin.revoke_worker(worker_id)
 
 
@@ -269,7 +288,7 @@ async def revoke_worker(worker_id: str, gateway: Gateway) -> WorkerAction:
 
 
 @get("/health", summary="Each dependency's state; 503 while NATS is unreachable")
-async def health(gateway: Gateway) -> Response[dict[str, str]]:
+async def health(gateway: NamedDependency[Gateway]) -> Response[dict[str, str]]:
     state = await gateway.health()
     if all(value == "ok" for value in state.values()):
         return Response({"status": "ok", **state}, status_code=HTTP_200_OK)
