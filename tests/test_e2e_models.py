@@ -51,11 +51,13 @@ async def test_llm_job_returns_text_and_a_second_job_reuses_the_loaded_model(
         return model in (await client.worker(done.worker_id)).loaded_models
 
     await wait_until(known_loaded, 10, "the platform to know the model is loaded")
+    loads = await model_loads(client, done.worker_id, model)
+    assert loads >= 1
     second = await client.submit("llm", model=model, params={"prompt": "hello again", "max_new_tokens": 4})
     again = await client.wait(second.id, timeout_s=60)
     assert again.status == "completed"
     assert again.worker_id == done.worker_id, "the scheduler prefers the worker that has the model"
-    assert await model_loads(client, done.worker_id, model) == 1
+    assert await model_loads(client, done.worker_id, model) == loads, "the warm model was not loaded again"
 
 
 async def test_streamed_tokens_add_up_to_the_final_text(client: Client, http: HttpClient, tiny_gpt2: Path) -> None:
