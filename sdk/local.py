@@ -36,6 +36,7 @@ from rich.table import Table
 from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment
 from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable, terminate
 from sdk.connection import redact, with_user
+from sdk.private_files import write_private
 
 if TYPE_CHECKING:
     from gateway.admin import Admin
@@ -51,25 +52,10 @@ OPERATOR_KEY_FILE = "operator.key"
 WORKER_CREDENTIALS_FILE = "credentials.json"
 
 
-def write_private(path: Path, text: str) -> None:
-    """Create `path` readable by its owner only (its folder too), atomically; an existing file wins."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-    try:
-        os.link(temporary, path)  # fails if another process created it first: that one wins
-    except FileExistsError:
-        pass
-    finally:
-        temporary.unlink()
-
-
 def load_or_create_nats_env(path: Path) -> dict[str, str]:
     """The NATS passwords in `path` (`NAME=value` lines), generated on first run."""
     if not path.exists():
-        write_private(path, "".join(f"{name}={value}\n" for name, value in nats_passwords().items()))
+        write_private(path, "".join(f"{name}={value}\n" for name, value in nats_passwords().items()).encode(), replace=False)
         logger.info("generated NATS passwords in %s", path)
     pairs = (line.partition("=") for line in path.read_text(encoding="utf-8").splitlines() if "=" in line)
     return {name.strip(): value.strip() for name, _, value in pairs}
@@ -231,7 +217,7 @@ class LocalStack:
 
     def _operator_key(self) -> str:
         if not self.operator_key_file.exists():
-            write_private(self.operator_key_file, self.create_api_key("operator (gpuctl up)", "operator") + "\n")
+            write_private(self.operator_key_file, (self.create_api_key("operator (gpuctl up)", "operator") + "\n").encode(), replace=False)
             logger.info("created an operator API key in %s", self.operator_key_file)
         return self.operator_key_file.read_text(encoding="utf-8").strip()
 

@@ -26,6 +26,7 @@ import yaml
 from sdk.api import Token
 from sdk.connection import DEFAULT_NATS_URL
 from sdk.errors import BadRequest
+from sdk.private_files import write_private
 from sdk.tls import client_context
 
 logger = logging.getLogger(__name__)
@@ -354,12 +355,6 @@ def _field_type(path: tuple[str, ...]) -> mi.Type | None:
 def save_config(config: LocalConfig, path: Path) -> None:
     """Write `config` as YAML, readable by its owner only (it may hold an enrollment token)."""
     path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = yaml.safe_dump(msgspec.to_builtins(config, enc_hook=str), sort_keys=False)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(text)
-    os.chmod(temporary, 0o600)  # the file may have existed with wider permissions
-    os.replace(temporary, path)
+    write_private(path, text.encode())
     logger.info("wrote worker config to %s", path)

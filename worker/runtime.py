@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import ssl
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -71,6 +70,7 @@ from sdk.errors import (
     WorkerNotFound,
 )
 from sdk.events import Assignment, CancelOrder, ErrorInfo, GpuInfo, Heartbeat, dispatch_decoder, encoder
+from sdk.private_files import write_private
 from sdk.signing import sign
 from sdk.worker_config import effective_config, parse_partial
 from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
@@ -971,19 +971,9 @@ def _check_engines(engines: Mapping[str, BaseEngine], models: ModelProvider | No
 
 def save_identity(state_dir: Path, worker_id: str) -> None:
     """Remember the worker's id in its state dir, so a restart comes back as the same worker."""
-    _write_private(state_dir / STATE_FILE, msgspec.json.encode(WorkerState(worker_id=worker_id)))
+    write_private(state_dir / STATE_FILE, msgspec.json.encode(WorkerState(worker_id=worker_id)))
 
 
 def save_credentials(path: Path, credentials: WorkerCredentials) -> None:
     """Keep the worker's credentials (its HMAC secret among them) readable by the owner only."""
-    _write_private(path, msgspec.json.encode(credentials))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write atomically, readable by the owner only (ids and credentials)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        out.write(data)
-    os.replace(temporary, path)
+    write_private(path, msgspec.json.encode(credentials))

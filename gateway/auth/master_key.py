@@ -10,10 +10,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import stat
 from pathlib import Path
+
+from sdk.private_files import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -41,21 +42,9 @@ def load_or_create_master_key(path: Path) -> bytes:
 
 
 def _create(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as file:
-            file.write(secrets.token_bytes(MASTER_KEY_BYTES))
-            file.flush()
-            os.fsync(file.fileno())
-        # link() fails if the name exists: of two processes starting at once, exactly one key wins.
-        os.link(tmp, path)
+    # Of two processes starting at once, exactly one key wins; both then read that one.
+    if write_private(path, secrets.token_bytes(MASTER_KEY_BYTES), replace=False):
         logger.info("created master key %s", path)
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink()
 
 
 def derive_key(master_key: bytes, purpose: str) -> bytes:
