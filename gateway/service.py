@@ -37,6 +37,7 @@ from sdk.api import (
     JobView,
     ListJobs,
     ListWorkers,
+    OwnedGetJob,
     OwnedListJobs,
     RefreshTokens,
     Registered,
@@ -195,12 +196,8 @@ class Gateway:
     # --- Jobs: queries -----------------------------------------------------------------------------
 
     async def get(self, req: GetJob, owner: str | None = None) -> JobView:
-        view: JobView = await request(
-            self.nc, subjects.PROJ_JOBS_GET, req, JobView, timeout_s=PROJECTION_TIMEOUT_S
-        )
-        if owner is not None and not await self._owned(view.id, owner):
-            raise JobNotFound(f"job {req.id} not found")
-        return view
+        query = OwnedGetJob(**msgspec.structs.asdict(req), owner=owner)
+        return await request(self.nc, subjects.PROJ_JOBS_GET, query, JobView, timeout_s=PROJECTION_TIMEOUT_S)
 
     async def list(self, req: ListJobs, owner: str | None = None) -> JobPage:
         query = OwnedListJobs(**msgspec.structs.asdict(req), owner=owner)
@@ -267,10 +264,6 @@ class Gateway:
             raise JobNotFound(f"job {job_id} not found")
         self.feed.remember(job)
         return job
-
-    async def _owned(self, job_id: str, owner: str) -> bool:
-        job = self.feed.get(job_id) or await load_job(self.js, job_id)
-        return job is not None and job.owner == owner
 
     # --- Workers -----------------------------------------------------------------------------------
 

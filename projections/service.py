@@ -25,11 +25,11 @@ from projections.feed import FOLDED_STREAMS, QUEUE_SIZE, Delivered, follow, next
 from projections.store import Store, WorkerStatus, worker_view
 from sdk import subjects
 from sdk.api import (
-    GetJob,
     GetWorker,
     JobPage,
     JobView,
     ListWorkers,
+    OwnedGetJob,
     OwnedListJobs,
     WorkerPage,
     WorkerView,
@@ -178,11 +178,11 @@ class Projections:
         return self._store
 
     async def _get_job(self, data: bytes) -> JobView:
-        request: GetJob = decode(data, GetJob)
+        request: OwnedGetJob = decode(data, OwnedGetJob)
         if request.min_seq:
             await self.wait_for(subjects.JOBS_STREAM, request.min_seq, self._min_seq_wait_s)
         job = await self._reads.get_job(request.id)
-        if job is None:
+        if job is None or (request.owner is not None and job.owner != request.owner):
             raise JobNotFound(f"job {request.id} not found", {"id": request.id})
         return job_view(job)
 

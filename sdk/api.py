@@ -67,6 +67,13 @@ class ListJobs(Strict):
     min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
+class OwnedGetJob(GetJob):
+    """`GetJob` as the gateway forwards it to the projections: with a client's API key id (None for an
+    operator), so another client's job reads as not found. Never accepted from a client."""
+
+    owner: str | None = None
+
+
 class OwnedListJobs(ListJobs):
     """`ListJobs` as the gateway forwards it to the projections: with a client's API key id (None for an
     operator), so a client lists only its own jobs. Never accepted from a client."""
