@@ -4,6 +4,9 @@ Two things ride on it: `wait` (a caller waiting for a job's terminal state is wo
 ends it, with no polling and no consumer per waiter), and a cache of recent job states that makes a
 worker's report one append instead of a fold of the job's subject. The cache is a first guess only:
 an append at a stale sequence fails, and the caller folds the subject and decides again.
+
+On shutdown `close` answers every pending waiter (and so every long poll and stream built on one) with
+`Unavailable` at once, and refuses new ones: the HTTP server waits for open requests before it stops.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from sdk import subjects
-from sdk.errors import InvalidTransition, StaleAttempt
+from sdk.errors import InvalidTransition, StaleAttempt, Unavailable
 from sdk.events import job_event_decoder
 from sdk.jobs import Job, apply
 from sdk.log import load_job
@@ -25,6 +28,8 @@ from sdk.log import load_job
 logger = logging.getLogger(__name__)
 
 CACHE_SIZE = 50_000
+#: What a client is told to wait before it retries a request cut short by a shutdown (`Retry-After`).
+SHUTDOWN_RETRY_AFTER_S = 1
 
 
 class JobFeed:
@@ -34,6 +39,7 @@ class JobFeed:
         self._cache_size = cache_size
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._sub = None
+        self._closed = False
 
     async def start(self) -> None:
         self._sub = await self._js.subscribe(
@@ -67,13 +73,31 @@ class JobFeed:
         if job.status.terminal:
             self._wake(job)
 
+    def close(self) -> None:
+        """Fail every pending waiter with `Unavailable` now, and every later one at once (shutdown)."""
+        if self._closed:
+            return
+        self._closed = True
+        pending = sum(len(futures) for futures in self._waiters.values())
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_exception(_shutting_down())
+        self._waiters.clear()
+        logger.info("gateway shutting down: answered %d pending waits", pending)
+
     def waiter(self, job_id: str) -> asyncio.Future[Job]:
-        """A future resolved with the job once it is terminal; register it before reading the job."""
+        """A future resolved with the job once it is terminal; register it before reading the job.
+        Raises `Unavailable` once the feed is closed."""
+        if self._closed:
+            raise _shutting_down()
         future: asyncio.Future[Job] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job_id, []).append(future)
         return future
 
     def forget_waiter(self, job_id: str, future: asyncio.Future[Job]) -> None:
+        if future.done() and not future.cancelled():
+            future.exception()  # failed by `close` while its job was read: retrieved, not a warning at exit
         futures = self._waiters.get(job_id)
         if futures and future in futures:
             futures.remove(future)
@@ -105,3 +129,7 @@ class JobFeed:
         job = await load_job(self._js, job_id)
         if job is not None:
             self.remember(job)
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("the gateway is shutting down; retry", {"retry_after_s": SHUTDOWN_RETRY_AFTER_S})

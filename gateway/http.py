@@ -179,15 +179,19 @@ async def stream_job(
     job_id: FromPath[str], gateway: NamedDependency[Gateway], principal: NamedDependency[Principal]
 ) -> ServerSentEvent:
     """`token` events (JSON strings) whose texts add up to the final text, also for a client that
-    connects late; then one `done` event with the finished job."""
+    connects late; then one `done` event with the finished job, or one `error` event (`{code, message,
+    details}`, e.g. `unavailable` when the gateway shuts down)."""
     pieces = await gateway.stream(job_id, job_scope(principal))
 
     async def events() -> AsyncIterator[ServerSentEventMessage]:
-        async for item in pieces:
-            if isinstance(item, str):
-                yield ServerSentEventMessage(event="token", data=_json.encode(item).decode())
-            else:
-                yield ServerSentEventMessage(event="done", data=_json.encode(item).decode())
+        try:
+            async for item in pieces:
+                if isinstance(item, str):
+                    yield ServerSentEventMessage(event="token", data=_json.encode(item).decode())
+                else:
+                    yield ServerSentEventMessage(event="done", data=_json.encode(item).decode())
+        except PlatformError as exc:
+            yield ServerSentEventMessage(event="error", data=_json.encode(exc.to_reply()).decode())
 
     return ServerSentEvent(events())
 
@@ -305,7 +309,10 @@ def _error(status: int, code: str, message: str, details: Any = None) -> Respons
 
 
 def platform_error(_: Request, exc: PlatformError) -> Response[dict[str, Any]]:
-    return _error(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, exc.details)
+    response = _error(HTTP_STATUS.get(exc.code, 500), exc.code, exc.message, exc.details)
+    if exc.details and "retry_after_s" in exc.details:  # e.g. a long poll cut short by a shutdown
+        response.headers["Retry-After"] = str(exc.details["retry_after_s"])
+    return response
 
 
 def validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:

@@ -1,5 +1,10 @@
 """Running the gateway as a process: uvicorn serving the litestar app (over TLS when given a
-certificate), stopped by an event."""
+certificate), stopped by an event.
+
+Stopping: uvicorn waits for open requests before it runs the app's shutdown, so the pending long polls
+and streams are answered first (503, `Retry-After`; `JobFeed.close`); whatever else is still open after
+`GRACEFUL_SHUTDOWN_S` is cut off.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ from gateway.auth import AuthSettings
 from gateway.http import create_app
 
 logger = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_S = 3.0
 
 
 class _Server(uvicorn.Server):
@@ -40,13 +47,15 @@ async def serve(
     the key too) the API is HTTPS only."""
     app = create_app(nats_url, secrets_dir=secrets_dir, settings=settings, serve_nats_api=serve_nats_api)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", lifespan="on",
+        app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
     )
     server = _Server(config)
     task = asyncio.create_task(server.serve())
     stopped = asyncio.create_task(stop.wait())
     await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if (gateway := app.state.get("gateway")) is not None:
+        gateway.feed.close()
     server.should_exit = True
     await task
     stopped.cancel()

@@ -174,6 +174,9 @@ class HttpClient:
                         if job.status != "completed":
                             raise JobError(f"job {job_id} {job.status}", {"error": msgspec.to_builtins(job.error)})
                         return
+                    elif line.startswith("data:") and event == "error":
+                        raise from_reply(msgspec.json.decode(line[5:].strip(), type=ErrorReply))
+                raise Unavailable(f"stream of job {job_id} ended before the job finished")
             finally:
                 await response.aclose()
         except httpx.TimeoutException:
