@@ -2,7 +2,8 @@
 
 Each batch of events is one transaction that writes the rows and the positions they reach (DESIGN,
 invariant 5): a crash never leaves rows ahead of, or behind, the position a restart resumes from.
-Job rows go through the shared `sdk.jobs.apply`, so the projection and the scheduler never disagree.
+Job rows go through the shared `sdk.jobs.apply`, worker rows through `sdk.workers.apply_worker`, so the
+projection and the scheduler never disagree.
 
 Every column is folded from one stream only (jobs from JOBS; a worker's lifecycle columns from WORKERS,
 its telemetry columns from the latest heartbeat), so the order in which the live consumers of the
@@ -13,7 +14,6 @@ HEARTBEATS (10 minutes) has no telemetry for it.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,29 +26,15 @@ from projections.feed import Delivered
 from sdk import subjects
 from sdk.api import WorkerView, ms_to_datetime
 from sdk.errors import InvalidTransition, StaleAttempt
-from sdk.events import (
-    GpuInfo,
-    Heartbeat,
-    JobEvent,
-    WorkerCredentialsRotated,
-    WorkerDeregistered,
-    WorkerDraining,
-    WorkerEvent,
-    WorkerLost,
-    WorkerModelLoaded,
-    WorkerModelUnloaded,
-    WorkerRegistered,
-    heartbeat_decoder,
-    job_event_decoder,
-    worker_event_decoder,
-)
+from sdk.events import GpuInfo, Heartbeat, JobEvent, heartbeat_decoder, job_event_decoder, worker_event_decoder
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
+from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever a table changes: a database of another version is dropped and refolded from the
 #: streams (read models are rebuilt from events, never migrated).
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE jobs (
@@ -73,77 +59,23 @@ CREATE TABLE positions (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 TABLES = ("jobs", "workers", "positions")
 
 
-# --- Workers: the row and its pure fold ----------------------------------------------------------
+# --- Workers: the row (the shared lifecycle fold plus the latest heartbeat) --------------------------
 
 
-class WorkerStatus(str, enum.Enum):
-    #: Registered and taking work.
-    ONLINE = "online"
-    #: Finishing its jobs, taking no new ones.
-    DRAINING = "draining"
-    #: Its heartbeats stopped; the scheduler requeued its jobs.
-    LOST = "lost"
-    #: Left the platform for good.
-    DEREGISTERED = "deregistered"
+class WorkerRow(WorkerState, kw_only=True):
+    """A worker's lifecycle columns, folded from WORKERS by `sdk.workers.apply_worker`, then the columns
+    taken from its latest heartbeat. A worker only heard of through heartbeats has no status yet."""
 
-
-class Worker(msgspec.Struct, kw_only=True):
-    id: str
-    # Folded from WORKERS. `status` is None for a worker only heard of through heartbeats.
-    name: str | None = None
-    region: str | None = None
-    status: WorkerStatus | None = None
-    capabilities: list[str] = []
-    loaded_models: list[str] = []
-    gpus: list[GpuInfo] = []
-    updated_at_ms: int = 0
-    seq: int = 0
-    # Taken from the latest heartbeat.
     capacity: int = 1
     last_heartbeat_ms: int | None = None
     heartbeat_models: list[str] = []
     heartbeat_gpus: list[GpuInfo] = []
 
 
-def apply_worker(worker: Worker | None, event: WorkerEvent, seq: int) -> Worker:
-    """The worker after a lifecycle event; `worker` is left untouched. Raises `InvalidTransition`."""
-    current = worker or Worker(id=event.worker_id)
-    if current.status is None and not isinstance(event, WorkerRegistered):
-        raise InvalidTransition(f"worker {event.worker_id} is not registered; {type(event).__name__} needs it")
-    replace = msgspec.structs.replace
-    match event:
-        case WorkerRegistered():
-            new = replace(
-                current,
-                name=event.name,
-                region=event.region,
-                status=WorkerStatus.ONLINE,
-                capabilities=list(event.capabilities),
-                gpus=list(event.gpus),
-            )
-        case WorkerModelLoaded():
-            # Newest last: a model loaded again moves to the end.
-            models = [m for m in current.loaded_models if m != event.model]
-            new = replace(current, loaded_models=[*models, event.model])
-        case WorkerModelUnloaded():
-            new = replace(current, loaded_models=[m for m in current.loaded_models if m != event.model])
-        case WorkerDraining():
-            new = replace(current, status=WorkerStatus.DRAINING)
-        case WorkerLost():
-            new = replace(current, status=WorkerStatus.LOST)
-        case WorkerDeregistered():
-            new = replace(current, status=WorkerStatus.DEREGISTERED)
-        case WorkerCredentialsRotated():
-            new = replace(current)  # nothing a reader sees; the row only moves to the new sequence
-    new.updated_at_ms = event.at_ms
-    new.seq = seq
-    return new
-
-
-def apply_heartbeat(worker: Worker | None, heartbeat: Heartbeat) -> Worker:
+def apply_heartbeat(worker: WorkerRow | None, heartbeat: Heartbeat) -> WorkerRow:
     """The worker with the telemetry of its latest heartbeat; the lifecycle columns stay as they are."""
     return msgspec.structs.replace(
-        worker or Worker(id=heartbeat.worker_id),
+        worker or WorkerRow(id=heartbeat.worker_id),
         capacity=heartbeat.max_concurrency,
         last_heartbeat_ms=heartbeat.at_ms,
         heartbeat_models=list(heartbeat.loaded_models),
@@ -151,7 +83,7 @@ def apply_heartbeat(worker: Worker | None, heartbeat: Heartbeat) -> Worker:
     )
 
 
-def worker_view(worker: Worker, in_flight: list[str]) -> WorkerView:
+def worker_view(worker: WorkerRow, in_flight: list[str]) -> WorkerView:
     """What readers see: models and GPUs from whichever is fresher, the last event or the last heartbeat."""
     from_heartbeat = worker.last_heartbeat_ms is not None and worker.last_heartbeat_ms >= worker.updated_at_ms
     # Queries return registered workers only, and registration sets all three.
@@ -165,7 +97,7 @@ def worker_view(worker: Worker, in_flight: list[str]) -> WorkerView:
         capacity=worker.capacity,
         in_flight=in_flight,
         last_heartbeat=ms_to_datetime(worker.last_heartbeat_ms),
-        loaded_models=worker.heartbeat_models if from_heartbeat else worker.loaded_models,
+        loaded_models=worker.heartbeat_models if from_heartbeat else list(worker.loaded_models),
         gpus=worker.heartbeat_gpus if from_heartbeat else worker.gpus,
         seq=worker.seq,
     )
@@ -173,7 +105,7 @@ def worker_view(worker: Worker, in_flight: list[str]) -> WorkerView:
 
 # --- Rows <-> structs ----------------------------------------------------------------------------
 
-Row = TypeVar("Row", Job, Worker)
+Row = TypeVar("Row", Job, WorkerRow)
 _json = msgspec.json.Encoder()
 
 
@@ -205,7 +137,7 @@ class Table(Generic[Row]):
 
 
 JOBS = Table("jobs", Job, ("params", "result", "error"))
-WORKERS = Table("workers", Worker, ("capabilities", "loaded_models", "gpus", "heartbeat_models", "heartbeat_gpus"))
+WORKERS = Table("workers", WorkerRow, ("capabilities", "loaded_models", "gpus", "heartbeat_models", "heartbeat_gpus"))
 
 _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     subjects.JOBS_STREAM: job_event_decoder,
@@ -264,7 +196,7 @@ class Store:
             except msgspec.DecodeError as exc:
                 logger.warning("skipped undecodable %s #%d: %s", delivered.stream, delivered.seq, exc)
         jobs: dict[str, Job] = await self._load(JOBS, {e.job_id for _, e in events if isinstance(e, JobEvent)})
-        workers: dict[str, Worker] = await self._load(
+        workers: dict[str, WorkerRow] = await self._load(
             WORKERS, {e.worker_id for _, e in events if not isinstance(e, JobEvent)}
         )
         changed_jobs: set[str] = set()
@@ -276,7 +208,8 @@ class Store:
                         jobs[event.job_id] = apply(jobs.get(event.job_id), event, delivered.seq)
                         changed_jobs.add(event.job_id)
                     case subjects.WORKERS_STREAM:
-                        workers[event.worker_id] = apply_worker(workers.get(event.worker_id), event, delivered.seq)
+                        row = workers.get(event.worker_id) or WorkerRow(id=event.worker_id)
+                        workers[event.worker_id] = apply_worker(row, event, delivered.seq)
                         changed_workers.add(event.worker_id)
                     case subjects.HEARTBEATS_STREAM:
                         workers[event.worker_id] = apply_heartbeat(workers.get(event.worker_id), event)
@@ -347,13 +280,13 @@ class Store:
         )
         return [job_id for (job_id,) in rows]
 
-    async def get_worker(self, worker_id: str) -> Worker | None:
+    async def get_worker(self, worker_id: str) -> WorkerRow | None:
         rows = await self._reader.execute_fetchall(
             f"{WORKERS.select_sql} WHERE id = ? AND status IS NOT NULL", (worker_id,)
         )
         return WORKERS.from_row(rows[0]) if rows else None
 
-    async def list_workers(self, *, region: str | None = None, status: WorkerStatus | None = None) -> list[Worker]:
+    async def list_workers(self, *, region: str | None = None, status: WorkerStatus | None = None) -> list[WorkerRow]:
         # A worker only heard of through heartbeats has no status yet: not listed until it registers.
         where, args = _filters(
             {"region = ?": region, "status = ?": status.value if status else None}, "status IS NOT NULL"
