@@ -5,59 +5,44 @@ Pure functions, no NATS: `sdk.jobs.apply` for jobs, `sdk.workers.apply_worker` f
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import msgspec
 import pytest
 
+from sdk import events as ev
 from sdk.errors import InvalidTransition, PlatformError, StaleAttempt
-from sdk.events import (
-    ErrorInfo,
-    JobAssigned,
-    JobCancelled,
-    JobCancelRequested,
-    JobCompleted,
-    JobEvent,
-    JobExpired,
-    JobFailed,
-    JobProgress,
-    JobRequeued,
-    JobStarted,
-    JobSubmitted,
-    WorkerCredentialsRotated,
-    WorkerDeregistered,
-    WorkerDraining,
-    WorkerEvent,
-    WorkerLost,
-    WorkerModelLoaded,
-    WorkerModelUnloaded,
-    WorkerRegistered,
-)
 from sdk.jobs import Job, JobStatus, apply
 from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 # --- Jobs --------------------------------------------------------------------------------------------
 
 J, W = "j1", "w1"
-ERROR = ErrorInfo(code="boom", message="it broke")
+ERROR = ev.ErrorInfo(code="boom", message="it broke")
 
 #: The events that bring a new job to each status (attempt 1, on worker w1).
-REACH: dict[JobStatus, list[JobEvent]] = {
+REACH: dict[JobStatus, list[ev.JobEvent]] = {
     JobStatus.QUEUED: [],
-    JobStatus.ASSIGNED: [JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1)],
-    JobStatus.RUNNING: [JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1), JobStarted(job_id=J, worker_id=W, attempt=1)],
-    JobStatus.COMPLETED: [
-        JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1),
-        JobCompleted(job_id=J, worker_id=W, attempt=1, result="ok"),
+    JobStatus.ASSIGNED: [ev.JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1)],
+    JobStatus.RUNNING: [
+        ev.JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1),
+        ev.JobStarted(job_id=J, worker_id=W, attempt=1),
     ],
-    JobStatus.FAILED: [JobFailed(job_id=J, worker_id=None, attempt=1, error=ERROR)],
-    JobStatus.CANCELLED: [JobCancelled(job_id=J)],
-    JobStatus.EXPIRED: [JobExpired(job_id=J)],
+    JobStatus.COMPLETED: [
+        ev.JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1),
+        ev.JobCompleted(job_id=J, worker_id=W, attempt=1, result="ok"),
+    ],
+    JobStatus.FAILED: [ev.JobFailed(job_id=J, worker_id=None, attempt=1, error=ERROR)],
+    JobStatus.CANCELLED: [ev.JobCancelled(job_id=J)],
+    JobStatus.EXPIRED: [ev.JobExpired(job_id=J)],
 }
 
 
 def job_in(status: JobStatus | None) -> Job | None:
     if status is None:
         return None
-    job = apply(None, JobSubmitted(job_id=J, job_type="echo"), seq=1)
+    job = apply(None, ev.JobSubmitted(job_id=J, job_type="echo"), seq=1)
     for seq, event in enumerate(REACH[status], start=2):
         job = apply(job, event, seq)
     assert job.status is status
@@ -65,18 +50,18 @@ def job_in(status: JobStatus | None) -> Job | None:
 
 
 #: One event of each kind, about attempt 1 on worker w1 (a requeue moves to attempt 2).
-JOB_EVENTS: dict[str, JobEvent] = {
-    "submitted": JobSubmitted(job_id=J, job_type="echo"),
-    "assigned": JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1),
-    "started": JobStarted(job_id=J, worker_id=W, attempt=1),
-    "progress": JobProgress(job_id=J, worker_id=W, attempt=1, progress=0.5),
-    "completed": JobCompleted(job_id=J, worker_id=W, attempt=1, result="ok"),
-    "failed_by_worker": JobFailed(job_id=J, worker_id=W, attempt=1, error=ERROR),
-    "failed_by_platform": JobFailed(job_id=J, worker_id=None, attempt=1, error=ERROR),
-    "requeued": JobRequeued(job_id=J, attempt=2, reason="worker_lost"),
-    "cancel_requested": JobCancelRequested(job_id=J),
-    "cancelled": JobCancelled(job_id=J),
-    "expired": JobExpired(job_id=J),
+JOB_EVENTS: dict[str, ev.JobEvent] = {
+    "submitted": ev.JobSubmitted(job_id=J, job_type="echo"),
+    "assigned": ev.JobAssigned(job_id=J, worker_id=W, region="eu", attempt=1),
+    "started": ev.JobStarted(job_id=J, worker_id=W, attempt=1),
+    "progress": ev.JobProgress(job_id=J, worker_id=W, attempt=1, progress=0.5),
+    "completed": ev.JobCompleted(job_id=J, worker_id=W, attempt=1, result="ok"),
+    "failed_by_worker": ev.JobFailed(job_id=J, worker_id=W, attempt=1, error=ERROR),
+    "failed_by_platform": ev.JobFailed(job_id=J, worker_id=None, attempt=1, error=ERROR),
+    "requeued": ev.JobRequeued(job_id=J, attempt=2, reason="worker_lost"),
+    "cancel_requested": ev.JobCancelRequested(job_id=J),
+    "cancelled": ev.JobCancelled(job_id=J),
+    "expired": ev.JobExpired(job_id=J),
 }
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
@@ -97,25 +82,30 @@ JOB_TRANSITIONS: dict[str, dict[JobStatus | None, JobStatus]] = {
 JOB_STATUSES: list[JobStatus | None] = [None, *JobStatus]
 
 
+def check_transition(fold: Callable[[Any, Any, int], Any], state: Any, event: Any, after: Any) -> None:
+    """`fold(state, event)` gives a new struct with status `after`, leaving `state` untouched; or, when
+    `after` is None, refuses with `InvalidTransition`."""
+    if after is None:
+        with pytest.raises(InvalidTransition):
+            fold(state, event, 99)
+        return
+    before_copy = state and msgspec.structs.replace(state)
+    new = fold(state, event, 99)
+    assert (new.status, new.seq) == (after, 99)
+    assert state == before_copy, "the fold changed the state it was given"
+
+
 @pytest.mark.parametrize("before", JOB_STATUSES, ids=lambda s: getattr(s, "value", "none"))
 @pytest.mark.parametrize("name", JOB_EVENTS)
 def test_job_transition_table(name: str, before: JobStatus | None) -> None:
-    job, event = job_in(before), JOB_EVENTS[name]
-    after = JOB_TRANSITIONS[name].get(before)
-    if after is None:
-        with pytest.raises(InvalidTransition):
-            apply(job, event, seq=99)
-        return
-    before_copy = job and msgspec.structs.replace(job)
-    new = apply(job, event, seq=99)
-    assert (new.status, new.seq) == (after, 99)
-    assert job == before_copy, "apply changed the job it was given"
+    check_transition(apply, job_in(before), JOB_EVENTS[name], JOB_TRANSITIONS[name].get(before))
 
 
 def test_job_requeue_starts_the_next_attempt_afresh() -> None:
     new = apply(job_in(JobStatus.RUNNING), JOB_EVENTS["requeued"], seq=9)
 
-    assert (new.attempt, new.worker_id, new.assigned_at_ms, new.started_at_ms, new.progress) == (2, None, None, None, None)
+    assert (new.attempt, new.worker_id, new.assigned_at_ms, new.started_at_ms) == (2, None, None, None)
+    assert new.progress is None
 
 
 def test_job_cancel_request_marks_the_job_and_keeps_its_status() -> None:
@@ -127,29 +117,29 @@ def test_job_cancel_request_marks_the_job_and_keeps_its_status() -> None:
 @pytest.mark.parametrize(
     ("before", "event"),
     [
-        (JobStatus.QUEUED, JobAssigned(job_id=J, worker_id=W, region="eu", attempt=2)),
-        (JobStatus.ASSIGNED, JobStarted(job_id=J, worker_id="w2", attempt=1)),
-        (JobStatus.ASSIGNED, JobStarted(job_id=J, worker_id=W, attempt=2)),
-        (JobStatus.RUNNING, JobProgress(job_id=J, worker_id="w2", attempt=1, progress=0.1)),
-        (JobStatus.RUNNING, JobCompleted(job_id=J, worker_id=W, attempt=0)),
-        (JobStatus.RUNNING, JobFailed(job_id=J, worker_id="w2", attempt=1, error=ERROR)),
-        (JobStatus.RUNNING, JobRequeued(job_id=J, attempt=3, reason="worker_lost")),
+        (JobStatus.QUEUED, ev.JobAssigned(job_id=J, worker_id=W, region="eu", attempt=2)),
+        (JobStatus.ASSIGNED, ev.JobStarted(job_id=J, worker_id="w2", attempt=1)),
+        (JobStatus.ASSIGNED, ev.JobStarted(job_id=J, worker_id=W, attempt=2)),
+        (JobStatus.RUNNING, ev.JobProgress(job_id=J, worker_id="w2", attempt=1, progress=0.1)),
+        (JobStatus.RUNNING, ev.JobCompleted(job_id=J, worker_id=W, attempt=0)),
+        (JobStatus.RUNNING, ev.JobFailed(job_id=J, worker_id="w2", attempt=1, error=ERROR)),
+        (JobStatus.RUNNING, ev.JobRequeued(job_id=J, attempt=3, reason="worker_lost")),
     ],
     ids=lambda v: getattr(v, "value", type(v).__name__),
 )
-def test_job_event_about_another_attempt_or_worker_is_stale(before: JobStatus, event: JobEvent) -> None:
+def test_job_event_about_another_attempt_or_worker_is_stale(before: JobStatus, event: ev.JobEvent) -> None:
     with pytest.raises(StaleAttempt):
         apply(job_in(before), event)
 
 
 # --- Workers -----------------------------------------------------------------------------------------
 
-REGISTERED = WorkerRegistered(worker_id=W, name="w1", region="eu", capabilities=("echo", "llm"))
-WORKER_REACH: dict[WorkerStatus, list[WorkerEvent]] = {
+REGISTERED = ev.WorkerRegistered(worker_id=W, name="w1", region="eu", capabilities=("echo", "llm"))
+WORKER_REACH: dict[WorkerStatus, list[ev.WorkerEvent]] = {
     WorkerStatus.ONLINE: [],
-    WorkerStatus.DRAINING: [WorkerDraining(worker_id=W)],
-    WorkerStatus.LOST: [WorkerLost(worker_id=W, reason="silent")],
-    WorkerStatus.DEREGISTERED: [WorkerDeregistered(worker_id=W)],
+    WorkerStatus.DRAINING: [ev.WorkerDraining(worker_id=W)],
+    WorkerStatus.LOST: [ev.WorkerLost(worker_id=W, reason="silent")],
+    WorkerStatus.DEREGISTERED: [ev.WorkerDeregistered(worker_id=W)],
 }
 
 
@@ -157,21 +147,21 @@ def worker_in(status: WorkerStatus | None) -> WorkerState | None:
     if status is None:
         return None
     worker = apply_worker(None, REGISTERED, seq=1)
-    worker = apply_worker(worker, WorkerModelLoaded(worker_id=W, model="m1", memory_bytes=10), seq=2)
+    worker = apply_worker(worker, ev.WorkerModelLoaded(worker_id=W, model="m1", memory_bytes=10), seq=2)
     for seq, event in enumerate(WORKER_REACH[status], start=3):
         worker = apply_worker(worker, event, seq)
     assert worker.status is status
     return worker
 
 
-WORKER_EVENTS: dict[str, WorkerEvent] = {
+WORKER_EVENTS: dict[str, ev.WorkerEvent] = {
     "registered": REGISTERED,
-    "model_loaded": WorkerModelLoaded(worker_id=W, model="m2", memory_bytes=20),
-    "model_unloaded": WorkerModelUnloaded(worker_id=W, model="m1"),
-    "draining": WorkerDraining(worker_id=W),
-    "lost": WorkerLost(worker_id=W, reason="silent"),
-    "deregistered": WorkerDeregistered(worker_id=W),
-    "credentials_rotated": WorkerCredentialsRotated(worker_id=W, generation=2),
+    "model_loaded": ev.WorkerModelLoaded(worker_id=W, model="m2", memory_bytes=20),
+    "model_unloaded": ev.WorkerModelUnloaded(worker_id=W, model="m1"),
+    "draining": ev.WorkerDraining(worker_id=W),
+    "lost": ev.WorkerLost(worker_id=W, reason="silent"),
+    "deregistered": ev.WorkerDeregistered(worker_id=W),
+    "credentials_rotated": ev.WorkerCredentialsRotated(worker_id=W, generation=2),
 }
 
 ON, DR, LO, DE = WorkerStatus.ONLINE, WorkerStatus.DRAINING, WorkerStatus.LOST, WorkerStatus.DEREGISTERED
@@ -192,26 +182,23 @@ WORKER_STATUSES: list[WorkerStatus | None] = [None, *WorkerStatus]
 @pytest.mark.parametrize("before", WORKER_STATUSES, ids=lambda s: getattr(s, "value", "none"))
 @pytest.mark.parametrize("name", WORKER_EVENTS)
 def test_worker_transition_table(name: str, before: WorkerStatus | None) -> None:
-    worker, event = worker_in(before), WORKER_EVENTS[name]
-    after = WORKER_TRANSITIONS[name].get(before)
-    if after is None:
-        with pytest.raises(InvalidTransition):
-            apply_worker(worker, event, seq=99)
-        return
-    before_copy = worker and msgspec.structs.replace(worker)
-    new = apply_worker(worker, event, seq=99)
-    assert (new.status, new.seq, new.updated_at_ms) == (after, 99, event.at_ms)
-    assert worker == before_copy, "apply_worker changed the state it was given"
+    check_transition(apply_worker, worker_in(before), WORKER_EVENTS[name], WORKER_TRANSITIONS[name].get(before))
+
+
+def test_worker_event_time_is_the_last_update() -> None:
+    event = ev.WorkerDraining(worker_id=W, at_ms=1234)
+
+    assert apply_worker(worker_in(WorkerStatus.ONLINE), event, seq=7).updated_at_ms == 1234
 
 
 def test_worker_models_are_kept_newest_last_with_their_memory() -> None:
     worker = worker_in(WorkerStatus.ONLINE)
     for seq, event in enumerate(
         [
-            WorkerModelLoaded(worker_id=W, model="m2", memory_bytes=20),
-            WorkerModelLoaded(worker_id=W, model="m1", memory_bytes=11),  # loaded again: moves to the end
-            WorkerModelUnloaded(worker_id=W, model="m2"),
-            WorkerModelUnloaded(worker_id=W, model="never-loaded"),
+            ev.WorkerModelLoaded(worker_id=W, model="m2", memory_bytes=20),
+            ev.WorkerModelLoaded(worker_id=W, model="m1", memory_bytes=11),  # loaded again: moves to the end
+            ev.WorkerModelUnloaded(worker_id=W, model="m2"),
+            ev.WorkerModelUnloaded(worker_id=W, model="never-loaded"),
         ],
         start=3,
     ):
@@ -221,7 +208,7 @@ def test_worker_models_are_kept_newest_last_with_their_memory() -> None:
 
 
 def test_worker_registering_again_comes_back_online_with_its_new_description() -> None:
-    again = WorkerRegistered(worker_id=W, name="renamed", region="us", capabilities=("echo",))
+    again = ev.WorkerRegistered(worker_id=W, name="renamed", region="us", capabilities=("echo",))
 
     new = apply_worker(worker_in(WorkerStatus.LOST), again, seq=9)
 
