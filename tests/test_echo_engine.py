@@ -1,15 +1,23 @@
-"""The echo engine, run the way the runtime runs it: `inference(None, JobContext)`."""
+"""The echo engine, run the way the runtime runs it: `inference(None, JobContext)`; and an echo job run by
+a worker that has no model cache at all."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sdk.http import HttpClient
+from sdk.local import LocalStack
+from tests.conftest import wait_until
+from worker.config import LocalConfig
+from worker.engines import available_engines
 from worker.engines.base import EngineError, JobContext
 from worker.engines.echo import EchoEngine
+from worker.runtime import Worker
 
 
 class Recorded:
@@ -36,9 +44,32 @@ async def test_echo_returns_its_params() -> None:
     assert await EchoEngine().inference(None, context(params)) == params
 
 
-def test_echo_needs_no_model() -> None:
-    assert EchoEngine.job_type == "echo"
-    assert EchoEngine.needs_model is False
+@pytest.mark.slow
+async def test_an_echo_job_runs_on_a_worker_without_a_model_cache(
+    stack: LocalStack, http: HttpClient, tmp_path: Path
+) -> None:
+    """A worker embedded in this process, built as `gpu-worker start --engines echo` builds it: no model
+    cache, no model named by the job, and nothing loaded afterwards."""
+    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
+    config = LocalConfig(
+        nats_url=stack.worker_url, name="echo-only", region="echo-no-cache", state_dir=tmp_path, enrollment_token=token
+    )
+    worker = Worker.from_config(config, available_engines(["echo"]))
+    try:
+        async with worker:
+            job = await http.submit("echo", params={"chunks": ["a", "b"]}, region="echo-no-cache")
+            done = await http.wait(job.id, timeout_s=30)
+            assert (done.status, done.worker_id, done.result) == ("completed", worker.worker_id, {"chunks": ["a", "b"]})
+
+            async def acked() -> bool:  # the worker counts a job once its outcome is reported and acked
+                return worker.jobs_done == 1
+
+            await wait_until(acked, 5, "the worker to ack the job")
+            assert worker.loaded_models == ()
+            assert (await http.worker(done.worker_id or "")).loaded_models == []
+    finally:
+        if worker.worker_id is not None:
+            await http.revoke_worker(worker.worker_id)
 
 
 async def test_echo_sleeps_then_returns_with_progress_up_to_one() -> None:

@@ -29,8 +29,8 @@ from sdk.http import HttpClient
 from sdk.local import LocalStack
 from tests.conftest import wait_until
 from worker.cli import app, registered_worker_id
+from worker.cli.console import Phase, ScreenSample, live_view
 from worker.config import load_config
-from worker.console import Phase, WorkerSnapshot, live_view
 from worker.models import LoadedModel, LoadStage
 
 VALID_KEYS = (
@@ -203,7 +203,7 @@ async def test_an_echo_only_worker_serves_without_importing_torch(platform: Loca
 
 
 def test_the_live_screen_shows_jobs_gpus_models_and_a_model_being_loaded() -> None:
-    snapshot = WorkerSnapshot(
+    snapshot = ScreenSample(
         name="box-1", region="eu-west", nats_url="nats://platform:4222", worker_id="wrk-1",
         engines=("echo", "llm"), capacity=4, in_flight=1, jobs_done=17,
         gpus=(GpuInfo(index=0, name="NVIDIA H200", memory_total_bytes=141 * 2**30, memory_used_bytes=12 * 2**30),),

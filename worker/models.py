@@ -17,7 +17,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -46,6 +46,14 @@ class LoadedModel(NamedTuple):
     model: str
     memory_bytes: int
     last_used_at_ms: int
+
+
+class ModelProvider(Protocol):
+    """Lends loaded models to jobs for their length, and says what is loaded; `ModelCache` is one."""
+
+    def use(self, engine: BaseEngine, spec: ModelSpec) -> contextlib.AbstractAsyncContextManager[Any]: ...
+
+    def loaded(self) -> list[LoadedModel]: ...
 
 
 class MemoryProbe:

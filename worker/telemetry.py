@@ -8,8 +8,11 @@ GPU indices are NVML's, which follow the PCI bus order (`CUDA_DEVICE_ORDER=PCI_B
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
+
+import msgspec
 
 from sdk.events import GpuInfo
 
@@ -22,6 +25,27 @@ logger = logging.getLogger(__name__)
 
 #: Whether NVML initialised; None until the first call tries.
 _nvml_ready: bool | None = None
+
+
+class HostTelemetry(msgspec.Struct, frozen=True, kw_only=True):
+    """What the worker reports about its machine: the GPUs it uses, and the memory free for models."""
+
+    gpus: tuple[GpuInfo, ...] = ()
+    memory_free_bytes: int | None = None
+
+
+def select_gpus(indices: list[int] | None) -> None:
+    """Make only the GPUs at `indices` (None: all) visible to CUDA. Call it before torch is imported:
+    engines load onto `cuda:0`, which is then the first chosen GPU, the one the model cache measures."""
+    if indices is None:
+        return
+    visible = ",".join(map(str, indices))
+    if os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, visible):
+        logger.warning("CUDA_VISIBLE_DEVICES=%s replaced by the configured gpus %s", os.environ["CUDA_VISIBLE_DEVICES"], visible)
+    # NVML numbers GPUs in PCI bus order; CUDA must count the same way for the indices to agree.
+    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    logger.info("using GPUs %s", visible)
 
 
 def gpu_snapshot(indices: list[int] | None = None) -> list[GpuInfo]:

@@ -162,7 +162,7 @@ LOAD_STAGE_TEXT = {
 }
 
 
-class WorkerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+class ScreenSample(msgspec.Struct, frozen=True, kw_only=True):
     """What the live screen shows, sampled from the running worker."""
 
     name: str
@@ -180,7 +180,7 @@ class WorkerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def live_view(
-    snapshot: WorkerSnapshot, phase: Phase, loading: Mapping[str, tuple[LoadStage, float]], now_s: float
+    snapshot: ScreenSample, phase: Phase, loading: Mapping[str, tuple[LoadStage, float]], now_s: float
 ) -> RenderableType:
     """The screen: who and where, jobs, GPUs, loaded models, and a spinner per model being loaded.
     `loading` maps a model to its stage and the monotonic time the load began."""
@@ -217,10 +217,10 @@ class LiveStatus:
     """Redraws `live_view` on a terminal while the worker runs; log lines print above it through the same
     console. `run()` until cancelled; `on_load_progress` is the model cache's callback."""
 
-    def __init__(self, console: Console, sample: Callable[[], Awaitable[WorkerSnapshot]]) -> None:
+    def __init__(self, console: Console, sample: Callable[[], Awaitable[ScreenSample]]) -> None:
         self.phase = Phase.STARTING
         self._sample = sample
-        self._snapshot: WorkerSnapshot | None = None
+        self._snapshot: ScreenSample | None = None
         self._loading: dict[str, tuple[LoadStage, float]] = {}
         # Only the renderable built on the event loop is handed to the refresh thread, never live state.
         self._live = Live(console=console, refresh_per_second=8, redirect_stdout=False, redirect_stderr=False)

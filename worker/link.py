@@ -1,0 +1,145 @@
+"""The worker's one link to the platform: its NATS connection, signed requests, token streams, result objects.
+
+Everything the worker says to the platform goes through `PlatformLink`, so each mechanism has one place:
+- `connect` opens the NATS connection (the only one the worker holds);
+- `send` asks the gateway something: signed with the worker's HMAC secret once it has credentials (a new
+  signature and nonce per attempt), and retried with backoff (stamina) while the gateway does not answer;
+  a refusal (any other error reply) is raised at once as its typed error;
+- `publish_chunk` streams a running job's output to `stream.<job_id>`;
+- `store_object` puts a large result in the `results` object store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import msgspec
+import stamina
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.object_store import ObjectStore
+
+from sdk import subjects
+from sdk.api import Accepted, StreamChunk, WorkerCredentials, WorkerReport
+from sdk.connection import connect, request
+from sdk.errors import Timeout, Unavailable
+from sdk.events import encoder
+from sdk.signing import sign
+
+logger = logging.getLogger(__name__)
+
+#: How long one request to the gateway may take before it counts as unanswered.
+REQUEST_TIMEOUT_S = 5.0
+#: Backoff between the attempts of an unanswered request: 0.1s, doubling, at most RETRY_MAX_DELAY_S.
+RETRY_INITIAL_DELAY_S = 0.1
+RETRY_MAX_DELAY_S = 5.0
+#: The answers that mean "nobody answered" (the gateway may be restarting): the only ones retried.
+UNANSWERED = (Timeout, Unavailable)
+
+R = TypeVar("R")
+
+
+@dataclass(eq=False, kw_only=True)
+class PlatformLink:
+    """The connection of one worker to the platform; `connect()` first, `close()` last."""
+
+    nats_url: str | None
+    #: The worker's name, in its NATS connection name (`gpu-worker-<name>`) as the server lists it.
+    name: str
+    tls: ssl.SSLContext | None
+    connect_wait_s: float
+    #: The id reports are sent as (set by the registration).
+    worker_id: str | None = field(default=None, init=False)
+    #: What requests are signed with; None before the first enrollment (requests go unsigned).
+    credentials: WorkerCredentials | None = field(default=None, init=False)
+    _nc: NatsClient | None = field(default=None, init=False)
+    _js: JetStreamContext | None = field(default=None, init=False)
+    _results: ObjectStore | None = field(default=None, init=False)
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    @property
+    def js(self) -> JetStreamContext:
+        assert self._js is not None, "connect() first"
+        return self._js
+
+    async def connect(self) -> None:
+        """Open the worker's NATS connection (waiting up to `connect_wait_s` for the server)."""
+        self._nc = await connect(
+            self.nats_url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s
+        )
+        self._js = self._nc.jetstream()
+
+    async def close(self) -> None:
+        """Close the connection, flushing what is still buffered (the last acks) first; idempotent."""
+        if self._nc is None or self._nc.is_closed:
+            return
+        with contextlib.suppress(Exception):
+            await self._nc.flush(timeout=2)
+        await self._nc.close()
+
+    # --- Requests -----------------------------------------------------------------------------------------
+
+    async def send(
+        self, subject: str, payload: msgspec.Struct, reply_type: type[R], *, retry_for_s: float = 0.0
+    ) -> R:
+        """The one way this worker asks the platform anything. Retries an unanswered request with
+        exponential backoff for up to `retry_for_s` (logging each unanswered attempt); a refusal is
+        raised at once as its typed error."""
+        body = encoder.encode(payload)
+        if retry_for_s <= 0:
+            return await self._request(subject, body, reply_type)
+        retries = stamina.retry_context(
+            on=UNANSWERED,
+            attempts=None,
+            timeout=retry_for_s,
+            wait_initial=RETRY_INITIAL_DELAY_S,
+            wait_max=RETRY_MAX_DELAY_S,
+            wait_jitter=0.0,
+        )
+        async for attempt in retries:
+            with attempt:
+                try:
+                    return await self._request(subject, body, reply_type)
+                except UNANSWERED as exc:
+                    logger.warning("%s: %s (attempt %d; retrying for up to %.0fs)", subject, exc.message, attempt.num, retry_for_s)
+                    raise
+        raise AssertionError("stamina ended its retries without an answer or an error")
+
+    async def report(self, report: WorkerReport, *, retry_for_s: float = 0.0) -> Accepted:
+        """A report about a job or this worker, to `api.workers.report.<worker_id>`."""
+        assert self.worker_id is not None, "register first"
+        return await self.send(subjects.report_subject(self.worker_id), report, Accepted, retry_for_s=retry_for_s)
+
+    async def _request(self, subject: str, body: bytes, reply_type: type[R]) -> R:
+        assert self._nc is not None, "connect() first"
+        headers = None
+        if self.credentials is not None:
+            secret = bytes.fromhex(self.credentials.hmac_secret_hex)
+            headers = sign(secret, subject, body, worker_id=self.credentials.worker_id)
+        reply: R = await request(self._nc, subject, body, reply_type, timeout_s=REQUEST_TIMEOUT_S, headers=headers)
+        return reply
+
+    # --- What running jobs send -------------------------------------------------------------------------
+
+    async def publish_chunk(self, job_id: str, chunk: StreamChunk) -> None:
+        """Stream a piece of a job's output to `stream.<job_id>` (core NATS: not in the log)."""
+        assert self._nc is not None, "connect() first"
+        await self._nc.publish(subjects.stream_subject(job_id), encoder.encode(chunk))
+
+    async def store_object(self, job_id: str, name: str, data: bytes, content_type: str) -> str:
+        """Put a large result in the `results` object store as `<job_id>/<name>`; returns that name."""
+        if self._results is None:
+            self._results = await self.js.object_store(subjects.RESULTS_BUCKET)
+        object_name = f"{job_id}/{name}"
+        meta = js_api.ObjectMeta(name=object_name, headers={"Content-Type": [content_type]})
+        await self._results.put(object_name, data, meta=meta)
+        logger.info("stored %s (%d bytes)", object_name, len(data))
+        return object_name
