@@ -24,9 +24,10 @@ from rich.markup import escape
 from sdk import subjects
 from sdk.client import Client
 from sdk.connection import connect
-from sdk.errors import BadRequest, PlatformError, Unavailable, WorkerNotFound
-from sdk.events import WorkerModelLoaded, WorkerModelUnloaded, worker_event_decoder
+from sdk.errors import BadRequest, InvalidTransition, PlatformError, Unavailable, WorkerNotFound
+from sdk.events import worker_event_decoder
 from sdk.log import read_subject
+from sdk.workers import WorkerState, apply_worker
 from worker.cli.app import app, fail
 from worker.cli.console import config_table, format_bytes, format_value, gpu_table, models_table, worker_table
 from worker.config import LocalConfig, load_config
@@ -212,18 +213,17 @@ def registered_worker_id(state_dir: Path) -> str:
 
 
 async def _model_memory(client: Client, worker_id: str) -> dict[str, int]:
-    """The memory each model took when the worker loaded it, from the worker's events in the log
-    (the platform's worker view names the models but not their memory)."""
+    """The memory each model took when the worker loaded it, folded from the worker's events in the log
+    by `sdk.workers.apply_worker` (the platform's worker view names the models but not their memory)."""
     try:
         raw = await read_subject(client.nc.jetstream(), subjects.WORKERS_STREAM, subjects.worker_subject(worker_id))
     except NatsError as exc:  # a NATS user that may not read the log: the table shows no memory
         logger.info("cannot read the events of worker %s: %s", worker_id, exc)
         return {}
-    memory: dict[str, int] = {}
-    for data, _ in raw:
-        match worker_event_decoder.decode(data):
-            case WorkerModelLoaded(model=model, memory_bytes=memory_bytes):
-                memory[model] = memory_bytes
-            case WorkerModelUnloaded(model=model):
-                memory.pop(model, None)
-    return memory
+    state: WorkerState | None = None
+    for data, seq in raw:
+        try:
+            state = apply_worker(state, worker_event_decoder.decode(data), seq)
+        except InvalidTransition as exc:  # as in the projections: a refused event changes nothing
+            logger.info("skipped event #%d of worker %s: %s", seq, worker_id, exc)
+    return dict(state.loaded_models) if state is not None else {}
