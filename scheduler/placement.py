@@ -28,7 +28,7 @@ import msgspec
 from sdk.jobs import Job
 
 
-class WorkerSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     """What placement needs to know about one worker at one instant."""
 
     worker_id: str
@@ -57,7 +57,7 @@ class NoPlacement(msgspec.Struct, frozen=True, kw_only=True):
     reasons: dict[str, str]
 
 
-def _refusal(job: Job, worker: WorkerSnapshot, *, draw: float) -> str | None:
+def _refusal(job: Job, worker: Candidate, *, draw: float) -> str | None:
     """Why `worker` cannot take `job` now, or None when it can."""
     if not worker.alive:
         return "not alive"
@@ -74,15 +74,15 @@ def _refusal(job: Job, worker: WorkerSnapshot, *, draw: float) -> str | None:
     return None
 
 
-def _rank(job: Job, worker: WorkerSnapshot) -> tuple[bool, int, int, str]:
+def _rank(job: Job, worker: Candidate) -> tuple[bool, int, int, str]:
     model_loaded = job.model is not None and job.model in worker.loaded_models
     memory_free_bytes = -1 if worker.memory_free_bytes is None else worker.memory_free_bytes
     return (not model_loaded, -memory_free_bytes, worker.in_flight, worker.worker_id)
 
 
-def choose_worker(job: Job, workers: Iterable[WorkerSnapshot], *, draw: float) -> Placement | NoPlacement:
+def choose_worker(job: Job, workers: Iterable[Candidate], *, draw: float) -> Placement | NoPlacement:
     """The best worker for `job`, or the reason each worker refused it."""
-    able: list[WorkerSnapshot] = []
+    able: list[Candidate] = []
     reasons: dict[str, str] = {}
     for worker in workers:
         reason = _refusal(job, worker, draw=draw)

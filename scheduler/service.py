@@ -35,7 +35,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from scheduler.lease import LeaderLease
 from scheduler.placement import NoPlacement, Placement, choose_worker
 from scheduler.recovery import recover
-from scheduler.view import SchedulerView, WorkerState
+from scheduler.view import SchedulerView, TrackedWorker
 from sdk import subjects
 from sdk.connection import connect
 from sdk.events import (
@@ -267,7 +267,7 @@ class Scheduler:
         queued = self.view.queued()
         if not queued:
             return
-        workers = self.view.snapshots()
+        workers = self.view.candidates()
         free_slots = sum(
             max(0, w.max_concurrency - w.in_flight) for w in workers.values() if w.alive and not w.draining
         )
@@ -306,7 +306,7 @@ class Scheduler:
         outcomes += [(job, JobExpired(job_id=job.id), "waited past its timeout") for job in expired]
         await asyncio.gather(*(self._settle(job, event, why) for job, event, why in outcomes))
 
-    async def _declare_lost(self, worker: WorkerState, silent_s: float) -> None:
+    async def _declare_lost(self, worker: TrackedWorker, silent_s: float) -> None:
         event = WorkerLost(worker_id=worker.worker_id, reason=f"no heartbeat for {silent_s:.1f}s")
         try:
             ack = await append(self._js, subjects.worker_subject(worker.worker_id), event, expected_seq=worker.seq)

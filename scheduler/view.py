@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from scheduler.placement import WorkerSnapshot
+from scheduler.placement import Candidate
 from scheduler.recovery import NOT_HELD_AFTER_HEARTBEATS, NOT_HELD_BY_WORKER, HeldReport, is_expired, not_held
 from sdk.api import WorkerConfig
 from sdk.errors import BadRequest, InvalidTransition, StaleAttempt
@@ -26,8 +26,6 @@ from sdk.events import (
     Heartbeat,
     JobEvent,
     JobSubmitted,
-    WorkerDeregistered,
-    WorkerDraining,
     WorkerEvent,
     WorkerLost,
     WorkerModelLoaded,
@@ -37,6 +35,7 @@ from sdk.events import (
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.subjects import WORKER_CONFIG_DEFAULTS_KEY
 from sdk.worker_config import effective_config
+from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +43,13 @@ logger = logging.getLogger(__name__)
 LOST_AFTER_MISSED_HEARTBEATS = 3
 
 
-class WorkerState(msgspec.Struct, kw_only=True):
+class TrackedWorker(msgspec.Struct, kw_only=True):
+    """A worker as the scheduler tracks it: its lifecycle, folded by the shared `sdk.workers.apply_worker`,
+    and what depends on how the streams are delivered here (receipt times, heartbeats, their interleaving)."""
+
     worker_id: str
-    region: str
-    capabilities: tuple[str, ...] = ()
-    #: A heartbeat can arrive before the registration (two streams); such a worker is not placed on.
-    registered: bool = False
-    deregistered: bool = False
-    draining: bool = False
-    heartbeat_draining: bool = False
+    #: None until its registration arrives: a heartbeat can come first (two streams); not placed on then.
+    lifecycle: WorkerState | None = None
     #: Local monotonic time of the last sign of life (heartbeat or registration), for loss detection.
     #: Receipt time rather than the worker's clock: immune to clock skew, and a restarted scheduler
     #: gives every worker a full grace period instead of declaring it lost from a replayed heartbeat.
@@ -62,12 +59,32 @@ class WorkerState(msgspec.Struct, kw_only=True):
     heartbeat_at_us: int = 0
     lost_at_us: int = 0
     heartbeat_interval_s: float | None = None
+    heartbeat_draining: bool = False
+    #: The latest heartbeat's models, amended by the load and unload events delivered after it.
     loaded_models: set[str] = msgspec.field(default_factory=set)
     memory_free_bytes: int | None = None
     #: What the latest heartbeats (oldest first) said this worker holds, to find jobs it does not.
     held_reports: tuple[HeldReport, ...] = ()
-    #: Sequence of the last event on `workers.<id>`, for expected-sequence appends of `WorkerLost`.
+    #: Sequence of the last event on `workers.<id>`, applied or not, for expected-sequence appends.
     seq: int = 0
+
+    @property
+    def registered(self) -> bool:
+        return self.lifecycle is not None
+
+    @property
+    def region(self) -> str:
+        assert self.lifecycle is not None and self.lifecycle.region is not None, "only registered workers have one"
+        return self.lifecycle.region
+
+    @property
+    def deregistered(self) -> bool:
+        return self.lifecycle is not None and self.lifecycle.status is WorkerStatus.DEREGISTERED
+
+    @property
+    def draining(self) -> bool:
+        in_log = self.lifecycle is not None and self.lifecycle.status is WorkerStatus.DRAINING
+        return in_log or self.heartbeat_draining
 
     @property
     def lost(self) -> bool:
@@ -86,7 +103,7 @@ class WorkerState(msgspec.Struct, kw_only=True):
 class SchedulerView:
     def __init__(self) -> None:
         self.jobs: dict[str, Job] = {}
-        self.workers: dict[str, WorkerState] = {}
+        self.workers: dict[str, TrackedWorker] = {}
         self._queued: set[str] = set()
         #: worker id -> ids of the jobs assigned to or running on it.
         self._held: dict[str, set[str]] = {}
@@ -135,9 +152,6 @@ class SchedulerView:
         """Queued jobs in the order they are offered: higher priority first, then submission order."""
         return sorted((self.jobs[i] for i in self._queued), key=lambda j: (-j.priority, j.submitted_seq))
 
-    def held_by(self, worker_id: str) -> list[Job]:
-        return [self.jobs[i] for i in self._held.get(worker_id, ())]
-
     def expired_jobs(self, now_ms: int) -> list[Job]:
         return [job for i in self._queued if is_expired(job := self.jobs[i], now_ms)]
 
@@ -161,37 +175,28 @@ class SchedulerView:
     # --- workers ---------------------------------------------------------------------------------
 
     def apply_worker_event(self, event: WorkerEvent, seq: int, stored_at_us: int, now_s: float) -> None:
-        if isinstance(event, WorkerRegistered):
-            worker = self.workers.setdefault(
-                event.worker_id, WorkerState(worker_id=event.worker_id, region=event.region)
-            )
-            worker.region = event.region
-            worker.capabilities = tuple(event.capabilities)
-            worker.registered = True
-            worker.deregistered = False
-            worker.draining = False
-            worker.lost_at_us = 0  # a registration after a loss brings the worker back
-            worker.last_seen_s = now_s
-        worker = self.workers.get(event.worker_id)
-        if worker is None:
-            return  # not registered yet: nothing to attach the event to
+        worker = self.workers.get(event.worker_id) or TrackedWorker(worker_id=event.worker_id)
         worker.seq = max(worker.seq, seq)
+        try:
+            worker.lifecycle = apply_worker(worker.lifecycle, event, seq)
+        except InvalidTransition as exc:
+            logger.warning("ignoring %s at seq %d: %s", type(event).__name__, seq, exc.message)
+            return  # e.g. not registered yet: nothing to attach the event to
+        self.workers[event.worker_id] = worker
+        # The lifecycle is the shared fold's; what follows depends on delivery here.
         match event:
+            case WorkerRegistered():
+                worker.lost_at_us = 0  # a registration after a loss brings the worker back
+                worker.last_seen_s = now_s
+            case WorkerLost():
+                worker.lost_at_us = max(worker.lost_at_us, stored_at_us)
             case WorkerModelLoaded():
                 worker.loaded_models.add(event.model)
             case WorkerModelUnloaded():
                 worker.loaded_models.discard(event.model)
-            case WorkerDraining():
-                worker.draining = True
-            case WorkerLost():
-                worker.lost_at_us = max(worker.lost_at_us, stored_at_us)
-            case WorkerDeregistered():
-                worker.deregistered = True
 
     def apply_heartbeat(self, heartbeat: Heartbeat, stored_at_us: int, now_s: float) -> None:
-        worker = self.workers.setdefault(
-            heartbeat.worker_id, WorkerState(worker_id=heartbeat.worker_id, region=heartbeat.region)
-        )
+        worker = self.workers.setdefault(heartbeat.worker_id, TrackedWorker(worker_id=heartbeat.worker_id))
         worker.heartbeat_at_us = max(worker.heartbeat_at_us, stored_at_us)
         if worker.lost:
             return  # sent before the loss was declared: not a sign of life
@@ -211,7 +216,7 @@ class SchedulerView:
         worker.lost_at_us = max(worker.lost_at_us, worker.heartbeat_at_us + 1)
         worker.seq = max(worker.seq, seq)
 
-    def overdue_workers(self, now_s: float) -> list[tuple[WorkerState, float]]:
+    def overdue_workers(self, now_s: float) -> list[tuple[TrackedWorker, float]]:
         """Alive workers silent for more than `LOST_AFTER_MISSED_HEARTBEATS` intervals, with the silence."""
         overdue = []
         for worker in self.workers.values():
@@ -223,17 +228,17 @@ class SchedulerView:
                 overdue.append((worker, silent_s))
         return overdue
 
-    def snapshots(self) -> dict[str, WorkerSnapshot]:
+    def candidates(self) -> dict[str, Candidate]:
         """Every registered worker as placement sees it now."""
         out = {}
         for worker in self.workers.values():
-            if not worker.registered:
+            if worker.lifecycle is None:
                 continue
             config = self.config(worker.worker_id)
-            out[worker.worker_id] = WorkerSnapshot(
+            out[worker.worker_id] = Candidate(
                 worker_id=worker.worker_id,
                 region=worker.region,
-                capabilities=worker.capabilities,
+                capabilities=tuple(worker.lifecycle.capabilities),
                 max_concurrency=config.max_concurrency,
                 in_flight=len(self._held.get(worker.worker_id, ())),
                 acceptance_rate=config.load_control.acceptance_rate,
@@ -241,7 +246,7 @@ class SchedulerView:
                 loaded_models=tuple(sorted(worker.loaded_models)),
                 memory_free_bytes=worker.memory_free_bytes,
                 alive=worker.alive,
-                draining=worker.draining or worker.heartbeat_draining,
+                draining=worker.draining,
             )
         return out
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler.placement import NoPlacement, Placement, WorkerSnapshot, choose_worker
+from scheduler.placement import Candidate, NoPlacement, Placement, choose_worker
 from sdk.events import JobSubmitted
 from sdk.jobs import Job, apply
 
@@ -15,8 +15,8 @@ def job(job_type: str = "echo", *, model: str | None = None, region: str | None 
     return apply(None, JobSubmitted(job_id="j1", job_type=job_type, model=model, region=region), seq=1)
 
 
-def worker(worker_id: str, region: str = "eu", **fields: Any) -> WorkerSnapshot:
-    return WorkerSnapshot(worker_id=worker_id, region=region, **fields)
+def worker(worker_id: str, region: str = "eu", **fields: Any) -> Candidate:
+    return Candidate(worker_id=worker_id, region=region, **fields)
 
 
 def test_job_with_region_goes_to_a_worker_of_that_region() -> None:
