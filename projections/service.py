@@ -38,7 +38,7 @@ from sdk.api import (
 )
 from sdk.connection import connect, encode_error
 from sdk.errors import BadRequest, JobNotFound, PlatformError, Unavailable, WorkerNotFound
-from sdk.jobs import JobStatus
+from sdk.jobs import JobStatus, visible_to
 from sdk.log import ensure_streams
 
 logger = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class Projections:
         if request.min_seq:
             await self.wait_for(subjects.JOBS_STREAM, request.min_seq, self._min_seq_wait_s)
         job = await self._reads.get_job(request.id)
-        if job is None or (request.owner is not None and job.owner != request.owner):
+        if job is None or not visible_to(job, request.owner):
             raise JobNotFound(f"job {request.id} not found", {"id": request.id})
         return job_view(job)
 

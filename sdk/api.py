@@ -7,13 +7,15 @@ Every input from outside is decoded into one of these with msgspec; a value that
 from __future__ import annotations
 
 import datetime as dt
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 
 from sdk.errors import BadRequest
 from sdk.events import ErrorInfo, GpuInfo, JobEvent
-from sdk.jobs import Job
+
+if TYPE_CHECKING:  # sdk.jobs decides on these requests, so it imports this module at run time
+    from sdk.jobs import Job
 
 JobType = Literal["echo", "llm", "image"]
 #: Regions, names and ids become NATS subject tokens: no dots, spaces or wildcards.
@@ -143,10 +145,6 @@ class JobView(msgspec.Struct, kw_only=True):
     progress: float | None = None
     cancel_requested: bool = False
     seq: int = 0
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in ("completed", "failed", "cancelled", "expired")
 
 
 class JobPage(msgspec.Struct, kw_only=True):

@@ -2,6 +2,8 @@
 
 The same `apply` runs in the scheduler, the projections, the gateway and the replay tooling, so they
 can never disagree about what a sequence of events means. It refuses impossible transitions.
+The gateway's decisions are pure functions here too (`decide_cancel`, `decide_report`): it loads the
+job, asks which event a request stands for, and appends it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,16 @@ from typing import Any
 
 import msgspec
 
-from sdk.errors import InvalidTransition, StaleAttempt
+from sdk.api import (
+    CancelJob,
+    JobReport,
+    ReportCancelled,
+    ReportCompleted,
+    ReportFailed,
+    ReportProgress,
+    ReportStarted,
+)
+from sdk.errors import BadRequest, InvalidTransition, JobNotFound, StaleAttempt
 from sdk.events import (
     ErrorInfo,
     JobAssigned,
@@ -183,3 +194,44 @@ def fold(events: Iterable[tuple[JobEvent, int]]) -> Job | None:
     for event, seq in events:
         job = apply(job, event, seq)
     return job
+
+
+def visible_to(job: Job, owner: str | None) -> bool:
+    """An operator (owner None) sees every job; a client (its API key id) only its own."""
+    return owner is None or job.owner == owner
+
+
+def decide_cancel(job: Job | None, req: CancelJob, owner: str | None) -> JobEvent | None:
+    """A queued job is cancelled at once; a job a worker holds is asked to stop (the scheduler tells the
+    worker); asking twice decides nothing (None); a finished job is refused. Another owner's job is not
+    found, so a client cannot learn that it exists."""
+    if job is None or not visible_to(job, owner):
+        raise JobNotFound(f"job {req.id} not found")
+    if job.status is JobStatus.QUEUED:
+        return JobCancelled(job_id=job.id, reason=req.reason or "cancelled by request")
+    if job.status in HELD_BY_WORKER:
+        return None if job.cancel_requested else JobCancelRequested(job_id=job.id, reason=req.reason)
+    raise InvalidTransition(f"job {job.id} is already {job.status.value}", {"status": job.status.value})
+
+
+def decide_report(job: Job | None, worker_id: str, report: JobReport) -> JobEvent:
+    """The event a worker's report about a job stands for; `StaleAttempt` when the report is not about
+    the attempt this worker holds now (whatever the job's status), `apply` refuses the rest."""
+    if job is None:
+        raise JobNotFound(f"job {report.job_id} not found")
+    _require_attempt(job, report.attempt, worker_id)
+    common = {"job_id": job.id, "worker_id": worker_id, "attempt": report.attempt}
+    match report:
+        case ReportStarted():
+            return JobStarted(**common)
+        case ReportProgress():
+            return JobProgress(**common, progress=report.progress, message=report.message)
+        case ReportCompleted():
+            return JobCompleted(**common, result=report.result)
+        case ReportFailed():
+            return JobFailed(**common, error=report.error)
+        case ReportCancelled():
+            if not job.cancel_requested:
+                raise InvalidTransition(f"job {job.id} was not asked to cancel")
+            return JobCancelled(job_id=job.id, reason="stopped by its worker")
+    raise BadRequest(f"unknown report {type(report).__name__}")

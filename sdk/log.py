@@ -17,7 +17,7 @@ from nats.js.errors import APIError, BadRequestError, BucketNotFoundError, NotFo
 from sdk import subjects
 from sdk.errors import Conflict, PlatformError
 from sdk.events import Event, JobEvent, encoder, event_type, job_event_decoder
-from sdk.jobs import Job, apply
+from sdk.jobs import Job, apply, fold
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,7 @@ async def read_job_events(js: JetStreamContext, job_id: str) -> list[tuple[JobEv
 
 async def load_job(js: JetStreamContext, job_id: str) -> Job | None:
     """A job's current state, folded from its subject."""
-    job: Job | None = None
-    for event, seq in await read_job_events(js, job_id):
-        job = apply(job, event, seq)
-    return job
+    return fold(await read_job_events(js, job_id))
 
 
 Decide = Callable[[Job | None], JobEvent | None]

@@ -1,6 +1,7 @@
 """The core's decisions, as tables: every (status, event) pair gives the new status or the typed refusal.
 
-Pure functions, no NATS: `sdk.jobs.apply` for jobs, `sdk.workers.apply_worker` for workers.
+Pure functions, no NATS: `sdk.jobs.apply` for jobs, `sdk.workers.apply_worker` for workers, and the
+gateway's decisions on requests (`decide_cancel`, `decide_report`).
 """
 
 from __future__ import annotations
@@ -12,8 +13,17 @@ import msgspec
 import pytest
 
 from sdk import events as ev
-from sdk.errors import InvalidTransition, PlatformError, StaleAttempt
-from sdk.jobs import Job, JobStatus, apply
+from sdk.api import (
+    CancelJob,
+    JobReport,
+    ReportCancelled,
+    ReportCompleted,
+    ReportFailed,
+    ReportProgress,
+    ReportStarted,
+)
+from sdk.errors import InvalidTransition, JobNotFound, PlatformError, StaleAttempt
+from sdk.jobs import Job, JobStatus, apply, decide_cancel, decide_report, visible_to
 from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 # --- Jobs --------------------------------------------------------------------------------------------
@@ -130,6 +140,92 @@ def test_job_cancel_request_marks_the_job_and_keeps_its_status() -> None:
 def test_job_event_about_another_attempt_or_worker_is_stale(before: JobStatus, event: ev.JobEvent) -> None:
     with pytest.raises(StaleAttempt):
         apply(job_in(before), event)
+
+
+# --- Decisions on requests ---------------------------------------------------------------------------
+
+CANCEL = CancelJob(id=J, reason="changed my mind")
+
+
+def test_cancel_of_a_queued_job_cancels_it_at_once() -> None:
+    event = decide_cancel(job_in(JobStatus.QUEUED), CANCEL, owner=None)
+
+    assert event == ev.JobCancelled(job_id=J, reason="changed my mind", at_ms=event.at_ms)
+    assert decide_cancel(job_in(JobStatus.QUEUED), CancelJob(id=J), None).reason == "cancelled by request"
+
+
+@pytest.mark.parametrize("status", [JobStatus.ASSIGNED, JobStatus.RUNNING])
+def test_cancel_of_a_held_job_asks_its_worker_once(status: JobStatus) -> None:
+    job = job_in(status)
+    event = decide_cancel(job, CANCEL, owner=None)
+
+    assert event == ev.JobCancelRequested(job_id=J, reason="changed my mind", at_ms=event.at_ms)
+    assert decide_cancel(apply(job, event, seq=9), CANCEL, owner=None) is None
+
+
+@pytest.mark.parametrize("status", [s for s in JobStatus if s.terminal])
+def test_cancel_of_a_finished_job_is_refused_with_its_status(status: JobStatus) -> None:
+    with pytest.raises(InvalidTransition) as refused:
+        decide_cancel(job_in(status), CANCEL, owner=None)
+
+    assert refused.value.details == {"status": status.value}
+
+
+def test_a_client_sees_and_cancels_only_its_own_jobs() -> None:
+    mine = apply(None, ev.JobSubmitted(job_id=J, job_type="echo", owner="key-a"), seq=1)
+
+    assert (visible_to(mine, "key-a"), visible_to(mine, "key-b"), visible_to(mine, None)) == (True, False, True)
+    assert isinstance(decide_cancel(mine, CANCEL, owner="key-a"), ev.JobCancelled)
+    for job, owner in [(mine, "key-b"), (None, None)]:
+        with pytest.raises(JobNotFound, match="job j1 not found"):
+            decide_cancel(job, CANCEL, owner=owner)
+
+
+#: report kind -> (the status the job is in, the report, the event it stands for)
+REPORTS: dict[str, tuple[JobStatus, JobReport, type[ev.Event]]] = {
+    "started": (JobStatus.ASSIGNED, ReportStarted(job_id=J, attempt=1), ev.JobStarted),
+    "progress": (JobStatus.RUNNING, ReportProgress(job_id=J, attempt=1, progress=0.5), ev.JobProgress),
+    "completed": (JobStatus.RUNNING, ReportCompleted(job_id=J, attempt=1, result="ok"), ev.JobCompleted),
+    "failed": (JobStatus.RUNNING, ReportFailed(job_id=J, attempt=1, error=ERROR), ev.JobFailed),
+}
+
+
+@pytest.mark.parametrize("kind", REPORTS)
+def test_a_report_about_the_current_attempt_becomes_its_event(kind: str) -> None:
+    status, report, event_type = REPORTS[kind]
+    job = job_in(status)
+
+    event = decide_report(job, W, report)
+
+    assert type(event) is event_type
+    assert (event.job_id, event.worker_id, event.attempt) == (J, W, 1)
+    apply(job, event)  # and the fold takes it
+
+
+@pytest.mark.parametrize("kind", REPORTS)
+@pytest.mark.parametrize(("worker_id", "attempt"), [("w2", 1), (W, 2)])
+def test_a_report_from_another_worker_or_attempt_is_stale_whatever_the_status(
+    kind: str, worker_id: str, attempt: int
+) -> None:
+    status, report, _ = REPORTS[kind]
+    for job in (job_in(status), job_in(JobStatus.COMPLETED)):
+        with pytest.raises(StaleAttempt):
+            decide_report(job, worker_id, msgspec.structs.replace(report, attempt=attempt))
+
+
+def test_a_worker_stops_a_job_only_when_asked() -> None:
+    running = job_in(JobStatus.RUNNING)
+    asked = apply(running, ev.JobCancelRequested(job_id=J), seq=9)
+
+    with pytest.raises(InvalidTransition, match="was not asked to cancel"):
+        decide_report(running, W, ReportCancelled(job_id=J, attempt=1))
+    event = decide_report(asked, W, ReportCancelled(job_id=J, attempt=1))
+    assert (type(event), event.reason) == (ev.JobCancelled, "stopped by its worker")
+
+
+def test_a_report_about_an_unknown_job_is_not_found() -> None:
+    with pytest.raises(JobNotFound):
+        decide_report(None, W, ReportStarted(job_id=J, attempt=1))
 
 
 # --- Workers -----------------------------------------------------------------------------------------
