@@ -42,8 +42,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from gateway.access import job_scope, require_client, require_operator
 from gateway.auth import AuthSettings, Credentials, Principal, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE
+from gateway.jobs import MAX_WAIT_S
 from gateway.nats_api import NatsApi
-from gateway.service import MAX_WAIT_S, Gateway
+from gateway.service import Gateway
 from sdk import subjects
 from sdk.api import (
     MAX_BODY_BYTES,

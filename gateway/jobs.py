@@ -1,0 +1,209 @@
+"""Job commands and queries: submit, cancel, a worker's report about a job; get, list, events, wait, stream.
+
+Commands follow load, decide, save: fold the job (or take the feed's recent copy), decide the event with
+a pure function of `sdk.jobs`, append it at the job's sequence. Queries go to the projections over
+`proj.>`, except what must be exact now (a job's events, a wait): those read the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+import msgspec
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import ObjectNotFoundError
+
+from gateway.feed import JobFeed
+from sdk import subjects
+from sdk.api import (
+    Accepted,
+    CancelAccepted,
+    CancelJob,
+    EventRecord,
+    GetJob,
+    GetResult,
+    JobEvents,
+    JobPage,
+    JobReport,
+    JobView,
+    ListJobs,
+    OwnedGetJob,
+    OwnedListJobs,
+    SubmitJob,
+    Submitted,
+    job_view,
+)
+from sdk.connection import request
+from sdk.errors import BadRequest, InvalidTransition, JobNotFound, StaleAttempt, Timeout, Unavailable
+from sdk.events import JobSubmitted, job_event_decoder
+from sdk.jobs import Job, JobStatus, apply, decide_cancel, decide_report, fold, visible_to
+from sdk.log import append, decide_and_append, load_job, read_job_events
+from sdk.streaming import assemble
+
+logger = logging.getLogger(__name__)
+
+#: How long a query waits for the projections' answer.
+PROJECTION_TIMEOUT_S = 6.0
+#: The longest a caller may wait for a job to finish in one request.
+MAX_WAIT_S = 300.0
+
+
+def new_id() -> str:
+    """Time-ordered, unguessable: 11 hex digits of milliseconds, then 64 random bits."""
+    return f"{time.time_ns() // 1_000_000:011x}{secrets.token_hex(8)}"
+
+
+def require_connected(nc: NatsClient) -> None:
+    """Refuse a write before it starts when NATS is unreachable."""
+    # nats-py buffers publishes while reconnecting; a write that might land after we answered 503
+    # would be an outcome the caller never learns about, so refuse before writing.
+    if not nc.is_connected:
+        raise Unavailable("NATS is unreachable; nothing was written, retry later")
+
+
+class JobCommands:
+    """The gateway's job commands and queries (a part of `gateway.service.Gateway`)."""
+
+    nc: NatsClient
+    js: JetStreamContext
+    feed: JobFeed
+
+    # --- Commands ----------------------------------------------------------------------------------
+
+    async def submit(self, req: SubmitJob, owner: str | None = None) -> Submitted:
+        """Append `JobSubmitted`; the same idempotency key (per owner) returns the first job instead."""
+        require_connected(self.nc)
+        job_id = new_id()
+        event = JobSubmitted(
+            job_id=job_id,
+            job_type=req.type,
+            model=req.model,
+            params=req.params,
+            region=req.region,
+            priority=req.priority,
+            max_attempts=req.max_attempts,
+            timeout_s=req.timeout_s,
+            idempotency_key=req.idempotency_key,
+            owner=owner,
+        )
+        msg_id = f"{owner or '-'}:{req.idempotency_key}" if req.idempotency_key else None
+        ack = await append(self.js, subjects.job_subject(job_id), event, msg_id=msg_id)
+        if ack.duplicate:
+            original = await self.js.get_msg(subjects.JOBS_STREAM, seq=ack.seq, direct=True)
+            first = job_event_decoder.decode(original.data or b"")
+            job = await self._job(first.job_id, owner)
+            logger.info("submit with idempotency key %r returned job %s", req.idempotency_key, job.id)
+            return Submitted(id=job.id, status=job.status.value, seq=ack.seq, created=False)
+        job = apply(None, event, ack.seq)
+        self.feed.remember(job)
+        logger.debug("job %s submitted (%s) at seq %s", job_id, req.type, ack.seq)
+        return Submitted(id=job_id, status=job.status.value, seq=ack.seq)
+
+    async def cancel(self, req: CancelJob, owner: str | None = None) -> CancelAccepted:
+        """Cancel or ask to stop (`sdk.jobs.decide_cancel`); asking twice appends nothing."""
+        require_connected(self.nc)
+        job, event = await decide_and_append(
+            self.js, req.id, lambda job: decide_cancel(job, req, owner), known=self.feed.get(req.id)
+        )
+        assert job is not None
+        self.feed.remember(job)
+        status = "cancelled" if job.status is JobStatus.CANCELLED else "cancel_requested"
+        logger.info("job %s: %s", job.id, status if event else "cancel already requested")
+        return CancelAccepted(id=job.id, status=status, seq=job.seq)
+
+    async def report_job(self, worker_id: str, report: JobReport) -> Accepted:
+        """Turn a worker's report into an event, if it is about the attempt the worker holds now."""
+        try:
+            job, _ = await decide_and_append(
+                self.js,
+                report.job_id,
+                lambda job: decide_report(job, worker_id, report),
+                known=self.feed.get(report.job_id),
+            )
+        except (StaleAttempt, InvalidTransition, JobNotFound) as exc:
+            logger.warning("refused %s from %s: %s", type(report).__name__, worker_id, exc)
+            raise
+        assert job is not None
+        self.feed.remember(job)
+        return Accepted(seq=job.seq)
+
+    # --- Queries -----------------------------------------------------------------------------------
+
+    async def get(self, req: GetJob, owner: str | None = None) -> JobView:
+        query = OwnedGetJob(**msgspec.structs.asdict(req), owner=owner)
+        return await request(self.nc, subjects.PROJ_JOBS_GET, query, JobView, timeout_s=PROJECTION_TIMEOUT_S)
+
+    async def list(self, req: ListJobs, owner: str | None = None) -> JobPage:
+        query = OwnedListJobs(**msgspec.structs.asdict(req), owner=owner)
+        return await request(self.nc, subjects.PROJ_JOBS_LIST, query, JobPage, timeout_s=PROJECTION_TIMEOUT_S)
+
+    async def events(self, job_id: str, owner: str | None = None) -> JobEvents:
+        records = await read_job_events(self.js, job_id)
+        submitted = fold(records[:1])  # the submission says whose job it is
+        if submitted is None or not visible_to(submitted, owner):
+            raise JobNotFound(f"job {job_id} not found")
+        return JobEvents(items=[EventRecord(seq=seq, event=event) for event, seq in records])
+
+    async def wait(self, job_id: str, timeout_s: float, owner: str | None = None) -> JobView:
+        """The job once it is terminal, woken by the event that ends it; `Timeout` after `timeout_s`."""
+        if not 0 < timeout_s <= MAX_WAIT_S:
+            raise BadRequest(f"timeout_s must be in (0, {MAX_WAIT_S:.0f}], got {timeout_s}")
+        future = self.feed.waiter(job_id)
+        try:
+            job = await self._job(job_id, owner)  # after registering, so the ending event cannot slip by
+            if not job.status.terminal:
+                job = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            raise Timeout(f"job {job_id} is not finished after {timeout_s}s") from None
+        finally:
+            self.feed.forget_waiter(job_id, future)
+        return job_view(job)
+
+    async def stream(
+        self, job_id: str, owner: str | None = None, timeout_s: float = MAX_WAIT_S
+    ) -> AsyncIterator[str | JobView]:
+        """A job's text as it is generated, then the finished job (see `sdk.streaming.assemble`).
+        Raises `JobNotFound` before anything is streamed."""
+        await self._job(job_id, owner)
+        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_chunk(msg: Msg) -> None:
+            chunks.put_nowait(msg.data)
+
+        sub = await self.nc.subscribe(subjects.stream_subject(job_id), cb=on_chunk)
+
+        async def pieces() -> AsyncIterator[str | JobView]:
+            try:
+                async for item in assemble(chunks, self.wait(job_id, timeout_s, owner)):
+                    yield item
+            finally:
+                await sub.unsubscribe()
+
+        return pieces()
+
+    async def result(self, req: GetResult, owner: str | None = None) -> tuple[bytes, str]:
+        """The bytes and content type of a finished job's stored result `index` (an image)."""
+        job = await self._job(req.id, owner)
+        refs = job.result.get("images", []) if isinstance(job.result, dict) else []
+        if job.status is not JobStatus.COMPLETED or not 0 <= req.index < len(refs):
+            raise JobNotFound(f"job {req.id} has no stored result {req.index} ({len(refs)} stored)")
+        ref = refs[req.index]
+        store = await self.js.object_store(subjects.RESULTS_BUCKET)
+        try:
+            obj = await store.get(ref["object"])
+        except ObjectNotFoundError:
+            raise JobNotFound(f"result {req.index} of job {req.id} is no longer stored") from None
+        return obj.data or b"", ref.get("content_type", "application/octet-stream")
+
+    async def _job(self, job_id: str, owner: str | None) -> Job:
+        job = await load_job(self.js, job_id)
+        if job is None or not visible_to(job, owner):
+            raise JobNotFound(f"job {job_id} not found")
+        self.feed.remember(job)
+        return job
