@@ -122,6 +122,3 @@ def stream_subject(job_id: str) -> str:
     """Core pub/sub subject of a running job's token/progress stream (not in the log)."""
     return f"stream.{job_id}"
 
-
-def direct_subject(worker_id: str) -> str:
-    return f"direct.{worker_id}"
