@@ -12,16 +12,8 @@ from typing import Any
 import msgspec
 import pytest
 
+from sdk import api
 from sdk import events as ev
-from sdk.api import (
-    CancelJob,
-    JobReport,
-    ReportCancelled,
-    ReportCompleted,
-    ReportFailed,
-    ReportProgress,
-    ReportStarted,
-)
 from sdk.errors import InvalidTransition, JobNotFound, PlatformError, StaleAttempt
 from sdk.jobs import Job, JobStatus, apply, decide_cancel, decide_report, visible_to
 from sdk.workers import WorkerState, WorkerStatus, apply_worker
@@ -144,14 +136,14 @@ def test_job_event_about_another_attempt_or_worker_is_stale(before: JobStatus, e
 
 # --- Decisions on requests ---------------------------------------------------------------------------
 
-CANCEL = CancelJob(id=J, reason="changed my mind")
+CANCEL = api.CancelJob(id=J, reason="changed my mind")
 
 
 def test_cancel_of_a_queued_job_cancels_it_at_once() -> None:
     event = decide_cancel(job_in(JobStatus.QUEUED), CANCEL, owner=None)
 
     assert event == ev.JobCancelled(job_id=J, reason="changed my mind", at_ms=event.at_ms)
-    assert decide_cancel(job_in(JobStatus.QUEUED), CancelJob(id=J), None).reason == "cancelled by request"
+    assert decide_cancel(job_in(JobStatus.QUEUED), api.CancelJob(id=J), None).reason == "cancelled by request"
 
 
 @pytest.mark.parametrize("status", [JobStatus.ASSIGNED, JobStatus.RUNNING])
@@ -182,11 +174,11 @@ def test_a_client_sees_and_cancels_only_its_own_jobs() -> None:
 
 
 #: report kind -> (the status the job is in, the report, the event it stands for)
-REPORTS: dict[str, tuple[JobStatus, JobReport, type[ev.Event]]] = {
-    "started": (JobStatus.ASSIGNED, ReportStarted(job_id=J, attempt=1), ev.JobStarted),
-    "progress": (JobStatus.RUNNING, ReportProgress(job_id=J, attempt=1, progress=0.5), ev.JobProgress),
-    "completed": (JobStatus.RUNNING, ReportCompleted(job_id=J, attempt=1, result="ok"), ev.JobCompleted),
-    "failed": (JobStatus.RUNNING, ReportFailed(job_id=J, attempt=1, error=ERROR), ev.JobFailed),
+REPORTS: dict[str, tuple[JobStatus, api.JobReport, type[ev.Event]]] = {
+    "started": (JobStatus.ASSIGNED, api.ReportStarted(job_id=J, attempt=1), ev.JobStarted),
+    "progress": (JobStatus.RUNNING, api.ReportProgress(job_id=J, attempt=1, progress=0.5), ev.JobProgress),
+    "completed": (JobStatus.RUNNING, api.ReportCompleted(job_id=J, attempt=1, result="ok"), ev.JobCompleted),
+    "failed": (JobStatus.RUNNING, api.ReportFailed(job_id=J, attempt=1, error=ERROR), ev.JobFailed),
 }
 
 
@@ -218,14 +210,14 @@ def test_a_worker_stops_a_job_only_when_asked() -> None:
     asked = apply(running, ev.JobCancelRequested(job_id=J), seq=9)
 
     with pytest.raises(InvalidTransition, match="was not asked to cancel"):
-        decide_report(running, W, ReportCancelled(job_id=J, attempt=1))
-    event = decide_report(asked, W, ReportCancelled(job_id=J, attempt=1))
+        decide_report(running, W, api.ReportCancelled(job_id=J, attempt=1))
+    event = decide_report(asked, W, api.ReportCancelled(job_id=J, attempt=1))
     assert (type(event), event.reason) == (ev.JobCancelled, "stopped by its worker")
 
 
 def test_a_report_about_an_unknown_job_is_not_found() -> None:
     with pytest.raises(JobNotFound):
-        decide_report(None, W, ReportStarted(job_id=J, attempt=1))
+        decide_report(None, W, api.ReportStarted(job_id=J, attempt=1))
 
 
 # --- Workers -----------------------------------------------------------------------------------------
