@@ -53,6 +53,8 @@ class PlatformLink:
     name: str
     tls: ssl.SSLContext | None
     connect_wait_s: float
+    #: How long one request may take before it counts as unanswered.
+    request_timeout_s: float = REQUEST_TIMEOUT_S
     #: The id reports are sent as (set by the registration).
     worker_id: str | None = field(default=None, init=False)
     #: What requests are signed with; None before the first enrollment (requests go unsigned).
@@ -124,7 +126,7 @@ class PlatformLink:
         if self.credentials is not None:
             secret = bytes.fromhex(self.credentials.hmac_secret_hex)
             headers = sign(secret, subject, body, worker_id=self.credentials.worker_id)
-        reply: R = await request(self._nc, subject, body, reply_type, timeout_s=REQUEST_TIMEOUT_S, headers=headers)
+        reply: R = await request(self._nc, subject, body, reply_type, timeout_s=self.request_timeout_s, headers=headers)
         return reply
 
     # --- What running jobs send -------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from rich.table import Table
 
 from sdk import subjects
 from sdk.api import Registered, RegisterWorker, Token
-from sdk.connection import connect, nats_url_from_env, request
+from sdk.connection import nats_url_from_env
 from sdk.errors import PlatformError, Unavailable, WorkerNotFound
 from worker.cli.app import EXIT_BAD_CONFIG, app, fail
 from worker.cli.console import format_value, gpu_table, redacted_url
@@ -42,6 +42,7 @@ from worker.config import (
     save_config,
     user_state_dir,
 )
+from worker.link import PlatformLink
 from worker.registration import read_worker_id, save_credentials, save_identity
 from worker.telemetry import gpu_snapshot
 
@@ -130,8 +131,13 @@ async def _enroll(config: LocalConfig, path: Path, console: Console, timeout_s: 
     """Register with the enrollment token; keep the id and credentials the platform answers (once) in
     the state dir, and rewrite the config file without the spent token."""
     assert config.enrollment_token is not None
+    # The worker's own link: enrolling connects and asks exactly as the running worker will.
+    link = PlatformLink(
+        nats_url=config.nats_url, name="configure", tls=config.tls.ssl_context(),
+        connect_wait_s=timeout_s, request_timeout_s=timeout_s,
+    )
     try:
-        nc = await connect(config.nats_url, name="gpu-worker-configure", tls=config.tls.ssl_context(), wait_s=timeout_s)
+        await link.connect()
     except (Unavailable, NatsError, OSError) as exc:
         message = exc.message if isinstance(exc, PlatformError) else f"{type(exc).__name__}: {exc}"
         console.print(
@@ -147,12 +153,12 @@ async def _enroll(config: LocalConfig, path: Path, console: Console, timeout_s: 
             worker_id=_previous_worker_id(config.state_dir),
             enrollment_token=config.enrollment_token,
         )
-        registered = await request(nc, subjects.API_WORKERS_REGISTER, req, Registered, timeout_s=timeout_s)
+        registered = await link.send(subjects.API_WORKERS_REGISTER, req, Registered)
     except PlatformError as exc:
         return fail(exc)
     finally:
         with contextlib.suppress(Exception):
-            await nc.close()
+            await link.close()
     assert registered.credentials is not None  # an enrollment always answers credentials
     save_identity(config.state_dir, registered.worker_id)
     save_credentials(config.credentials_file, registered.credentials)
