@@ -26,12 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 class ConfigWatch:
-    """Holds the runtime config in effect (`config`) and calls `on_change` with each new one."""
+    """Holds the runtime config in effect (`current`) and calls `on_change` with each new one."""
 
     def __init__(self, link: PlatformLink, on_change: Callable[[WorkerConfig], None]) -> None:
         self._link = link
         self._on_change = on_change
-        self.config = WorkerConfig()
+        #: The runtime config in effect.
+        self.current = WorkerConfig()
         #: The partial configs as last read: `_defaults` and this worker's own key.
         self._partials: dict[str, dict[str, Any]] = {}
         self._watchers: list[KeyValue.KeyWatcher] = []
@@ -48,7 +49,7 @@ class ConfigWatch:
             while (entry := await watcher.updates(timeout=REQUEST_TIMEOUT_S)) is not None:
                 self._on_entry(key, entry)
             self._tasks.append(asyncio.create_task(self._follow(key, watcher)))
-        logger.info("runtime config: %s", msgspec.to_builtins(self.config))
+        logger.info("runtime config: %s", msgspec.to_builtins(self.current))
 
     async def stop(self) -> None:
         """Stop following; idempotent."""
@@ -79,10 +80,10 @@ class ConfigWatch:
             logger.warning("ignoring invalid worker config %r (keeping the current one): %s", key, exc)
             return
         self._partials = partials
-        changes = config_changes(self.config, config)
+        changes = config_changes(self.current, config)
         if not changes:
             return
-        self.config = config
+        self.current = config
         for change in changes:
             logger.info("worker config changed: %s", change)
         self._on_change(config)

@@ -65,14 +65,14 @@ class Heartbeats:
                 logger.exception("heartbeat failed")
             # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that meets a wake-up.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.config.heartbeat_interval_s):
+                async with asyncio.timeout(self.config.current.heartbeat_interval_s):
                     await self._wake.wait()
 
     async def _beat(self) -> None:
         worker_id = self.registration.worker_id
         assert worker_id is not None
         sample = await self.sample_host()
-        config = self.config.config
+        config = self.config.current
         beat = Heartbeat(
             worker_id=worker_id,
             region=self.registration.region,

@@ -76,7 +76,7 @@ class JobRunner:
     _abandon: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     def __post_init__(self) -> None:
-        self._slots = _Slots(self.config.config.max_concurrency)
+        self._slots = _Slots(self.config.current.max_concurrency)
 
     @property
     def in_flight(self) -> tuple[str, ...]:
@@ -217,7 +217,7 @@ class JobRunner:
         if held.ctx.cancelled.is_set():  # cancelled while it waited for a slot
             await self._finish(held, ReportCancelled(job_id=a.job_id, attempt=a.attempt))
             return
-        refusal = preflight(a, self.engines, self.config.config)
+        refusal = preflight(a, self.engines, self.config.current)
         if refusal is not None:
             logger.warning("job %s attempt %d refused: %s", a.job_id, a.attempt, refusal.message)
             await self._finish(held, ReportFailed(job_id=a.job_id, attempt=a.attempt, error=refusal))
@@ -249,7 +249,7 @@ class JobRunner:
                     # Held until the job ends, so the cache never evicts a model in use. The timeout bounds
                     # the job's own work; loading is the cache's, and only a cancel interrupts it.
                     assert self.models is not None and a.model is not None  # construction and preflight
-                    settings = self.config.config.models.get(a.model, ModelSettings())
+                    settings = self.config.current.models.get(a.model, ModelSettings())
                     lease = model_lease.enter_async_context(self.models.use(engine, ModelSpec(name=a.model, settings=settings)))
                     model = await _interruptible(lease, held.ctx, timeout_s=None)
                 result = await _interruptible(engine.inference(model, held.ctx), held.ctx, timeout_s=a.timeout_s)

@@ -187,7 +187,7 @@ class Worker:
     @property
     def config(self) -> WorkerConfig:
         """The runtime config in effect (platform defaults merged with this worker's overrides)."""
-        return self._config.config
+        return self._config.current
 
     @property
     def jobs_done(self) -> int:
