@@ -25,3 +25,7 @@ bench *ARGS:
 # Rebuild the read models from the streams.
 replay *ARGS:
     gpuctl replay {{ARGS}}
+
+# Soak: a steady echo load over HTTP for a given time, printing each process's RSS per minute (figures in docs/benchmarks.md).
+soak *ARGS:
+    python -m bench.soak {{ARGS}}

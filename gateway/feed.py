@@ -5,6 +5,11 @@ ends it, with no polling and no consumer per waiter), and a cache of recent job 
 worker's report one append instead of a fold of the job's subject. The cache is a first guess only:
 an append at a stale sequence fails, and the caller folds the subject and decides again.
 
+Memory: the cache holds live jobs only. A job leaves it when it finishes (nothing writes to a finished
+job; a late report or a cancel folds the subject), and the least recently touched go first beyond
+`CACHE_SIZE` (a backlog of queued jobs). At about 1 KB a job that is 10 MB at most, whatever the number of
+jobs served; waiters leave with their request.
+
 On shutdown `close` answers every pending waiter (and so every long poll and stream built on one) with
 `Unavailable` at once, and refuses new ones: the HTTP server waits for open requests before it stops.
 """
@@ -27,7 +32,8 @@ from sdk.log import load_job
 
 logger = logging.getLogger(__name__)
 
-CACHE_SIZE = 50_000
+#: Live jobs kept (about 1 KB each); beyond it a report folds its job's subject: one read more.
+CACHE_SIZE = 10_000
 #: What a client is told to wait before it retries a request cut short by a shutdown (`Retry-After`).
 SHUTDOWN_RETRY_AFTER_S = 1
 
@@ -62,23 +68,35 @@ class JobFeed:
     def get(self, job_id: str) -> Job | None:
         return self._cache.get(job_id)
 
+    def __len__(self) -> int:
+        """How many jobs the cache holds (at most `cache_size`)."""
+        return len(self._cache)
+
+    @property
+    def waiting(self) -> int:
+        """How many waits are pending."""
+        return sum(len(futures) for futures in self._waiters.values())
+
     def remember(self, job: Job) -> None:
-        """Keep a state this gateway just read or wrote (newer sequences win)."""
+        """Keep a state this gateway just read or wrote (newer sequences win); a finished job leaves
+        the cache and wakes its waiters."""
+        if job.status.terminal:
+            self._cache.pop(job.id, None)
+            self._wake(job)
+            return
         known = self._cache.get(job.id)
         if known is None or known.seq < job.seq:
             self._cache[job.id] = job
             self._cache.move_to_end(job.id)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        if job.status.terminal:
-            self._wake(job)
 
     def close(self) -> None:
         """Fail every pending waiter with `Unavailable` now, and every later one at once (shutdown)."""
         if self._closed:
             return
         self._closed = True
-        pending = sum(len(futures) for futures in self._waiters.values())
+        pending = self.waiting
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
