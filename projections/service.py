@@ -177,10 +177,26 @@ class Projections:
             raise Unavailable("the read model is not open")
         return self._store
 
+    async def _read_after(self, min_seq: int | None) -> None:
+        """Wait until JOBS is applied up to `min_seq` (read-your-writes). Only a sequence the log has not
+        reached yet, which no write returned and nothing will ever satisfy, is refused at once."""
+        if not min_seq or self.applied_seq(subjects.JOBS_STREAM) >= min_seq:
+            return
+        try:
+            info = await self._nc.jetstream().stream_info(subjects.JOBS_STREAM)
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot read the end of {subjects.JOBS_STREAM}: {type(exc).__name__}") from None
+        last_seq = info.state.last_seq
+        if min_seq > last_seq:
+            raise BadRequest(
+                f"min_seq {min_seq} is beyond the end of {subjects.JOBS_STREAM} (its last sequence is {last_seq})",
+                {"min_seq": min_seq, "last_seq": last_seq},
+            )
+        await self.wait_for(subjects.JOBS_STREAM, min_seq, self._min_seq_wait_s)
+
     async def _get_job(self, data: bytes) -> JobView:
         request: OwnedGetJob = decode(data, OwnedGetJob)
-        if request.min_seq:
-            await self.wait_for(subjects.JOBS_STREAM, request.min_seq, self._min_seq_wait_s)
+        await self._read_after(request.min_seq)
         job = await self._reads.get_job(request.id)
         if job is None or not visible_to(job, request.owner):
             raise JobNotFound(f"job {request.id} not found", {"id": request.id})
@@ -191,8 +207,7 @@ class Projections:
         status = _parse_enum(JobStatus, request.status)
         if request.cursor is not None and not _CURSOR.fullmatch(request.cursor):
             raise BadRequest(f"cursor {request.cursor!r} is not one this endpoint returned")
-        if request.min_seq:
-            await self.wait_for(subjects.JOBS_STREAM, request.min_seq, self._min_seq_wait_s)
+        await self._read_after(request.min_seq)
         # One more than asked tells whether another page follows.
         jobs = await self._reads.list_jobs(
             limit=request.limit + 1,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -224,18 +226,61 @@ async def test_list_filters_and_cursor_pages_return_every_job_once(
     assert ([j.id for j in last_page.items], last_page.next_cursor) == (["job-b"], None)
 
 
-async def test_min_seq_waits_until_the_write_is_applied(client: NatsClient, projections: Projections) -> None:
-    js = client.jetstream()
-    # Ask for the state as of sequence 2 before either event exists: the read must wait for both.
-    read = asyncio.create_task(get_job(client, "job-x", min_seq=2))
-    await emit(js, JobSubmitted(job_id="job-x", job_type="echo"))
-    await emit(js, JobCancelled(job_id="job-x"))
-    assert (await read).status == "cancelled"
+@contextmanager
+def write_locked(db_path: Path) -> Iterator[None]:
+    """Another process holds the read model's database: the projection cannot commit (a real lag)."""
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        yield
+        blocker.execute("COMMIT")
+    finally:
+        blocker.close()
 
-    with pytest.raises(Unavailable, match=r"applied JOBS up to #2, not #99, after 0.5s"):
-        await get_job(client, "job-x", min_seq=99)
+
+async def test_min_seq_waits_until_the_write_is_applied(client: NatsClient, db_path: Path) -> None:
+    js = client.jetstream()
+    projections = Projections(client, db_path, min_seq_wait_s=30)
+    await projections.start()
+    try:
+        with write_locked(db_path):
+            await emit(js, JobSubmitted(job_id="job-x", job_type="echo"))
+            seq = await emit(js, JobCancelled(job_id="job-x"))
+            read = asyncio.create_task(get_job(client, "job-x", min_seq=seq))
+            await asyncio.sleep(0.3)
+            assert not read.done(), "the read answered before the projection applied its min_seq"
+        assert (await read).status == "cancelled"
+    finally:
+        await projections.stop()
+
+
+async def test_min_seq_of_a_lagging_projection_is_unavailable(
+    client: NatsClient, projections: Projections, db_path: Path
+) -> None:
+    js = client.jetstream()
+    first = await emit(js, JobSubmitted(job_id="job-x", job_type="echo"))
+    await projections.wait_for(subjects.JOBS_STREAM, first, timeout_s=10)
+    with write_locked(db_path):
+        seq = await emit(js, JobCancelled(job_id="job-x"))
+        with pytest.raises(Unavailable, match=rf"applied JOBS up to #{first}, not #{seq}, after 0.5s"):
+            await get_job(client, "job-x", min_seq=seq)
     with pytest.raises(Unavailable):
         await projections.wait_for(subjects.WORKERS_STREAM, 1, timeout_s=0.1)
+
+
+async def test_min_seq_beyond_the_end_of_the_log_is_refused_at_once(
+    client: NatsClient, projections: Projections
+) -> None:
+    seq = await emit(client.jetstream(), JobSubmitted(job_id="job-x", job_type="echo"))
+    started = asyncio.get_running_loop().time()
+    beyond = rf"min_seq 10254099 is beyond the end of JOBS \(its last sequence is {seq}\)"
+    with pytest.raises(BadRequest, match=beyond) as refused:
+        await get_job(client, "job-x", min_seq=10254099)
+    assert refused.value.details == {"min_seq": 10254099, "last_seq": seq}
+    with pytest.raises(BadRequest, match=beyond):
+        await list_jobs(client, min_seq=10254099)
+    assert asyncio.get_running_loop().time() - started < 0.5  # no wait for what can never come
+    assert (await get_job(client, "job-x", min_seq=seq)).status == "queued"
 
 
 async def test_an_undecodable_event_is_skipped_and_the_fold_goes_on(
