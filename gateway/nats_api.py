@@ -177,7 +177,7 @@ class NatsApi:
 
     async def _set_config(self, msg: Msg) -> Any:
         req = decode(msg.data, SetWorkerConfig)
-        return await self.gateway.set_config(req.id, req.changes)
+        return await self.gateway.set_config(req.id, req.changes.changes())
 
     async def _rotate(self, msg: Msg, worker_id: str) -> Any:
         decode(msg.data, RotateCredentials)

@@ -18,9 +18,18 @@ if TYPE_CHECKING:  # sdk.jobs decides on these requests, so it imports this modu
     from sdk.jobs import Job
 
 JobType = Literal["echo", "llm", "image"]
-#: Regions, names and ids become NATS subject tokens: no dots, spaces or wildcards.
-Token = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+#: Job types that run a model, so a submission must name one.
+NEEDS_MODEL: tuple[JobType, ...] = ("llm", "image")
+#: Regions, names and ids become NATS subject tokens and KV keys: no dots, spaces or wildcards.
+TOKEN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+Token = Annotated[str, msgspec.Meta(pattern=TOKEN_PATTERN)]
 ModelName = Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
+#: The largest stream sequence a request may name: the largest integer every JSON reader keeps exactly
+#: (a float64's 2**53), far beyond what a log reaches.
+MAX_SEQ = 2**53 - 1
+Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
+#: A list cursor: the submission sequence to continue below, as `JobPage.next_cursor` gave it.
+CURSOR_PATTERN = r"^[1-9][0-9]{0,18}$"
 
 MAX_BODY_BYTES = 1_048_576
 
@@ -43,7 +52,7 @@ class SubmitJob(Strict):
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
 
     def __post_init__(self) -> None:
-        if self.type in ("llm", "image") and self.model is None:
+        if self.type in NEEDS_MODEL and self.model is None:
             raise ValueError(f"`model` is required for {self.type} jobs")
 
 
@@ -56,8 +65,8 @@ class Submitted(msgspec.Struct, kw_only=True):
 
 
 class GetJob(Strict):
-    id: str
-    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    id: Token
+    min_seq: Seq | None = None
 
 
 class ListJobs(Strict):
@@ -66,7 +75,7 @@ class ListJobs(Strict):
     worker_id: str | None = None
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
     cursor: str | None = None
-    min_seq: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    min_seq: Seq | None = None
 
 
 class OwnedGetJob(GetJob):
@@ -84,7 +93,7 @@ class OwnedListJobs(ListJobs):
 
 
 class CancelJob(Strict):
-    id: str
+    id: Token
     reason: Annotated[str, msgspec.Meta(max_length=500)] | None = None
 
 
@@ -96,17 +105,17 @@ class CancelAccepted(msgspec.Struct, kw_only=True):
 
 
 class WaitJob(Strict):
-    id: str
+    id: Token
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=300)] = 60.0
 
 
 class GetResult(Strict):
-    id: str
+    id: Token
     index: Annotated[int, msgspec.Meta(ge=0, le=63)] = 0
 
 
 class JobEventsRequest(Strict):
-    id: str
+    id: Token
 
 
 class EventRecord(msgspec.Struct, kw_only=True):
@@ -183,12 +192,15 @@ def job_view(job: Job) -> JobView:
 # --- Workers -------------------------------------------------------------------------------------
 
 
+#: What a worker can be, as the read model says (`projections.store.WorkerStatus` holds the same values).
+WorkerStatusName = Literal["online", "draining", "lost", "deregistered"]
+
+
 class WorkerView(msgspec.Struct, kw_only=True):
     id: str
     name: str
     region: str
-    #: `online`, `draining`, `lost` or `deregistered`.
-    status: str
+    status: WorkerStatusName
     capabilities: list[str]
     #: How many jobs it runs at once (its `max_concurrency`).
     capacity: int
@@ -204,7 +216,7 @@ class WorkerPage(msgspec.Struct, kw_only=True):
 
 
 class GetWorker(Strict):
-    id: str
+    id: Token
 
 
 class ListWorkers(Strict):
@@ -270,13 +282,30 @@ class WorkerConfig(Strict):
 
 
 class GetWorkerConfig(Strict):
-    id: str
+    id: Token
+
+
+class LoadControlChanges(Strict):
+    acceptance_rate: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None | msgspec.UnsetType = msgspec.UNSET
+
+
+class WorkerConfigChanges(Strict):
+    """A partial `WorkerConfig`: a key left out stays as it is, a key set to null goes back to what the
+    worker inherits, and `models` is replaced whole. `changes()` gives the dict to merge."""
+
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=1024)] | None | msgspec.UnsetType = msgspec.UNSET
+    heartbeat_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None | msgspec.UnsetType = msgspec.UNSET
+    load_control: LoadControlChanges | None | msgspec.UnsetType = msgspec.UNSET
+    models: dict[str, ModelSettings] | None | msgspec.UnsetType = msgspec.UNSET
+
+    def changes(self) -> dict[str, Any]:
+        return msgspec.to_builtins(self)
 
 
 class SetWorkerConfig(Strict):
-    id: str
-    #: A partial config (nested keys allowed); merged over the worker's current overrides.
-    changes: dict[str, Any]
+    id: Token
+    #: Merged over the worker's current overrides.
+    changes: WorkerConfigChanges
 
 
 class WorkerConfigView(msgspec.Struct, kw_only=True):
@@ -361,16 +390,23 @@ class HeartbeatAck(msgspec.Struct, kw_only=True, tag_field="kind", tag="ok"):
 #: What an API key may do: `operator` manages keys and workers and sees every job; `client` submits
 #: jobs and sees its own.
 ApiKeyRole = Literal["client", "operator"]
-#: Credentials longer than this are not ours; refusing them early bounds the work they cause.
-Credential = Annotated[str, msgspec.Meta(min_length=1, max_length=2048)]
+#: The shapes of the platform's credentials (`gfk_<id>.<secret>`, `gfr_<family>.<counter>.<mac>`), so
+#: a client learns from the document what a key looks like; whether one is valid only the gateway knows.
+#: Anything longer is not ours: refusing it early bounds the work it causes.
+ApiKey = Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^gfk_[0-9a-f]{1,64}\.[A-Za-z0-9_-]+$")]
+RefreshToken = Annotated[
+    str, msgspec.Meta(max_length=2048, pattern=r"^gfr_[0-9a-f]{1,64}\.[0-9]{1,12}\.[A-Za-z0-9_-]+$")
+]
+#: An API key's id (the part of the key before the dot, after `gfk_`).
+KEY_ID_PATTERN = r"^[0-9a-f]{1,64}$"
 
 
 class IssueTokens(Strict):
-    api_key: Credential
+    api_key: ApiKey
 
 
 class RefreshTokens(Strict):
-    refresh_token: Credential
+    refresh_token: RefreshToken
 
 
 class TokenPair(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,12 +9,17 @@ from typing import Any
 import msgspec
 
 
-class ErrorReply(msgspec.Struct, kw_only=True, tag_field="kind", tag="error"):
-    """A structured error reply on NATS: never silence."""
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """The body of every HTTP error response: a stable `code`, a reason for people, and details (the
+    field that failed validation, the log's last sequence, ...)."""
 
     code: str
     message: str
-    details: dict[str, Any] | None = None
+    details: Any = None
+
+
+class ErrorReply(ErrorBody, tag_field="kind", tag="error"):
+    """A structured error reply on NATS: never silence."""
 
 
 class PlatformError(Exception):
