@@ -41,6 +41,7 @@ from sdk.api import (
 from sdk.auth import Headers, TokenSession
 from sdk.client import WAIT_SLICE_S
 from sdk.errors import ErrorReply, JobError, PlatformError, Timeout, Unavailable, from_reply
+from sdk.jobs import JobStatus
 from sdk.tls import Verify, httpx_verify
 
 _encoder = msgspec.json.Encoder()
@@ -132,18 +133,22 @@ class HttpClient:
         return await self._call("GET", f"/api/v1/jobs/{job_id}", JobView, params={"min_seq": min_seq})
 
     async def wait(self, job_id: str, *, timeout_s: float = 300.0) -> JobView:
-        """The job once it is finished (the gateway answers when the ending event lands)."""
+        """The job once it is finished (the gateway answers when the ending event lands); raises
+        `Timeout` after `timeout_s`. A slice that runs out answers 202 with the unfinished job."""
         remaining = timeout_s
         while True:
             slice_s = min(remaining, WAIT_SLICE_S)
             try:
-                return await self._call(
+                job: JobView = await self._call(
                     "GET", f"/api/v1/jobs/{job_id}/wait", JobView, params={"timeout_s": slice_s}, timeout_s=slice_s + 5
                 )
+                if JobStatus(job.status).terminal:
+                    return job
             except Timeout:
-                remaining -= slice_s
-                if remaining <= 0:
-                    raise
+                pass
+            remaining -= slice_s
+            if remaining <= 0:
+                raise Timeout(f"job {job_id} is not finished after {timeout_s:g}s")
 
     async def stream(self, job_id: str, *, timeout_s: float = 300.0) -> AsyncIterator[str]:
         """An LLM job's text as it is generated (server-sent events); the pieces add up to the final

@@ -37,7 +37,7 @@ from sdk.api import (
     Submitted,
     TokenPair,
 )
-from sdk.errors import PlatformError
+from sdk.errors import PlatformError, Timeout
 from sdk.jobs import JobStatus
 
 _json = msgspec.json.Encoder()
@@ -133,15 +133,24 @@ async def job_events(job_id: JobId, gateway: NamedDependency[Gateway], principal
 
 @get(
     "/api/v1/jobs/{job_id:str}/wait", summary="Wait until a job is finished",
-    responses={**JOB_ERRORS, **errors(504)},
+    responses={
+        HTTP_202_ACCEPTED: ResponseSpec(JobView, description="Not finished within `timeout_s`: the job as it is now"),
+        **JOB_ERRORS,
+    },
 )
 async def wait_job(
     job_id: JobId,
     gateway: NamedDependency[Gateway],
     principal: NamedDependency[Principal],
     timeout_s: Annotated[float, QueryParameter(gt=0, le=MAX_WAIT_S)] = 60.0,
-) -> JobView:
-    return await gateway.wait(job_id, timeout_s, job_scope(principal))
+) -> Response[JobView]:
+    """200 with the finished job; 202 with the job as it is when `timeout_s` ran out first (the answer
+    the caller asked for, not a failure of the server, so not a 5xx)."""
+    try:
+        return Response(await gateway.wait(job_id, timeout_s, job_scope(principal)), status_code=HTTP_200_OK)
+    except Timeout:
+        job = await gateway.get(GetJob(id=job_id), job_scope(principal))
+        return Response(job, status_code=HTTP_202_ACCEPTED)
 
 
 @get(
