@@ -123,10 +123,13 @@ class WorkerCommands:
         return HeartbeatAck(registered=True, rotate=await self.credentials.rotation_due(worker_id))
 
     async def rotate(self, worker_id: str) -> WorkerCredentials:
-        """The worker's next credential generation, in the reply only; the log records the generation."""
-        credentials = await self.credentials.rotate_worker(worker_id)
-        event = WorkerCredentialsRotated(worker_id=worker_id, generation=credentials.generation)
-        await append(self.js, subjects.worker_subject(worker_id), event)
+        """The worker's next credential generation, in the reply only; the log records the generation
+        (once: a generation sent again after a lost reply is not a new event)."""
+        rotation = await self.credentials.rotate_worker(worker_id)
+        credentials = rotation.credentials
+        if rotation.issued:
+            event = WorkerCredentialsRotated(worker_id=worker_id, generation=credentials.generation)
+            await append(self.js, subjects.worker_subject(worker_id), event)
         logger.info("worker %s rotated its credentials to generation %d", worker_id, credentials.generation)
         return credentials
 

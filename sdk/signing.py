@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Mapping
@@ -37,6 +38,11 @@ SIGNATURE_HEADER = "X-Signature"
 
 #: Longer nonces buy nothing and would let a sender grow the gateway's nonce memory.
 MAX_NONCE_CHARS = 128
+#: A signed request's body is refused above this size before it is hashed: hashing is the work a
+#: forger could make the gateway do for free. Larger data travels as an object, not a request.
+MAX_SIGNED_BODY_BYTES = 1024 * 1024
+#: Unix milliseconds, in ASCII digits only (`str.isdigit` also accepts "²", which `int` refuses).
+_TIMESTAMP = re.compile(r"[0-9]{1,16}")
 
 
 class AuthReason(StrEnum):
@@ -89,7 +95,11 @@ def body_sha256_hex(body: bytes) -> str:
 
 
 def canonical_string(subject: str, timestamp_ms: int, nonce: str, body: bytes) -> bytes:
-    return f"{subject}\n{timestamp_ms}\n{nonce}\n{body_sha256_hex(body)}".encode()
+    return _canonical(subject, timestamp_ms, nonce, body_sha256_hex(body))
+
+
+def _canonical(subject: str, timestamp_ms: int, nonce: str, body_hash: str) -> bytes:
+    return f"{subject}\n{timestamp_ms}\n{nonce}\n{body_hash}".encode()
 
 
 def signature_hex(secret: bytes, subject: str, timestamp_ms: int, nonce: str, body: bytes) -> str:
@@ -129,7 +139,7 @@ def read_headers(headers: Mapping[str, str] | None) -> SignedHeaders:
             raise refused(AuthReason.MISSING_HEADER, f"missing header {name}")
         values[name] = value
     timestamp = values[TIMESTAMP_HEADER]
-    if not timestamp.isdigit() or len(timestamp) > 16:
+    if not _TIMESTAMP.fullmatch(timestamp):
         raise refused(AuthReason.MALFORMED, f"{TIMESTAMP_HEADER} must be Unix milliseconds")
     if len(values[NONCE_HEADER]) > MAX_NONCE_CHARS:
         raise refused(AuthReason.MALFORMED, f"{NONCE_HEADER} is longer than {MAX_NONCE_CHARS} characters")
@@ -141,15 +151,23 @@ def read_headers(headers: Mapping[str, str] | None) -> SignedHeaders:
     )
 
 
-def signature_matches(secret: bytes, subject: str, body: bytes, signed: SignedHeaders) -> bool:
-    expected = signature_hex(secret, subject, signed.timestamp_ms, signed.nonce, body)
-    # Constant time, so the comparison leaks nothing about how much of a forgery was right.
-    # (on bytes: compare_digest refuses str with non-ASCII characters, and headers come from outside).
-    return hmac.compare_digest(expected.encode(), signed.signature.lower().encode())
+def signed_by(secrets_: list[bytes], subject: str, body: bytes, signed: SignedHeaders) -> int | None:
+    """The index of the secret in `secrets_` that signed the request, or None. The body is hashed once,
+    whatever the number of candidate secrets."""
+    canonical = _canonical(subject, signed.timestamp_ms, signed.nonce, body_sha256_hex(body))
+    # On bytes: compare_digest refuses str with non-ASCII characters, and headers come from outside.
+    presented = signed.signature.lower().encode()
+    matched = None
+    for index, secret in enumerate(secrets_):
+        expected = hmac.new(secret, canonical, hashlib.sha256).hexdigest().encode()
+        # Constant time, and every candidate is computed, so timing says nothing about which one matched.
+        if hmac.compare_digest(expected, presented) and matched is None:
+            matched = index
+    return matched
 
 
 def verify_signature(secret: bytes, subject: str, body: bytes, headers: Mapping[str, str] | None) -> None:
     """Raise `Unauthorized` (reason `missing_header`, `malformed` or `bad_signature`) unless `headers`
     carry a valid signature of `subject` and `body` by `secret`. Freshness is the caller's check."""
-    if not signature_matches(secret, subject, body, read_headers(headers)):
+    if signed_by([secret], subject, body, read_headers(headers)) is None:
         raise refused(AuthReason.BAD_SIGNATURE, f"bad signature on {subject}")

@@ -14,11 +14,17 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.errors import APIError
 
 from gateway.auth import AuthSettings, Credentials, NonceWindow, Principal, load_or_create_master_key
 from sdk import subjects
+from sdk.api import WorkerCredentials
+from sdk.broker import EmbeddedNats
+from sdk.connection import connect
 from sdk.errors import BadRequest, Conflict, Forbidden, PlatformError, Unauthorized, WorkerNotFound
+from sdk.log import ensure_streams
 from sdk.signing import (
+    MAX_SIGNED_BODY_BYTES,
     NONCE_HEADER,
     SIGNATURE_HEADER,
     TIMESTAMP_HEADER,
@@ -27,6 +33,7 @@ from sdk.signing import (
     sign,
     verify_signature,
 )
+from tests.conftest import wait_until
 
 START_MS = 1_700_000_000_000
 
@@ -410,17 +417,19 @@ async def test_rotation_new_secret_verifies_old_one_stops_after_grace(
     wid = worker_id()
     old = await credentials.enroll(await credentials.create_enrollment_token(), wid)
     clock.advance(10)
-    new = await credentials.rotate_worker(wid)
+    await credentials.request_rotation(wid)
+    new = (await credentials.rotate_worker(wid)).credentials
     assert new.generation == old.generation + 1
     assert new.hmac_secret_hex != old.hmac_secret_hex
-    assert await credentials.worker_secret(wid) == bytes.fromhex(new.hmac_secret_hex)
     subject, body = subjects.report_subject(wid), b"{}"
 
     def signed_by(creds_hex: str) -> dict[str, str]:
         return sign(bytes.fromhex(creds_hex), subject, body, now_ms=clock.now_ms)
 
-    # Within the grace (60 s by default) both generations verify: reports signed before the switch land.
+    # The new generation becomes current on its first use; within the grace (60 s by default) both
+    # generations verify: reports signed before the switch land.
     assert await credentials.verify_report(subject, body, signed_by(new.hmac_secret_hex)) == wid
+    assert await credentials.worker_secret(wid) == bytes.fromhex(new.hmac_secret_hex)
     assert await credentials.verify_report(subject, body, signed_by(old.hmac_secret_hex)) == wid
     assert credentials.verify_access(old.access_token).subject == wid
     # The old refresh token is dead at once.
@@ -445,11 +454,228 @@ async def test_revoking_during_rotation_grace_stops_the_old_generation_too(
 ) -> None:
     wid = worker_id()
     old = await credentials.enroll(await credentials.create_enrollment_token(), wid)
-    await credentials.rotate_worker(wid)
+    await credentials.request_rotation(wid)
+    new = (await credentials.rotate_worker(wid)).credentials
+    subject = subjects.report_subject(wid)
+    await credentials.verify_report(subject, b"{}", sign(bytes.fromhex(new.hmac_secret_hex), subject, b"{}", now_ms=clock.now_ms))
     await credentials.revoke_worker(wid)
     with pytest.raises(Unauthorized) as exc:
         credentials.verify_access(old.access_token)
     assert reason(exc) == "revoked"
+
+
+# --- Credential flows that must neither lock out nor replay (issue 9) ------------------------------
+
+
+async def enrolled(credentials: Credentials) -> WorkerCredentials:
+    return await credentials.enroll(await credentials.create_enrollment_token(), worker_id())
+
+
+def signed_request(creds: WorkerCredentials, subject: str, body: bytes, clock: FakeClock) -> dict[str, str]:
+    return sign(bytes.fromhex(creds.hmac_secret_hex), subject, body, worker_id=creds.worker_id, now_ms=clock.now_ms)
+
+
+async def test_a_lost_rotate_reply_is_sent_again_and_the_worker_recovers(
+    credentials: Credentials, clock: FakeClock
+) -> None:
+    old = await enrolled(credentials)
+    wid = old.worker_id
+    report = subjects.report_subject(wid)
+    await credentials.request_rotation(wid)
+    lost = (await credentials.rotate_worker(wid)).credentials  # the reply never reaches the worker
+
+    # Minutes later the worker still signs with the old secret: it verifies, and it is told to rotate.
+    clock.advance(300)
+    assert await credentials.verify_report(report, b"{}", signed_request(old, report, b"{}", clock)) == wid
+    assert await credentials.rotation_due(wid)
+    again = await credentials.rotate_worker(wid)
+    assert not again.issued
+    assert (again.credentials.generation, again.credentials.hmac_secret_hex) == (lost.generation, lost.hmac_secret_hex)
+
+    # Its first request with the new secret makes that generation current; the old one ends after the grace.
+    assert await credentials.verify_report(report, b"{}", signed_request(again.credentials, report, b"{}", clock)) == wid
+    assert not await credentials.rotation_due(wid)
+    assert await credentials.worker_secret(wid) == bytes.fromhex(lost.hmac_secret_hex)
+    clock.advance(60.001)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.verify_report(report, b"{}", signed_request(old, report, b"{}", clock))
+    assert reason(exc) == "bad_signature"
+    refreshed = await credentials.refresh(again.credentials.refresh_token)
+    assert credentials.verify_access(refreshed.access_token).subject == wid
+
+
+async def test_rotation_is_refused_unless_due(credentials: Credentials, clock: FakeClock) -> None:
+    wid = (await enrolled(credentials)).worker_id
+    with pytest.raises(Conflict, match="not due"):
+        await credentials.rotate_worker(wid)
+    clock.advance(86400)
+    assert (await credentials.rotate_worker(wid)).issued
+
+
+async def test_a_replayed_rotate_or_registration_is_refused_by_another_gateway_and_after_a_restart(
+    credentials: Credentials, nc: NatsClient, master_key: bytes, clock: FakeClock
+) -> None:
+    creds = await enrolled(credentials)
+    wid = creds.worker_id
+    await credentials.request_rotation(wid)
+    rotate, register = subjects.rotate_subject(wid), subjects.API_WORKERS_REGISTER
+    signed = {subject: signed_request(creds, subject, b"{}", clock) for subject in (rotate, register)}
+    assert await credentials.verify_report(rotate, b"{}", signed[rotate]) == wid
+    assert await credentials.verify_signed(register, b"{}", signed[register]) == wid
+    async with await Credentials.open(nc.jetstream(), master_key, clock=clock) as replica:
+        with pytest.raises(Unauthorized) as exc:
+            await replica.verify_report(rotate, b"{}", signed[rotate])
+        assert reason(exc) == "replayed_nonce"
+    await credentials.close()
+    clock.advance(30)
+    async with await Credentials.open(nc.jetstream(), master_key, clock=clock) as restarted:
+        with pytest.raises(Unauthorized) as exc:
+            await restarted.verify_signed(register, b"{}", signed[register])
+        assert reason(exc) == "replayed_nonce"
+
+
+async def test_a_revocation_stops_tokens_stamped_by_a_gateway_whose_clock_runs_ahead(
+    credentials: Credentials, nc: NatsClient, master_key: bytes, clock: FakeClock
+) -> None:
+    key_id, api_key = await credentials.create_api_key("skewed", "client")
+    ahead = FakeClock()
+    ahead.now_ms = clock.now_ms + 5_000
+    async with await Credentials.open(nc.jetstream(), master_key, clock=ahead) as fast_gateway:
+        pair = await fast_gateway.issue_tokens(api_key)  # stamped 5 s "after" the revocation below
+        clock.advance(1)
+        await credentials.revoke_api_key(key_id)
+        with pytest.raises(Unauthorized) as exc:
+            credentials.verify_access(pair.access_token)
+        assert reason(exc) == "revoked"
+
+        async def refused_there() -> bool:
+            try:
+                fast_gateway.verify_access(pair.access_token)
+            except Unauthorized:
+                return True
+            return False
+
+        await wait_until(refused_there, 5, "the fast gateway to see the revocation")
+
+
+async def test_a_revoke_whose_marker_write_failed_is_repaired_by_revoking_again(
+    fresh_nats: EmbeddedNats, master_key: bytes, clock: FakeClock
+) -> None:
+    nc = await connect(fresh_nats.url, name="test")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    try:
+        async with await Credentials.open(js, master_key, clock=clock) as credentials:
+            key_id, api_key = await credentials.create_api_key("leaked", "client")
+            pair = await credentials.issue_tokens(api_key)
+            wid = worker_id()
+            worker = await credentials.enroll(await credentials.create_enrollment_token(), wid)
+            # The bucket is full: records can still be rewritten, new keys (the markers) are refused.
+            stream = await js.stream_info(f"KV_{subjects.AUTH_BUCKET}")
+            await js.update_stream(stream.config.evolve(max_msgs=stream.state.messages))
+            with pytest.raises(APIError, match="maximum messages exceeded"):
+                await credentials.revoke_api_key(key_id)
+            with pytest.raises(APIError, match="maximum messages exceeded"):
+                await credentials.revoke_worker(wid)
+            # The records say revoked; the markers that stop the access tokens were never written.
+            assert [key.revoked_at_ms for key in await credentials.list_api_keys()] == [clock.now_ms]
+            with pytest.raises(Unauthorized) as exc:
+                await credentials.worker_secret(wid)
+            assert reason(exc) == "revoked"
+            async with await Credentials.open(js, master_key, clock=clock) as other_gateway:
+                assert other_gateway.verify_access(pair.access_token).subject == key_id
+
+                # The operator frees space and revokes again: now every gateway refuses the tokens.
+                await js.update_stream(stream.config.evolve(max_msgs=-1))
+                await credentials.revoke_api_key(key_id)
+                await credentials.revoke_worker(wid)
+                for token in (pair.access_token, worker.access_token):
+
+                    async def refused(token: str = token) -> bool:
+                        try:
+                            other_gateway.verify_access(token)
+                        except Unauthorized as exc:
+                            return exc.details == {"reason": "revoked"}
+                        return False
+
+                    await wait_until(refused, 5, "the other gateway to refuse the revoked tokens")
+    finally:
+        await nc.close()
+
+
+async def test_an_unbound_token_cannot_take_over_a_revoked_worker(credentials: Credentials) -> None:
+    wid = (await enrolled(credentials)).worker_id
+    await credentials.revoke_worker(wid)
+    with pytest.raises(Conflict, match="already enrolled"):
+        await credentials.enroll(await credentials.create_enrollment_token(), wid)
+    again = await credentials.enroll(await credentials.create_enrollment_token(worker_id=wid), wid)
+    assert again.generation == 2
+
+
+async def test_signature_checks_refuse_the_cheap_cases_before_reading_or_hashing(
+    credentials: Credentials, clock: FakeClock
+) -> None:
+    creds = await enrolled(credentials)
+    wid = creds.worker_id
+    report = subjects.report_subject(wid)
+    # A stale request about a worker nobody enrolled: refused on its timestamp, before any bucket read.
+    stranger = report.replace(wid, worker_id())
+    stale = sign(secrets.token_bytes(32), stranger, b"{}", now_ms=clock.now_ms - 61_000)
+    with pytest.raises(Unauthorized) as exc:
+        await credentials.verify_report(stranger, b"{}", stale)
+    assert reason(exc) == "stale_timestamp"
+    # A body over 1 MiB is refused unhashed, even when correctly signed.
+    big = b"x" * (MAX_SIGNED_BODY_BYTES + 1)
+    with pytest.raises(BadRequest, match="at most 1048576 bytes"):
+        await credentials.verify_report(report, big, signed_request(creds, report, big, clock))
+    fits = b"x" * MAX_SIGNED_BODY_BYTES
+    assert await credentials.verify_report(report, fits, signed_request(creds, report, fits, clock)) == wid
+
+
+async def test_a_timestamp_of_unicode_digits_is_refused_as_malformed(credentials: Credentials, clock: FakeClock) -> None:
+    creds = await enrolled(credentials)
+    wid = creds.worker_id
+    report = subjects.report_subject(wid)
+    for timestamp in ("²", "１７００００００００００００", "-1", " 1", "1" * 17):
+        headers = {**signed_request(creds, report, b"{}", clock), TIMESTAMP_HEADER: timestamp}
+        with pytest.raises(Unauthorized) as exc:
+            await credentials.verify_report(report, b"{}", headers)
+        assert reason(exc) == "malformed", timestamp
+
+
+@pytest.mark.slow
+async def test_the_auth_bucket_stays_bounded_under_10000_token_issues(
+    fresh_nats: EmbeddedNats, master_key: bytes
+) -> None:
+    """Every sign-in adds a family record; each expires with its refresh token, so the bucket holds the
+    sign-ins of one refresh lifetime, not every one ever made."""
+    settings = AuthSettings(access_ttl_s=1, refresh_ttl_s=1, clock_skew_s=1)
+    nc = await connect(fresh_nats.url, name="test")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    async with await Credentials.open(js, master_key, settings=settings) as credentials:
+        key_id, api_key = await credentials.create_api_key("busy", "client")
+        pairs = []
+        for _ in range(10):
+            pairs += await asyncio.gather(*(credentials.issue_tokens(api_key) for _ in range(1_000)))
+        assert len({pair.refresh_token for pair in pairs}) == 10_000
+        await credentials.revoke_api_key(key_id)
+        kv = await js.key_value(subjects.AUTH_BUCKET)
+
+
+        async def only_the_key_is_left() -> bool:
+            return await kv.keys() == [f"apikey.{key_id}"]
+
+        # The family records and the revocation marker expire: a gateway starting now loads no marker.
+        await wait_until(only_the_key_is_left, 30, "the family records and the revocation marker to expire")
+
+        async def only_its_record_is_stored() -> bool:
+            # The server's markers of expired records go too (`gateway.kv.MARKER_TTL_S`).
+            state = (await js.stream_info(f"KV_{subjects.AUTH_BUCKET}")).state
+            return (state.messages, state.bytes < 1_000) == (1, True)
+
+        await wait_until(only_its_record_is_stored, 30, "the expiry markers to go")
+    await nc.close()
 
 
 # --- Secrets stay secret -------------------------------------------------------------------------
@@ -467,7 +693,8 @@ async def test_secrets_never_reach_logs_or_the_bucket(
     enrollment = await credentials.create_enrollment_token()
     wid = worker_id()
     creds = await credentials.enroll(enrollment, wid)
-    rotated = await credentials.rotate_worker(wid)
+    await credentials.request_rotation(wid)
+    rotated = (await credentials.rotate_worker(wid)).credentials
     subject = subjects.report_subject(wid)
     headers = sign(bytes.fromhex(creds.hmac_secret_hex), subject, b"{}", now_ms=clock.now_ms)
     await credentials.verify_report(subject, b"{}", headers)

@@ -3,10 +3,14 @@ and rotation, and verification of signed worker requests. docs/security.md expla
 
 The parts: `master_key` (the root secret and derivation), `tokens` (credential formats, pure),
 `records` (what the `auth` bucket holds), `revocations` (the in-memory revocation mirror), `replay`
-(timestamp window and nonces) and `credentials` (the service the gateway calls).
+(timestamp window and nonces), `families` (token families, refresh, access-token checks), `api_keys`,
+`workers` (enrollment, rotation, revocation), `signed` (signed worker requests) and `credentials`
+(the service the gateway calls, made of those parts). Every read-decide-write goes through
+`gateway.kv.Bucket.update`.
 """
 
-from gateway.auth.credentials import AuthSettings, Credentials
+from gateway.auth.credentials import Credentials
+from gateway.auth.families import AuthSettings
 from gateway.auth.master_key import load_or_create_master_key
 from gateway.auth.replay import NonceWindow
 from gateway.auth.tokens import Principal

@@ -8,12 +8,20 @@
 | `worker.<worker_id>`       | `WorkerRecord`     | a worker's credential generation (its secret is derived)  |
 | `revoked.family.<family>`  | `Revocation`       | access tokens of that family stop verifying               |
 | `revoked.client.<key_id>`  | `Revocation`       | access tokens issued for that API key until then stop     |
+| `nonce.<worker_id>.<hash>` | `NonceRecord`      | a credential-issuing request's nonce, seen by any gateway |
 
 Revocations get their own keys so every gateway can watch just them (`revoked.>`) and verify access
 tokens without reading the bucket per request.
+
+What expires (a per-record TTL, so the server forgets it and the bucket stays bounded): a family when
+its refresh token would have, an enrollment token after its expiry, a revocation marker once every
+token it could stop has expired, a nonce after the replay window. API keys and worker records stay
+(one per key or worker an operator created).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import msgspec
 
@@ -24,6 +32,7 @@ FAMILY_PREFIX = "family."
 ENROLL_PREFIX = "enroll."
 WORKER_PREFIX = "worker."
 REVOKED_PREFIX = "revoked."
+NONCE_PREFIX = "nonce."
 
 
 class ApiKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,7 +79,11 @@ class WorkerRecord(msgspec.Struct, frozen=True, kw_only=True):
     generation_at_ms: int = 0
     #: An operator asked for a rotation; the worker is told at its next heartbeat.
     rotation_requested_at_ms: int | None = None
-    #: After a rotation, the previous generation's secret and tokens still verify until this instant.
+    #: Issued by a rotation but not used yet: it verifies beside the current one, and becomes current
+    #: (promoted) on its first signed use; a worker whose rotate reply was lost is sent it again.
+    pending_generation: int | None = None
+    pending_family: str | None = None
+    #: After a promotion, the previous generation's secret and tokens still verify until this instant.
     previous_generation: int | None = None
     previous_family: str | None = None
     previous_valid_until_ms: int = 0
@@ -82,6 +95,11 @@ class Revocation(msgspec.Struct, frozen=True, kw_only=True):
     #: For a subject: tokens issued at or before this instant stop verifying.
     at_ms: int
     reason: str
+
+
+class NonceRecord(msgspec.Struct, frozen=True, kw_only=True):
+    subject: str
+    timestamp_ms: int
 
 
 def apikey_key(key_id: str) -> str:
@@ -109,7 +127,11 @@ def subject_revocation_key(kind: Kind, subject: str) -> str:
     return f"{REVOKED_PREFIX}{kind}.{subject}"
 
 
-encoder = msgspec.json.Encoder()
+def nonce_key(worker_id: str, nonce: str) -> str:
+    """Hashed: a nonce is whatever the sender chose, a KV key allows only a few characters."""
+    return f"{NONCE_PREFIX}{worker_id}.{hashlib.sha256(nonce.encode()).hexdigest()[:32]}"
+
+
 apikey_decoder = msgspec.json.Decoder(ApiKeyRecord)
 family_decoder = msgspec.json.Decoder(FamilyRecord)
 enrollment_decoder = msgspec.json.Decoder(EnrollmentRecord)

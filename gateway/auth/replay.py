@@ -6,8 +6,10 @@ after that the timestamp check refuses the replay by itself. So memory is bounde
 per second) x (2 x window), and only requests with a valid signature get this far.
 
 The window is per gateway process. With several gateways a replay could reach another replica inside
-the window; the job's attempt check (DESIGN invariant 2) makes a replayed report a no-op there, and
-docs/security.md describes the shared-KV variant if that is ever not enough.
+the window; the job's attempt check (DESIGN invariant 2) makes a replayed report a no-op there. The
+requests that issue credentials (registration, rotation) keep their nonces in the `auth` bucket instead,
+with create-only writes, so a replay is refused on every replica and after a restart
+(`gateway.auth.signed`).
 """
 
 from __future__ import annotations
@@ -24,15 +26,20 @@ class NonceWindow:
         #: (forget_at_ms, worker_id, nonce), earliest first.
         self._expiry: list[tuple[int, str, str]] = []
 
-    def check(self, worker_id: str, timestamp_ms: int, nonce: str, now_ms: int) -> None:
-        """Accept (and remember) a fresh nonce, or raise `Unauthorized` with reason
-        `stale_timestamp` or `replayed_nonce`."""
-        self._forget(now_ms)
+    def require_fresh(self, timestamp_ms: int, now_ms: int) -> None:
+        """Raise `Unauthorized` (`stale_timestamp`) for a timestamp outside the window; the cheapest check,
+        so it runs before any bucket read or hashing."""
         if abs(now_ms - timestamp_ms) > self.window_ms:
             raise refused(
                 AuthReason.STALE_TIMESTAMP,
                 f"request signed at {timestamp_ms} is outside the {self.window_ms} ms window around {now_ms}",
             )
+
+    def check(self, worker_id: str, timestamp_ms: int, nonce: str, now_ms: int) -> None:
+        """Accept (and remember) a fresh nonce, or raise `Unauthorized` with reason
+        `stale_timestamp` or `replayed_nonce`."""
+        self._forget(now_ms)
+        self.require_fresh(timestamp_ms, now_ms)
         key = (worker_id, nonce)
         if key in self._seen:
             raise refused(AuthReason.REPLAYED_NONCE, f"nonce already used by {worker_id}")

@@ -5,7 +5,12 @@ only question left (was it revoked since it was issued?) from memory. The gatewa
 marker here at once; every other gateway sees it through its watch within milliseconds.
 
 The cache stays small: a marker matters only while tokens it could stop are alive, so after its instant
-plus the access-token TTL it is dropped (`prune`).
+plus the access-token TTL (and the skew margin) it is dropped (`prune`); the bucket forgets it then too
+(the marker's TTL), so a starting gateway loads only the markers that still matter.
+
+Clocks differ between gateways: a subject marker also stops tokens stamped up to `skew_ms` after its
+instant, by a gateway whose clock runs ahead (a revoked key gets no new tokens, so nothing legitimate
+is lost).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ logger = logging.getLogger(__name__)
 
 
 class RevocationCache:
-    def __init__(self, kv: KeyValue, *, retain_ms: int) -> None:
+    def __init__(self, kv: KeyValue, *, retain_ms: int, skew_ms: int) -> None:
         self._kv = kv
         self._retain_ms = retain_ms
+        self._skew_ms = skew_ms
         self._markers: dict[str, Revocation] = {}
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
@@ -41,18 +47,20 @@ class RevocationCache:
         self._watcher = await self._kv.watch(f"{REVOKED_PREFIX}>")
         while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
             self._apply(entry)
-        self._task = asyncio.create_task(self._follow(), name="revocation-watch")
+        self._task = asyncio.create_task(self._follow(self._watcher), name="revocation-watch")
         logger.info("revocation cache loaded %d markers", len(self._markers))
 
     async def stop(self) -> None:
-        if self._watcher is not None:
-            await self._watcher.stop()
-        if self._task is not None:
-            await self._task
+        """Idempotent: a second call finds nothing left to stop."""
+        watcher, task = self._watcher, self._task
+        self._watcher = self._task = None
+        if watcher is not None:
+            await watcher.stop()
+        if task is not None:
+            await task
 
-    async def _follow(self) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
             if entry is not None:
                 self._apply(entry)
 
@@ -77,7 +85,7 @@ class RevocationCache:
         if family is not None and now_ms >= family.at_ms:
             return True
         subject = self._markers.get(subject_revocation_key(claims.kind, claims.sub))
-        return subject is not None and claims.iat_ms <= subject.at_ms
+        return subject is not None and claims.iat_ms <= subject.at_ms + self._skew_ms
 
     def prune(self, now_ms: int) -> None:
         """Forget markers older than any token they could still stop."""
