@@ -15,6 +15,7 @@ from gateway.admin import Admin
 from gateway.auth import Credentials, Principal
 from gateway.feed import JobFeed
 from gateway.jobs import JobCommands, require_connected
+from gateway.kv import Bucket
 from gateway.worker_config import WorkerConfigs
 from gateway.workers import WorkerCommands
 from sdk import subjects
@@ -32,7 +33,7 @@ class Gateway(JobCommands, WorkerCommands, WorkerConfigs):
         self.admin = Admin(self.js, credentials)
 
     async def start(self) -> None:
-        self.config_kv = await self.js.key_value(subjects.WORKER_CONFIG_BUCKET)
+        self.config_bucket = await Bucket.open(self.js, subjects.WORKER_CONFIG_BUCKET)
         await self.feed.start()
 
     async def stop(self) -> None:
