@@ -5,17 +5,15 @@ server reads from its environment (`GF_<USER>_PASSWORD`, see `nats_passwords`)."
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from sdk.connection import port_open, with_user
+from sdk.process import Child
 
 logger = logging.getLogger(__name__)
 
@@ -54,21 +52,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    """SIGTERM, then SIGKILL after `timeout_s`; False if it had already exited."""
-    if process.poll() is not None:
-        return False
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    return True
-
-
-class EmbeddedNats:
-    """`nats-server -c nats.conf` on `port` with its JetStream store in `store_dir`; stopped by PID.
+class EmbeddedNats(Child):
+    """`nats-server -c nats.conf` on `port` with its JetStream store in `store_dir`; stopped by PID, and
+    dead with the process that started it (`sdk.process`). A supervisor restarts it like any child.
 
     `env` holds the users' passwords (`nats_passwords()`; new ones when not given). With `tls_cert`
     and `tls_key` the server accepts TLS connections only.
@@ -83,15 +69,14 @@ class EmbeddedNats:
         log_file: Path | None = None,
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
+        name: str = "nats-server",
     ) -> None:
+        super().__init__(name, [], log_file, env if env is not None else nats_passwords())
         self.store_dir = Path(store_dir)
         self.port = port or free_port()
         self.config = config
-        self.env = env if env is not None else nats_passwords()
-        self.log_file = log_file
         self.tls_cert = tls_cert
         self.tls_key = tls_key
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
@@ -108,30 +93,27 @@ class EmbeddedNats:
         """The platform user's URL, what services and tests connect with."""
         return self.url_as("platform")
 
-    def start(self, wait_s: float = 15.0) -> None:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+    def command(self) -> list[str]:
         cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port),
                "-sd", str(self.store_dir)]
         if self.tls_cert is not None:
             cmd += ["--tls", "--tlscert", str(self.tls_cert), "--tlskey", str(self.tls_key or self.tls_cert)]
-        self.process = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(self.env or {})},
-            start_new_session=True,  # Ctrl-C reaches its owner only, which stops it last, after the components
-        )
+        return cmd
+
+    def start(self, wait_s: float = 15.0) -> None:
+        """Start it (again, on the same store) and return once it listens."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        super().start()
+        assert self.process is not None
         deadline = time.monotonic() + wait_s
         while not port_open("127.0.0.1", self.port):
             if self.process.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {' '.join(cmd)}")
+                raise RuntimeError(f"nats-server exited with {self.process.returncode}: {' '.join(self.command())}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"nats-server did not listen on {self.port} within {wait_s}s")
             time.sleep(0.05)
         logger.info("nats-server pid %s listening on %s, store %s", self.process.pid, self.address, self.store_dir)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process is not None and terminate(self.process, timeout_s):
-            logger.info("nats-server pid %s stopped", self.process.pid)
 
     def __enter__(self) -> "EmbeddedNats":
         self.start()

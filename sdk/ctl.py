@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
@@ -26,6 +25,7 @@ from rich.table import Table
 from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment, Token
 from sdk.connection import nats_url_from_env, redact
 from sdk.errors import PlatformError
+from sdk.process import run_until_signal, setup_logging
 
 if TYPE_CHECKING:
     from gateway.admin import Admin
@@ -48,28 +48,6 @@ PlatformNats = Annotated[
 DataDir = Annotated[
     Path, Parameter(help="The platform's data dir (its `secrets/` hold the master key and NATS passwords).")
 ]
-
-
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
-def run_until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `serve(stop)` until SIGINT or SIGTERM sets `stop`; exit 0 after a clean stop."""
-    _setup_logging()
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(stop)
-
-    asyncio.run(main())
 
 
 @app.command
@@ -132,7 +110,7 @@ def replay(
     """Rebuild the read-model database from the streams (up to `--until-seq` for a past state)."""
     from projections.replay import rebuild
 
-    _setup_logging()
+    setup_logging()
     positions = asyncio.run(rebuild(nats_url_from_env(nats_url), db, until_seq))
     console.print(f"rebuilt [bold]{db}[/] at positions {positions}")
 
@@ -153,9 +131,9 @@ def up(
 
     Ctrl-C or SIGTERM stops every child it started and exits 0. A child that dies is restarted.
     """
-    from sdk.local import LocalStack
+    from sdk.local import DataDirInUse, LocalStack
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     stack = LocalStack(data_dir, http_port=http_port, nats_port=nats_port, nats_url=nats_url)
     stopping = False
 
@@ -167,6 +145,13 @@ def up(
     signal.signal(signal.SIGTERM, on_signal)
     try:
         stack.start(workers=["local"] if worker else [])
+    except DataDirInUse as exc:
+        console.print(f"[red]gpuctl: {exc}[/]")
+        sys.exit(1)
+    except BaseException:
+        stack.stop()
+        raise
+    try:
         console.print(f"API  {stack.http_url}/api/v1   docs {stack.http_url}/schema   NATS {redact(stack.nats_url)}")
         console.print(
             f"operator API key in {stack.operator_key_file} (export GF_API_KEY=$(cat {stack.operator_key_file})); "
@@ -196,7 +181,7 @@ def _with_admin(data_dir: Path, nats_url: str | None, nats_port: int, action: Ca
     from gateway.admin import open_admin
     from sdk.local import SECRETS_DIR, platform_url
 
-    _setup_logging("WARNING")
+    setup_logging("WARNING")
     url = platform_url(data_dir, nats_url or f"nats://127.0.0.1:{nats_port}")
 
     async def run() -> T:

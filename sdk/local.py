@@ -19,24 +19,25 @@ the command line: services as the `platform` user, workers as `worker`.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
 
 from rich.table import Table
 
 from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment
-from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable, terminate
+from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable
 from sdk.connection import redact, with_user
 from sdk.private_files import write_private
+from sdk.process import Child, stop_all
 
 if TYPE_CHECKING:
     from gateway.admin import Admin
@@ -48,6 +49,10 @@ T = TypeVar("T")
 SECRETS_DIR = "secrets"
 NATS_ENV_FILE = "nats.env"
 OPERATOR_KEY_FILE = "operator.key"
+#: Held by the stack that runs on a data dir (`DataDirLock`).
+LOCK_FILE = "gpuctl.lock"
+#: A worker finishes or hands back its jobs when stopped (its drain, 30 s by default): wait a bit longer.
+WORKER_STOP_TIMEOUT_S = 45.0
 #: Where `gpu-worker start` keeps its credentials in its state dir (`worker.config.LocalConfig`).
 WORKER_CREDENTIALS_FILE = "credentials.json"
 
@@ -61,55 +66,58 @@ def load_or_create_nats_env(path: Path) -> dict[str, str]:
     return {name.strip(): value.strip() for name, _, value in pairs}
 
 
+class DataDirInUse(RuntimeError):
+    """Another stack runs on this data dir; the message names its PID."""
+
+
+class DataDirLock:
+    """An exclusive `flock` on `<data_dir>/gpuctl.lock` while a stack runs there, so that a second one
+    refuses at once instead of fighting over the store and the ports. The file names the holder (its PID,
+    its API's URL). The kernel drops the lock when the holder dies, however it dies: a file left behind
+    never blocks the next start."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / LOCK_FILE
+        self._file: IO[str] | None = None
+
+    def acquire(self, http_url: str) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        file = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            holder = _holder(file.read())
+            file.close()
+            raise DataDirInUse(
+                f"{self.path.parent} is in use by another gpuctl up (pid {holder.get('pid', '?')}); "
+                "stop that one first, or pass another --data-dir"
+            ) from None
+        file.truncate(0)
+        file.write(json.dumps({"pid": os.getpid(), "http_url": http_url}))
+        file.flush()
+        self._file = file
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+
+def _holder(text: str) -> dict[str, object]:
+    try:
+        holder = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
 def platform_url(data_dir: Path, url: str) -> str:
     """`url` as the platform user, with the password from the data dir unless `url` carries one."""
     if "@" in url:
         return url
     passwords = load_or_create_nats_env(Path(data_dir) / SECRETS_DIR / NATS_ENV_FILE)
     return with_user(url, "platform", passwords[password_variable("platform")])
-
-
-@dataclass
-class Child:
-    name: str
-    cmd: list[str]
-    log_path: Path
-    env: dict[str, str] = field(default_factory=dict)
-    process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    started_at: float = 0.0
-
-    def start(self) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env},
-                start_new_session=True,  # Ctrl-C in the terminal reaches gpuctl only; it stops children in order
-            )
-        self.started_at = time.monotonic()
-        logger.info("started %s (pid %s)", self.name, self.process.pid)
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    @property
-    def state(self) -> str:
-        if self.process is None:
-            return "not started"
-        code = self.process.poll()
-        return "running" if code is None else f"exited ({code})"
-
-    def stop(self, timeout_s: float = 45.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout_s` (longer than a worker's drain, 30 s by default)."""
-        if self.process is not None and terminate(self.process, timeout_s):
-            logger.info("stopped %s (pid %s)", self.name, self.process.pid)
-
-    def kill(self) -> None:
-        """SIGKILL: the crash a worker cannot clean up after."""
-        if self.running:
-            assert self.process is not None
-            self.process.kill()
-            self.process.wait()
 
 
 class LocalStack:
@@ -142,7 +150,9 @@ class LocalStack:
             self.client_url = self.broker.url_as("client")
         #: An operator API key (from `secrets/operator.key`, created on the first start).
         self.operator_key: str | None = None
+        #: Every process of the stack, broker first: started, restarted and shown in this order.
         self.children: dict[str, Child] = {}
+        self.lock = DataDirLock(self.data_dir)
 
     @property
     def nats_url(self) -> str:
@@ -173,8 +183,12 @@ class LocalStack:
         return self._child(name, args, env=env)
 
     def start(self, workers: list[str] = ()) -> None:  # type: ignore[assignment]
+        """Refuses at once (`DataDirInUse`) when another stack holds the data dir. Spawn children from a
+        thread that lives as long as the stack (they die with the thread that started them, `sdk.process`)."""
+        self.lock.acquire(self.http_url)
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.broker is not None:
+            self.children[self.broker.name] = self.broker
             self.broker.start()
         self.operator_key = self._operator_key()
         self.service("gateway", ["gateway", "--http-port", str(self.http_port)])
@@ -193,9 +207,11 @@ class LocalStack:
         if not (state_dir / WORKER_CREDENTIALS_FILE).exists():
             worker_env["GPU_WORKER_ENROLLMENT_TOKEN"] = self.create_enrollment_token()
         args = ["start", "--name", name, "--region", region, "--state-dir", str(state_dir), *extra]
-        return self._child(
+        child = self._child(
             f"worker-{name}" if name != "local" else "worker", args, module="worker", env={**worker_env, **(env or {})}
         )
+        child.stop_timeout_s = WORKER_STOP_TIMEOUT_S
+        return child
 
     # --- Operator actions, from the data dir (like `gpuctl keys|workers`) ---------------------------
 
@@ -233,17 +249,25 @@ class LocalStack:
             return pool.submit(asyncio.run, run()).result()
 
     def restart_crashed(self, after_s: float = 2.0) -> None:
+        """Start again each child that died (the broker first, on its store), `after_s` after its last start."""
         for child in self.children.values():
             if not child.running and time.monotonic() - child.started_at > after_s:
                 child.restarts += 1
-                child.start()
+                logger.warning("%s exited (%s); restarting it", child.name, child.state)
+                try:
+                    child.start()
+                except (OSError, RuntimeError) as exc:
+                    logger.error("%s did not start again (%s); retrying", child.name, exc)
 
     def stop(self) -> None:
-        # Workers first (they finish or hand back their jobs), then the services, then the broker.
-        for child in sorted(self.children.values(), key=lambda c: not c.name.startswith("worker")):
-            child.stop()
+        """Workers first (they finish or hand back their jobs: the only long wait), then the services side
+        by side, then the broker, then the data dir is free again."""
+        workers = [c for c in self.children.values() if c.name.startswith("worker")]
+        stop_all(workers)
+        stop_all([c for c in self.children.values() if c not in workers and c is not self.broker])
         if self.broker is not None:
             self.broker.stop()
+        self.lock.release()
 
     def table(self) -> Table:
         table = Table(title=f"gpu-fabric  ·  {self.http_url}/api/v1  ·  docs /schema  ·  {redact(self.nats_url)}")
