@@ -26,10 +26,12 @@ from typing import Any
 
 import msgspec
 import nats.errors
+import stamina
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js.errors import NoStreamResponseError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from scheduler.lease import LeaderLease
@@ -68,6 +70,9 @@ logger = logging.getLogger(__name__)
 REDISPATCH_WINDOW_S = 60.0
 #: How long `stop()` lets the pass in progress finish, so an appended assignment is also dispatched.
 STOP_GRACE_S = 5.0
+#: Re-creating the streams after a broker restart: first wait, and the longest (one log line per try).
+RESTORE_WAIT_INITIAL_S = 0.25
+RESTORE_WAIT_MAX_S = 5.0
 
 _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 
@@ -91,6 +96,7 @@ class Scheduler:
         self.instance_id = instance_id
         self.tick_s = tick_s
         self.view = SchedulerView()
+        self._nc = nc
         self._js = nc.jetstream()
         self._lease = LeaderLease(self._js, holder=instance_id, on_change=self._on_leadership)
         self._rng = random.Random()
@@ -107,6 +113,8 @@ class Scheduler:
         #: Jobs whose assignment or cancel order must be (re)sent to their worker.
         self._redispatch: set[str] = set()
         self._cancels: set[str] = set()
+        #: Re-creating what a restarted broker lost; placing and dispatching wait for it.
+        self._restoring: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
@@ -158,7 +166,7 @@ class Scheduler:
                 await self._config_watcher.stop()
             for sub in self._subscriptions:
                 await sub.unsubscribe()
-        tasks = [task for task in (self._loop_task, self._watch_task) if task is not None]
+        tasks = [task for task in (self._loop_task, self._watch_task, self._restoring) if task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -235,8 +243,8 @@ class Scheduler:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.tick_s)
             self._wake.clear()
-            if self._stopping or not self.is_leader or self._catching_up:
-                continue
+            if self._stopping or not self.is_leader or self._catching_up or not self._nc.is_connected:
+                continue  # a leader cut off from the broker waits for it instead of retrying every tick
             try:
                 await self._lead()
             except Exception:
@@ -250,6 +258,8 @@ class Scheduler:
         if now_s - self._last_sweep_s >= self.tick_s:
             self._last_sweep_s = now_s
             await self._sweep(now_s)
+        if self._restoring is not None and not self._restoring.done():
+            return  # no stream to dispatch to yet: placing now would only assign jobs nobody receives
         await self._send_orders()
         await self._place()
 
@@ -349,6 +359,27 @@ class Scheduler:
         self._wake.set()
         return job
 
+    # --- a restarted broker ---------------------------------------------------------------------
+
+    def broker_restarted(self) -> None:
+        """The connection came back, or a dispatch found no stream: the server may have restarted and lost
+        what lives in its memory (DISPATCH). Re-create it in the background; idempotent while it runs."""
+        if self._stopping or (self._restoring is not None and not self._restoring.done()):
+            return
+        self._restoring = asyncio.create_task(self._restore(), name=f"restore-{self.instance_id}")
+
+    async def _restore(self) -> None:
+        # The server may still be recovering its streams: back off (stamina logs each retry, one line
+        # per interval) instead of retrying every pass.
+        async for attempt in stamina.retry_context(
+            on=(nats.errors.Error, TimeoutError), attempts=None, timeout=None,
+            wait_initial=RESTORE_WAIT_INITIAL_S, wait_max=RESTORE_WAIT_MAX_S,
+        ):
+            with attempt:
+                await ensure_streams(self._js)
+        logger.info("scheduler %s: streams in place after a reconnect; dispatching again", self.instance_id)
+        self._wake.set()
+
     # --- dispatch ------------------------------------------------------------------------------
 
     async def _send_orders(self) -> None:
@@ -393,20 +424,30 @@ class Scheduler:
                 encoder.encode(order),
                 headers={subjects.MSG_ID_HEADER: msg_id},
             )
+        except NoStreamResponseError:
+            logger.warning("job %s: no DISPATCH stream (a restarted broker?); re-creating it", order.job_id)
+            self.broker_restarted()
+            return False
         except (nats.errors.Error, TimeoutError) as exc:
+            # Not woken again for it: the next pass (a tick or an event later) retries.
             logger.warning("job %s: %s for worker %s not sent (%r); retrying",
                            order.job_id, type(order).__name__, worker_id, exc)
-            self._wake.set()
             return False
         return True
 
 async def serve(nats_url: str, stop: asyncio.Event, instance_id: str | None = None) -> None:
     """Run one scheduler instance (leader or standby) until `stop` is set."""
     instance_id = instance_id or default_instance_id()
-    nc = await connect(nats_url, name=f"scheduler-{instance_id}")
+    scheduler: Scheduler | None = None
+
+    async def on_reconnect() -> None:
+        if scheduler is not None:
+            scheduler.broker_restarted()
+
+    nc = await connect(nats_url, name=f"scheduler-{instance_id}", on_reconnect=on_reconnect)
     try:
         await ensure_streams(nc.jetstream())
-        async with Scheduler(nc, instance_id=instance_id):
+        async with Scheduler(nc, instance_id=instance_id) as scheduler:
             await stop.wait()
     finally:
         await nc.drain()

@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -83,10 +84,13 @@ async def connect(
     user: str | None = None,
     password: str | None = None,
     tls: Any = None,
+    on_reconnect: Callable[[], Awaitable[None]] | None = None,
     **options: Any,
 ) -> NatsClient:
     """Connect, waiting up to `wait_s` for the server to come up; reconnects forever afterwards.
-    Without `tls`, the context `GF_TLS_CA` / `GF_TLS_VERIFY` ask for (see `sdk.tls`) is used."""
+    Without `tls`, the context `GF_TLS_CA` / `GF_TLS_VERIFY` ask for (see `sdk.tls`) is used.
+    `on_reconnect` runs after each reconnect (the server may have restarted and lost what lived in its
+    memory); it must return quickly, starting a task for anything slow."""
     url = nats_url_from_env(url)
     if tls is None:
         tls = context_from_env()
@@ -103,6 +107,8 @@ async def connect(
 
     async def reconnected_cb() -> None:
         logger.info("%s: reconnected to NATS", name)
+        if on_reconnect is not None:
+            await on_reconnect()
 
     await nc.connect(
         servers,

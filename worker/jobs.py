@@ -88,7 +88,11 @@ class JobRunner:
         self._slots.resize(max_concurrency)
 
     async def start(self, worker_id: str, region: str) -> None:
-        """Subscribe to this worker's dispatches, through its own durable consumer."""
+        """Subscribe to this worker's dispatches, through its own durable consumer (again after a broker
+        restart lost it: the old subscription goes first)."""
+        if self._dispatch_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._dispatch_sub.unsubscribe()
         self._dispatch_sub = await self.link.js.subscribe(
             subjects.dispatch_subject(region, worker_id),
             durable=subjects.dispatch_consumer(worker_id),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -55,6 +56,8 @@ class PlatformLink:
     connect_wait_s: float
     #: How long one request may take before it counts as unanswered.
     request_timeout_s: float = REQUEST_TIMEOUT_S
+    #: Called after each reconnect (the server may have restarted and lost what lived in its memory).
+    on_reconnect: Callable[[], Awaitable[None]] | None = None
     #: The id reports are sent as (set by the registration).
     worker_id: str | None = field(default=None, init=False)
     #: What requests are signed with; None before the first enrollment (requests go unsigned).
@@ -75,7 +78,8 @@ class PlatformLink:
     async def connect(self) -> None:
         """Open the worker's NATS connection (waiting up to `connect_wait_s` for the server)."""
         self._nc = await connect(
-            self.nats_url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s
+            self.nats_url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s,
+            on_reconnect=self.on_reconnect,
         )
         self._js = self._nc.jetstream()
 

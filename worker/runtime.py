@@ -26,7 +26,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, get_args
 
 import msgspec
+import nats.errors
+import stamina
+from nats.js.errors import NotFoundError
 
+from sdk import subjects
 from sdk.api import (
     Accepted,
     JobType,
@@ -104,6 +108,8 @@ class Worker:
         self._jobs = JobRunner(
             link=self._link, config=self._config, engines=self._engines, models=models, request_retry_s=request_retry_s
         )
+        self._link.on_reconnect = self._reconnected
+        self._retaking: asyncio.Task[None] | None = None
         self._heartbeats = Heartbeats(
             link=self._link,
             registration=self._registration,
@@ -259,8 +265,29 @@ class Worker:
     ) -> None:
         await self.stop(drain=exc_type is None)
 
+    async def _reconnected(self) -> None:
+        """The server may have restarted and lost DISPATCH (memory storage), and this worker's consumer with
+        it: look in the background, and make the consumer again once the platform has made the stream again."""
+        if self.worker_id is not None and not self._jobs.stopping and (self._retaking is None or self._retaking.done()):
+            self._retaking = asyncio.create_task(self._retake_dispatches(self.worker_id))
+
+    async def _retake_dispatches(self, worker_id: str) -> None:
+        async for attempt in stamina.retry_context(on=nats.errors.Error, attempts=None, timeout=None):
+            with attempt:
+                if self._jobs.stopping:
+                    return
+                try:
+                    await self._link.js.consumer_info(subjects.DISPATCH_STREAM, subjects.dispatch_consumer(worker_id))
+                    return  # a mere blip: the consumer is still there
+                except NotFoundError:
+                    pass
+                await self._jobs.start(worker_id, self.region)  # no stream yet: NotFoundError, stamina backs off
+        logger.info("dispatch consumer of worker %s made again after a broker restart", worker_id)
+
     async def _shutdown(self, drain: bool) -> None:
         # 1. Take no new dispatches; jobs still waiting for a slot go back to be redelivered.
+        if self._retaking is not None:
+            self._retaking.cancel()
         await self._jobs.stop_taking()
         # 2. Tell the platform to send nothing more; heartbeats say `draining` from now on.
         if drain and self.worker_id is not None and self._link.connected:
