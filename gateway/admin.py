@@ -1,8 +1,7 @@
 """The operator's actions on credentials: API keys, enrollment tokens, rotating and revoking workers.
 
-One implementation for the three ways in: the gateway's admin routes (`/api/v1/admin/...`), `gpuctl
-keys|workers` and `LocalStack` (which works from the data dir: the master key and the platform's
-NATS password, like `gpuctl`). Revoking a worker also appends `WorkerDeregistered`, so the scheduler
+One implementation behind the gateway's admin routes (`/api/v1/admin/...`, which `gpuctl keys|workers`
+call like any other client) and the gateway's first start (`open_admin`: the first operator key). Revoking a worker also appends `WorkerDeregistered`, so the scheduler
 requeues the jobs it held; nothing here ever logs or appends a secret.
 """
 
@@ -82,11 +81,12 @@ class Admin:
 
 
 @asynccontextmanager
-async def open_admin(nats_url: str, secrets_dir: Path) -> AsyncIterator[Admin]:
-    """`Admin` for a process other than the gateway: connects as the platform user (`nats_url` carries
-    the credentials) and reads the master key from `secrets_dir` (created there on first use)."""
+async def open_admin(nats_url: str | None, secrets_dir: Path) -> AsyncIterator[Admin]:
+    """`Admin` outside a serving gateway (its first start, tests): connects as the platform user
+    (`nats_url` carries the credentials) and reads the master key from `secrets_dir` (created there on
+    first use)."""
     master_key = load_or_create_master_key(secrets_dir / MASTER_KEY_FILE)
-    nc = await connect(nats_url, name="gpuctl-admin", wait_s=10.0)
+    nc = await connect(nats_url, name="gateway-admin", wait_s=10.0)
     try:
         js = nc.jetstream()
         await ensure_streams(js)

@@ -16,8 +16,12 @@ from pathlib import Path
 
 import uvicorn
 
+from gateway.admin import open_admin
 from gateway.auth import AuthSettings
 from gateway.http import create_app
+from sdk.api import CreateApiKey
+from sdk.local import OPERATOR_KEY_FILE
+from sdk.private_files import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ async def serve(
 ) -> None:
     """Serve until `stop` is set. With `tls_cert` (and `tls_key`, unless the certificate file holds
     the key too) the API is HTTPS only."""
+    await ensure_operator_key(nats_url, secrets_dir)
     app = create_app(nats_url, secrets_dir=secrets_dir, settings=settings, serve_nats_api=serve_nats_api)
     config = uvicorn.Config(
         app, host=host, port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
@@ -60,3 +65,17 @@ async def serve(
     await task
     stopped.cancel()
     logger.info("gateway on %s:%s stopped", host, port)
+
+
+async def ensure_operator_key(nats_url: str | None, secrets_dir: Path) -> None:
+    """First start: an operator API key in `<secrets_dir>/operator.key` (0600), the one credential no client
+    can ask for (every admin route needs an operator). Of two gateways starting at once, one key is kept."""
+    path = secrets_dir / OPERATOR_KEY_FILE
+    if path.exists():
+        return
+    async with open_admin(nats_url, secrets_dir) as admin:
+        created = await admin.create_api_key(CreateApiKey(name="operator (first start)", role="operator"))
+        if write_private(path, (created.api_key + "\n").encode(), replace=False):
+            logger.info("created the first operator API key %s in %s", created.key_id, path)
+        else:
+            await admin.revoke_api_key(created.key_id)  # another gateway wrote its key first

@@ -1,26 +1,34 @@
-"""`python -m scheduler`: run one scheduler instance (leader or hot standby) until SIGINT/SIGTERM."""
+"""`python -m scheduler`: one scheduler instance (leader or hot standby) until SIGINT/SIGTERM (or until the
+supervisor that started it is gone). `gpuctl up` runs it as a child; `gpuctl scheduler` runs it alone."""
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import os
-import signal
+from typing import Annotated
+
+from cyclopts import App, Parameter
 
 from scheduler.service import serve
 from sdk.connection import nats_url_from_env
+from sdk.process import NatsUrlFlag, run_until_signal
+
+app = App(name="python -m scheduler", help="Run a scheduler (the leader places jobs; others wait as standbys).")
 
 
-async def main() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await serve(nats_url_from_env(), stop, os.environ.get("SCHEDULER_ID"))
+@app.default
+def scheduler(
+    *,
+    nats_url: NatsUrlFlag = None,
+    instance_id: Annotated[str | None, Parameter(env_var="SCHEDULER_ID")] = None,
+) -> None:
+    """Run a scheduler (the leader places jobs; another instance waits as a hot standby).
+
+    Parameters
+    ----------
+    instance_id
+        This instance's name in the leader lease (default: host name and PID).
+    """
+    run_until_signal(lambda stop: serve(nats_url_from_env(nats_url), stop, instance_id))
 
 
 if __name__ == "__main__":
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
-    asyncio.run(main())
+    app()

@@ -1,4 +1,6 @@
-"""The platform on one machine: a real nats-server plus each component as a child process.
+"""The platform on one machine: a real nats-server plus each service as its own program, a child process
+(`python -m gateway`, `python -m scheduler`, `python -m projections`, `python -m worker start`): nothing here
+imports a service.
 
 `gpuctl up` runs it for people; the end-to-end tests and the benchmarks run the same thing, so what
 they measure is what a user starts. Every child is stopped by its PID.
@@ -10,7 +12,9 @@ first run and reused after:
 | --------------- | ------------------------------------------------------------------------ |
 | `nats.env`      | the NATS users' passwords (`GF_PLATFORM_PASSWORD=...`), for nats-server   |
 | `master.key`    | the gateway's master key (every token MAC and worker secret derives from it) |
-| `operator.key`  | an operator API key, created on first run for the person running `gpuctl up` |
+| `operator.key`  | an operator API key, made by the gateway at its first start for the person running it |
+
+Operator actions (enrollment tokens for the workers it starts) go through the HTTP admin API with that key.
 
 Children get their NATS URL, credentials included, through the environment (`NATS_URL`), never on
 the command line: services as the `platform` user, workers as `worker`.
@@ -27,20 +31,17 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractAsyncContextManager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, TypeVar
+from typing import IO, TypeVar
 
+import httpx
 from rich.table import Table
 
-from sdk.api import ApiKeyRole, CreateApiKey, CreateEnrollment
-from sdk.broker import EmbeddedNats, free_port, nats_passwords, password_variable
-from sdk.connection import redact, with_user
+from sdk.broker import EmbeddedNats, free_port, nats_passwords
+from sdk.connection import redact
+from sdk.http import HttpClient
 from sdk.private_files import write_private
 from sdk.process import Child, stop_all
-
-if TYPE_CHECKING:
-    from gateway.admin import Admin
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ NATS_ENV_FILE = "nats.env"
 OPERATOR_KEY_FILE = "operator.key"
 #: Held by the stack that runs on a data dir (`DataDirLock`).
 LOCK_FILE = "gpuctl.lock"
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+#: How long `start()` waits for the gateway to answer (its first start makes the master and operator keys).
+GATEWAY_START_S = 60.0
 #: A worker finishes or hands back its jobs when stopped (its drain, 30 s by default): wait a bit longer.
 WORKER_STOP_TIMEOUT_S = 45.0
 #: Where `gpu-worker start` keeps its credentials in its state dir (`worker.config.LocalConfig`).
@@ -104,20 +108,26 @@ class DataDirLock:
             self._file = None
 
 
+def running_api_url(data_dir: Path) -> str | None:
+    """The API URL of the stack running on `data_dir` now, if one does."""
+    path = Path(data_dir) / LOCK_FILE
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            url = _holder(file.read()).get("http_url")
+            return url if isinstance(url, str) else None
+    return None  # nobody holds it: what the file says is from a stack that is gone
+
+
 def _holder(text: str) -> dict[str, object]:
     try:
         holder = json.loads(text)
     except json.JSONDecodeError:
         return {}
     return holder if isinstance(holder, dict) else {}
-
-
-def platform_url(data_dir: Path, url: str) -> str:
-    """`url` as the platform user, with the password from the data dir unless `url` carries one."""
-    if "@" in url:
-        return url
-    passwords = load_or_create_nats_env(Path(data_dir) / SECRETS_DIR / NATS_ENV_FILE)
-    return with_user(url, "platform", passwords[password_variable("platform")])
 
 
 class LocalStack:
@@ -167,33 +177,32 @@ class LocalStack:
     def operator_key_file(self) -> Path:
         return self.secrets_dir / OPERATOR_KEY_FILE
 
-    def _child(
-        self, name: str, args: list[str], module: str = "sdk.ctl", env: dict[str, str] | None = None
-    ) -> Child:
-        child = Child(
-            name, [sys.executable, "-m", module, *args], self.logs / f"{name}.log", env={**self.env, **(env or {})}
-        )
+    def _child(self, name: str, args: list[str], module: str, env: dict[str, str] | None = None) -> Child:
+        """`python -m <module> <args>`, logging to `logs/<name>.log`, started now."""
+        cmd = [sys.executable, "-m", module, *args]
+        child = Child(name, cmd, self.logs / f"{name}.log", env={**self.env, **(env or {})})
         self.children[name] = child
         child.start()
         return child
 
     def service(self, name: str, args: list[str]) -> Child:
-        """A `gpuctl <command>` child connected as the platform user."""
-        env = {"NATS_URL": self.platform_url, "GF_SECRETS_DIR": str(self.secrets_dir)}
-        return self._child(name, args, env=env)
+        """`python -m <name> <args>`, connected as the platform user."""
+        return self._child(name, args, module=name, env={"NATS_URL": self.platform_url})
 
     def start(self, workers: list[str] = ()) -> None:  # type: ignore[assignment]
-        """Refuses at once (`DataDirInUse`) when another stack holds the data dir. Spawn children from a
-        thread that lives as long as the stack (they die with the thread that started them, `sdk.process`)."""
+        """Start the broker (unless given a server), the services and `workers`; return once the gateway
+        answers. Refuses at once (`DataDirInUse`) when another stack holds the data dir. Spawn children
+        from a thread that lives as long as the stack (they die with the thread that started them,
+        `sdk.process`)."""
         self.lock.acquire(self.http_url)
         self.logs.mkdir(parents=True, exist_ok=True)
         if self.broker is not None:
             self.children[self.broker.name] = self.broker
             self.broker.start()
-        self.operator_key = self._operator_key()
-        self.service("gateway", ["gateway", "--http-port", str(self.http_port)])
-        self.service("scheduler", ["scheduler"])
-        self.service("projections", ["projections", "--db", str(self.data_dir / "projections.db")])
+        self.service("gateway", ["--http-port", str(self.http_port), "--secrets-dir", str(self.secrets_dir)])
+        self.service("scheduler", [])
+        self.service("projections", ["--db", str(self.data_dir / "projections.db")])
+        self.operator_key = self._wait_for_gateway()
         for name in workers:
             self.start_worker(name)
 
@@ -207,43 +216,36 @@ class LocalStack:
         if not (state_dir / WORKER_CREDENTIALS_FILE).exists():
             worker_env["GPU_WORKER_ENROLLMENT_TOKEN"] = self.create_enrollment_token()
         args = ["start", "--name", name, "--region", region, "--state-dir", str(state_dir), *extra]
-        child = self._child(
-            f"worker-{name}" if name != "local" else "worker", args, module="worker", env={**worker_env, **(env or {})}
-        )
+        child_name = f"worker-{name}" if name != "local" else "worker"
+        child = self._child(child_name, args, module="worker", env={**worker_env, **(env or {})})
         child.stop_timeout_s = WORKER_STOP_TIMEOUT_S
         return child
 
-    # --- Operator actions, from the data dir (like `gpuctl keys|workers`) ---------------------------
+    def _wait_for_gateway(self, timeout_s: float = GATEWAY_START_S) -> str:
+        """The operator key the gateway wrote at its first start, once the gateway answers."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            gateway = self.children["gateway"]
+            if self.operator_key_file.exists() and _healthy(self.http_url):
+                return self.operator_key_file.read_text(encoding="utf-8").strip()
+            if not gateway.running or time.monotonic() > deadline:
+                raise RuntimeError(f"the gateway did not come up ({gateway.state}; see {gateway.log_path})")
+            time.sleep(0.1)
 
-    def admin(self) -> AbstractAsyncContextManager[Admin]:
-        """`async with stack.admin() as admin:` the operator's actions (`gateway.admin.Admin`)."""
-        from gateway.admin import open_admin
-
-        return open_admin(self.platform_url, self.secrets_dir)
-
-    def create_api_key(self, name: str, role: ApiKeyRole = "client") -> str:
-        """A new API key (blocking; from async code use `admin()`)."""
-        created = self._blocking(lambda admin: admin.create_api_key(CreateApiKey(name=name, role=role)))
-        return created.api_key
+    # --- Operator actions, through the HTTP admin API like any client's ----------------------------
 
     def create_enrollment_token(self, worker_id: str | None = None, ttl_s: float = 3600.0) -> str:
-        """A one-use enrollment token (blocking; from async code use `admin()`)."""
-        request = CreateEnrollment(ttl_s=ttl_s, worker_id=worker_id)
-        return self._blocking(lambda admin: admin.create_enrollment(request)).enrollment_token
+        """A one-use enrollment token (blocking)."""
+        created = self._as_operator(lambda http: http.create_enrollment_token(ttl_s=ttl_s, worker_id=worker_id))
+        return created.enrollment_token
 
-    def _operator_key(self) -> str:
-        if not self.operator_key_file.exists():
-            write_private(self.operator_key_file, (self.create_api_key("operator (gpuctl up)", "operator") + "\n").encode(), replace=False)
-            logger.info("created an operator API key in %s", self.operator_key_file)
-        return self.operator_key_file.read_text(encoding="utf-8").strip()
-
-    def _blocking(self, action: Callable[[Admin], Awaitable[T]]) -> T:
-        """Run an admin action to completion from sync code, also when an event loop is running here
-        (a test's): on a thread of its own, with a loop of its own."""
+    def _as_operator(self, action: Callable[[HttpClient], Awaitable[T]]) -> T:
+        """Run an admin call to completion from sync code, also when an event loop is running here (a
+        test's): on a thread of its own, with a loop of its own."""
 
         async def run() -> T:
-            async with self.admin() as admin:
-                return await action(admin)
+            async with HttpClient(self.http_url, api_key=self.operator_key) as http:
+                return await action(http)
 
         with ThreadPoolExecutor(1) as pool:
             return pool.submit(asyncio.run, run()).result()
@@ -278,3 +280,10 @@ class LocalStack:
             pid = str(child.process.pid) if child.process else "-"
             table.add_row(child.name, pid, f"[{style}]{child.state}[/]", str(child.restarts), str(child.log_path))
         return table
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1.0).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -25,6 +25,9 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Annotated, NoReturn
+
+from cyclopts import Parameter
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +35,12 @@ logger = logging.getLogger(__name__)
 PARENT_PID_ENV = "GF_PARENT_PID"
 #: How often a service looks whether its parent is still there.
 PARENT_CHECK_INTERVAL_S = 1.0
+#: The `--nats-url` flag of every service's command line.
+NatsUrlFlag = Annotated[
+    str | None,
+    Parameter(env_var="NATS_URL", help="The NATS server, as the `platform` user (its URL holds the password: "
+              "keep it in the environment)."),
+]
 #: Linux's prctl option: the signal the kernel sends to a process when its parent thread exits.
 _PR_SET_PDEATHSIG = 1
 
@@ -61,11 +70,6 @@ def spawn(cmd: list[str], *, env: dict[str, str] | None = None, log_path: Path |
     finally:
         if log_path is not None:
             out.close()  # type: ignore[union-attr]
-
-
-def terminate(process: subprocess.Popen[bytes], timeout_s: float) -> bool:
-    """SIGTERM, then SIGKILL after `timeout_s`; False if it had already exited."""
-    return bool(terminate_all([process], timeout_s))
 
 
 def terminate_all(processes: Iterable[subprocess.Popen[bytes]], timeout_s: float) -> list[subprocess.Popen[bytes]]:
@@ -168,8 +172,19 @@ async def watch_parent(stop: asyncio.Event, interval_s: float = PARENT_CHECK_INT
             await asyncio.wait_for(stop.wait(), interval_s)
 
 
-def run_until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run `serve(stop)` until SIGINT or SIGTERM sets `stop`, or the supervisor is gone."""
+def exit_now(code: int) -> NoReturn:
+    """Leave the process after a clean stop (everything closed and flushed by then) without the
+    interpreter's teardown, which takes seconds with big libraries loaded (torch) while a supervisor's
+    stop waits for it. Logs and output are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> NoReturn:
+    """A service's main: run `serve(stop)` until SIGINT or SIGTERM sets `stop`, or the supervisor is gone;
+    then exit the process at once (`exit_now`)."""
     setup_logging()
 
     async def main() -> None:
@@ -185,3 +200,4 @@ def run_until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
             await asyncio.gather(watcher, return_exceptions=True)
 
     asyncio.run(main())
+    exit_now(0)

@@ -12,8 +12,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sdk.broker import free_port
@@ -26,6 +29,9 @@ pytestmark = [
 
 #: nats-server, gateway, scheduler, projections and the local worker.
 CHILDREN = 5
+#: Stopping: an idle stack stops within this; with a client in a long poll, within the second.
+IDLE_STOP_S = 5.0
+WAITING_CLIENT_STOP_S = 10.0
 
 
 def children_of(pid: int) -> list[int]:
@@ -59,18 +65,18 @@ def wait_for(check: object, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.fixture
-def supervisor(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A running `gpuctl up` with all its children up; stopped (and its children killed) by PID afterwards."""
-    process = gpuctl_up(tmp_path)
+@contextmanager
+def running_gpuctl_up(data_dir: Path, *flags: str, children: int = CHILDREN) -> Iterator[subprocess.Popen[bytes]]:
+    """A running `gpuctl up` with all its children started; stopped (and its children killed) by PID after."""
+    process = gpuctl_up(data_dir, *flags)
     seen: set[int] = set()
     try:
         def all_started() -> bool:
             assert process.poll() is None, f"gpuctl up exited: {process.stderr.read().decode() if process.stderr else ''}"
             seen.update(children_of(process.pid))
-            return len(children_of(process.pid)) >= CHILDREN
+            return len(children_of(process.pid)) >= children
 
-        wait_for(all_started, 90, f"gpuctl up to start its {CHILDREN} children")
+        wait_for(all_started, 90, f"gpuctl up to start its {children} children")
         yield process
     finally:
         seen.update(children_of(process.pid))
@@ -79,6 +85,12 @@ def supervisor(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
         for pid in seen:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with running_gpuctl_up(tmp_path) as process:
+        yield process
 
 
 def test_children_die_within_5s_when_gpuctl_up_is_killed(supervisor: subprocess.Popen[bytes]) -> None:
@@ -115,3 +127,63 @@ def test_a_second_gpuctl_up_on_the_same_data_dir_refuses_at_once(
     lock = DataDirLock(tmp_path)
     lock.acquire("http://127.0.0.1:1")
     lock.release()
+
+
+def sigterm_and_time_the_stop(supervisor: subprocess.Popen[bytes]) -> float:
+    """SIGTERM to `gpuctl up`; seconds until it and every child are gone (it must exit 0)."""
+    children = children_of(supervisor.pid)
+    started = time.monotonic()
+    supervisor.send_signal(signal.SIGTERM)
+    assert supervisor.wait(60) == 0
+    wait_for(lambda: not any(alive(pid) for pid in children), 30, f"children {children} to stop")
+    return time.monotonic() - started
+
+
+def api_of(data_dir: Path) -> tuple[str, str]:
+    """The running stack's API URL and operator key, from its data dir (as `gpuctl keys` finds them)."""
+    url = json.loads((data_dir / LOCK_FILE).read_text())["http_url"]
+    key_file = data_dir / "secrets" / "operator.key"
+    wait_for(key_file.exists, 60, "the gateway's first start to write the operator key")
+    return url, key_file.read_text().strip()
+
+
+def wait_for_the_worker(url: str, token: str) -> None:
+    def online() -> bool:
+        page = httpx.get(f"{url}/api/v1/workers", headers={"Authorization": f"Bearer {token}"}).json()
+        return any(w["status"] == "online" for w in page["items"])
+
+    wait_for(online, 90, "the local worker to be online")
+
+
+def access_token(url: str, api_key: str) -> str:
+    wait_for(lambda: _health(url) == 200, 60, "the gateway to answer")
+    return str(httpx.post(f"{url}/api/v1/auth/token", json={"api_key": api_key}).json()["access_token"])
+
+
+def _health(url: str) -> int | None:
+    try:
+        return httpx.get(f"{url}/health").status_code
+    except httpx.TransportError:
+        return None
+
+
+def test_an_idle_stack_stops_within_5s_on_sigterm(supervisor: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    url, api_key = api_of(tmp_path)
+    wait_for_the_worker(url, access_token(url, api_key))
+    assert sigterm_and_time_the_stop(supervisor) < IDLE_STOP_S
+
+
+def test_a_client_in_a_long_poll_does_not_hold_up_the_stop(tmp_path: Path) -> None:
+    with running_gpuctl_up(tmp_path, "--no-worker", children=CHILDREN - 1) as supervisor:
+        url, api_key = api_of(tmp_path)
+        headers = {"Authorization": f"Bearer {access_token(url, api_key)}"}
+        job = httpx.post(f"{url}/api/v1/jobs", json={"type": "echo"}, headers=headers).json()
+        # No worker: the job cannot finish, and the client waits inside `/wait` until the stop.
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.get, f"{url}/api/v1/jobs/{job['id']}/wait", headers=headers, timeout=120)
+            time.sleep(1.0)
+            assert not waiting.done()
+            stop_s = sigterm_and_time_the_stop(supervisor)
+            answer = waiting.result(timeout=5)
+        assert stop_s < WAITING_CLIENT_STOP_S
+        assert answer.status_code == 503 and "Retry-After" in answer.headers
