@@ -43,16 +43,17 @@ NatsUrlFlag = Annotated[
 ]
 #: Linux's prctl option: the signal the kernel sends to a process when its parent thread exits.
 _PR_SET_PDEATHSIG = 1
+#: libc, loaded here: loading a library between fork and exec may deadlock on a lock another thread held.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 
 
 def _die_with(parent_pid: int) -> Callable[[], None]:
     """A `preexec_fn`: ask the kernel for SIGKILL when the parent goes (Linux), and go at once if it is
     already gone (it may die between fork and prctl)."""
-    libc_name = ctypes.util.find_library("c") if sys.platform.startswith("linux") else None
 
     def preexec() -> None:
-        if libc_name is not None:
-            ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if _LIBC is not None:
+            _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent_pid:
             os.kill(os.getpid(), signal.SIGKILL)
 
