@@ -186,8 +186,10 @@ class LocalStack:
         return child
 
     def service(self, name: str, args: list[str]) -> Child:
-        """`python -m <name> <args>`, connected as the platform user."""
-        return self._child(name, args, module=name, env={"NATS_URL": self.platform_url})
+        """A service named `name` (a second scheduler: `service("scheduler-2", ["scheduler"])`): `args` are
+        its package and flags, run as `python -m <package> <flags>` and connected as the platform user."""
+        module, *flags = args
+        return self._child(name, flags, module=module, env={"NATS_URL": self.platform_url})
 
     def start(self, workers: list[str] = ()) -> None:  # type: ignore[assignment]
         """Start the broker (unless given a server), the services and `workers`; return once the gateway
@@ -199,9 +201,9 @@ class LocalStack:
         if self.broker is not None:
             self.children[self.broker.name] = self.broker
             self.broker.start()
-        self.service("gateway", ["--http-port", str(self.http_port), "--secrets-dir", str(self.secrets_dir)])
-        self.service("scheduler", [])
-        self.service("projections", ["--db", str(self.data_dir / "projections.db")])
+        self.service("gateway", ["gateway", "--http-port", str(self.http_port), "--secrets-dir", str(self.secrets_dir)])
+        self.service("scheduler", ["scheduler"])
+        self.service("projections", ["projections", "--db", str(self.data_dir / "projections.db")])
         self.operator_key = self._wait_for_gateway()
         for name in workers:
             self.start_worker(name)
