@@ -70,9 +70,6 @@ logger = logging.getLogger(__name__)
 REDISPATCH_WINDOW_S = 60.0
 #: How long `stop()` lets the pass in progress finish, so an appended assignment is also dispatched.
 STOP_GRACE_S = 5.0
-#: Re-creating the streams after a broker restart: first wait, and the longest (one log line per try).
-RESTORE_WAIT_INITIAL_S = 0.25
-RESTORE_WAIT_MAX_S = 5.0
 
 _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 
@@ -369,12 +366,10 @@ class Scheduler:
         self._restoring = asyncio.create_task(self._restore(), name=f"restore-{self.instance_id}")
 
     async def _restore(self) -> None:
-        # The server may still be recovering its streams: back off (stamina logs each retry, one line
-        # per interval) instead of retrying every pass.
-        async for attempt in stamina.retry_context(
-            on=(nats.errors.Error, TimeoutError), attempts=None, timeout=None,
-            wait_initial=RESTORE_WAIT_INITIAL_S, wait_max=RESTORE_WAIT_MAX_S,
-        ):
+        # The server may still be recovering its streams: back off, up to 5 s (stamina logs each retry,
+        # one line per interval), instead of retrying every pass.
+        retries = stamina.retry_context(on=(nats.errors.Error, TimeoutError), attempts=None, timeout=None, wait_initial=0.25)
+        async for attempt in retries:
             with attempt:
                 await ensure_streams(self._js)
         logger.info("scheduler %s: streams in place after a reconnect; dispatching again", self.instance_id)
