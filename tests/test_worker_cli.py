@@ -163,10 +163,13 @@ async def test_configure_enrolls_and_the_started_worker_comes_back_as_that_worke
     # `start` signs its registration with the stored secret: the same worker, no token needed.
     stack._child("worker-enrolled", ["start", "--config", str(path), "--engines", "echo"], module="worker")
     try:
-        async def online() -> bool:
-            return (await http.worker(credentials.worker_id)).status == "online"
+        # `configure` registered the worker already, so "online" alone proves nothing: wait for the
+        # started process's heartbeats, which is what makes it a candidate for placement.
+        async def beating() -> bool:
+            worker = await http.worker(credentials.worker_id)
+            return worker.status == "online" and worker.last_heartbeat is not None
 
-        await wait_until(online, 30, "the configured worker to start")
+        await wait_until(beating, 30, "the configured worker to start")
         job = await http.submit("echo", params={"via": "configure"}, region="cli-enrolled")
         done = await http.wait(job.id, timeout_s=30)
         assert (done.status, done.worker_id) == ("completed", credentials.worker_id)
