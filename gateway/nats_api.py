@@ -141,7 +141,7 @@ class NatsApi:
 
     def _signed(self, handle: Callable[[Msg, str], Awaitable[Any]]) -> Handler:
         async def handler(msg: Msg) -> Any:
-            worker_id = await self.gateway.credentials.verify_report(msg.subject, msg.data, msg.headers)
+            worker_id = await self.gateway.credentials.verify_report(msg.subject, msg.data, msg.headers, reply=msg.reply)
             return await handle(msg, worker_id)
 
         return handler
@@ -150,7 +150,7 @@ class NatsApi:
         """The worker that signed `msg`, or None when it carries no signature."""
         if not (msg.headers or {}).get(SIGNATURE_HEADER):
             return None
-        return await self.gateway.credentials.verify_signed(msg.subject, msg.data, msg.headers)
+        return await self.gateway.credentials.verify_signed(msg.subject, msg.data, msg.headers, reply=msg.reply)
 
     # --- Handlers --------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ command line, where `ps` would show them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -21,7 +22,8 @@ from urllib.parse import urlparse
 
 import msgspec
 from nats.aio.client import Client as NatsClient
-from nats.errors import NoRespondersError
+from nats.aio.msg import Msg
+from nats.errors import BadSubscriptionError, ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from sdk.errors import ErrorReply, Timeout, Unavailable, from_reply
@@ -136,11 +138,17 @@ async def request(
     *,
     timeout_s: float = 5.0,
     headers: dict[str, str] | None = None,
+    sign_reply: Callable[[str], dict[str, str]] | None = None,
 ) -> Any:
-    """Send a request; return the decoded reply, or raise the typed error the other side answered."""
+    """Send a request; return the decoded reply, or raise the typed error the other side answered.
+    `sign_reply` makes the headers from the reply subject (a signature that covers where the answer
+    goes): the request then gets an inbox of its own, known before it is sent."""
     data = payload if isinstance(payload, bytes) else _encoder.encode(payload)
     try:
-        msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+        if sign_reply is None:
+            msg = await nc.request(subject, data, timeout=timeout_s, headers=headers)
+        else:
+            msg = await _request_on_own_inbox(nc, subject, data, timeout_s, sign_reply)
     except NoRespondersError:
         raise Unavailable(f"nobody answers {subject}") from None
     except NatsTimeoutError:
@@ -148,6 +156,22 @@ async def request(
             raise Unavailable(f"NATS is unreachable; {subject} got no reply") from None
         raise Timeout(f"no reply on {subject} within {timeout_s}s") from None
     return decode_reply(msg.data, reply_type)
+
+
+async def _request_on_own_inbox(
+    nc: NatsClient, subject: str, data: bytes, timeout_s: float, sign_reply: Callable[[str], dict[str, str]]
+) -> Msg:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        await nc.publish(subject, data, reply=inbox, headers=sign_reply(inbox))
+        msg = await sub.next_msg(timeout=timeout_s)
+    finally:
+        with contextlib.suppress(BadSubscriptionError, ConnectionClosedError):
+            await sub.unsubscribe()
+    if (msg.headers or {}).get("Status") == "503":
+        raise NoRespondersError
+    return msg
 
 
 def decode_reply(data: bytes, reply_type: Any) -> Any:

@@ -4,10 +4,14 @@ A worker signs every report and heartbeat it sends with its HMAC secret; the gat
 signature before it looks at the body. Both sides use this one module, so the canonical string cannot
 drift between them:
 
-    subject "\\n" timestamp_ms "\\n" nonce "\\n" sha256_hex(body)
+    subject "\\n" reply "\\n" timestamp_ms "\\n" nonce "\\n" sha256_hex(body)
 
 The subject binds the signature to the worker (report subjects end in the worker id) and to the kind
-of request; the timestamp and nonce let the gateway refuse replays (`gateway.auth.NonceWindow`).
+of request; the timestamp and nonce let the gateway refuse replays (`gateway.auth.NonceWindow`). The
+reply subject is signed for the requests whose answer carries credentials (`issues_credentials`:
+registration, rotation), so a captured request cannot be sent again with the answer redirected to
+someone else's inbox; for the others it is empty (they are sent with nats-py's shared reply inbox,
+whose subject the sender does not know in advance).
 
 Auth failures carry a machine-readable `AuthReason` in `details["reason"]`, so a client can tell an
 expired token (refresh and retry) from a revoked one (give up).
@@ -25,6 +29,7 @@ from enum import StrEnum
 
 import msgspec
 
+from sdk import subjects
 from sdk.errors import Forbidden, Unauthorized
 
 #: The worker the request claims to come from; must equal the worker id at the end of the subject.
@@ -94,16 +99,25 @@ def body_sha256_hex(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-def canonical_string(subject: str, timestamp_ms: int, nonce: str, body: bytes) -> bytes:
-    return _canonical(subject, timestamp_ms, nonce, body_sha256_hex(body))
+def issues_credentials(subject: str) -> bool:
+    """Registration and rotation: their answers hand out or re-admit credentials, so their reply subject
+    is signed and their nonces are shared by every gateway."""
+    return subject == subjects.API_WORKERS_REGISTER or subject.startswith(f"{subjects.API_WORKERS_ROTATE_PREFIX}.")
 
 
-def _canonical(subject: str, timestamp_ms: int, nonce: str, body_hash: str) -> bytes:
-    return f"{subject}\n{timestamp_ms}\n{nonce}\n{body_hash}".encode()
+def canonical_string(subject: str, timestamp_ms: int, nonce: str, body: bytes, *, reply: str = "") -> bytes:
+    return _canonical(subject, reply, timestamp_ms, nonce, body_sha256_hex(body))
 
 
-def signature_hex(secret: bytes, subject: str, timestamp_ms: int, nonce: str, body: bytes) -> str:
-    return hmac.new(secret, canonical_string(subject, timestamp_ms, nonce, body), hashlib.sha256).hexdigest()
+def _canonical(subject: str, reply: str, timestamp_ms: int, nonce: str, body_hash: str) -> bytes:
+    # Only the requests that issue credentials sign their reply subject (see the module's docstring).
+    signed_reply = reply if issues_credentials(subject) else ""
+    return f"{subject}\n{signed_reply}\n{timestamp_ms}\n{nonce}\n{body_hash}".encode()
+
+
+def signature_hex(secret: bytes, subject: str, timestamp_ms: int, nonce: str, body: bytes, *, reply: str = "") -> str:
+    canonical = canonical_string(subject, timestamp_ms, nonce, body, reply=reply)
+    return hmac.new(secret, canonical, hashlib.sha256).hexdigest()
 
 
 def sign(
@@ -111,11 +125,13 @@ def sign(
     subject: str,
     body: bytes,
     *,
+    reply: str = "",
     worker_id: str | None = None,
     now_ms: int | None = None,
     nonce: str | None = None,
 ) -> dict[str, str]:
-    """The four signature headers for a request on `subject` with `body`.
+    """The four signature headers for a request on `subject` with `body`, answered on `reply` (signed
+    when the request `issues_credentials`).
 
     `worker_id` defaults to the subject's last token: report and heartbeat subjects end in the worker id.
     """
@@ -125,7 +141,7 @@ def sign(
         WORKER_ID_HEADER: subject.rsplit(".", 1)[-1] if worker_id is None else worker_id,
         TIMESTAMP_HEADER: str(timestamp_ms),
         NONCE_HEADER: nonce,
-        SIGNATURE_HEADER: signature_hex(secret, subject, timestamp_ms, nonce, body),
+        SIGNATURE_HEADER: signature_hex(secret, subject, timestamp_ms, nonce, body, reply=reply),
     }
 
 
@@ -151,10 +167,12 @@ def read_headers(headers: Mapping[str, str] | None) -> SignedHeaders:
     )
 
 
-def signed_by(secrets_: list[bytes], subject: str, body: bytes, signed: SignedHeaders) -> int | None:
+def signed_by(
+    secrets_: list[bytes], subject: str, body: bytes, signed: SignedHeaders, *, reply: str = ""
+) -> int | None:
     """The index of the secret in `secrets_` that signed the request, or None. The body is hashed once,
     whatever the number of candidate secrets."""
-    canonical = _canonical(subject, signed.timestamp_ms, signed.nonce, body_sha256_hex(body))
+    canonical = _canonical(subject, reply, signed.timestamp_ms, signed.nonce, body_sha256_hex(body))
     # On bytes: compare_digest refuses str with non-ASCII characters, and headers come from outside.
     presented = signed.signature.lower().encode()
     matched = None
@@ -166,8 +184,10 @@ def signed_by(secrets_: list[bytes], subject: str, body: bytes, signed: SignedHe
     return matched
 
 
-def verify_signature(secret: bytes, subject: str, body: bytes, headers: Mapping[str, str] | None) -> None:
+def verify_signature(
+    secret: bytes, subject: str, body: bytes, headers: Mapping[str, str] | None, *, reply: str = ""
+) -> None:
     """Raise `Unauthorized` (reason `missing_header`, `malformed` or `bad_signature`) unless `headers`
-    carry a valid signature of `subject` and `body` by `secret`. Freshness is the caller's check."""
-    if signed_by([secret], subject, body, read_headers(headers)) is None:
+    carry a valid signature of `subject` and `body` (and `reply`) by `secret`. Freshness is the caller's."""
+    if signed_by([secret], subject, body, read_headers(headers), reply=reply) is None:
         raise refused(AuthReason.BAD_SIGNATURE, f"bad signature on {subject}")

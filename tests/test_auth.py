@@ -534,6 +534,21 @@ async def test_a_replayed_rotate_or_registration_is_refused_by_another_gateway_a
         assert reason(exc) == "replayed_nonce"
 
 
+async def test_a_credential_answer_cannot_be_redirected_to_another_inbox(
+    credentials: Credentials, clock: FakeClock
+) -> None:
+    creds = await enrolled(credentials)
+    await credentials.request_rotation(creds.worker_id)
+    rotate, register = subjects.rotate_subject(creds.worker_id), subjects.API_WORKERS_REGISTER
+    secret = bytes.fromhex(creds.hmac_secret_hex)
+    for subject in (rotate, register):
+        headers = sign(secret, subject, b"{}", reply="_INBOX.worker.1", worker_id=creds.worker_id, now_ms=clock.now_ms)
+        with pytest.raises(Unauthorized) as exc:
+            await credentials.verify_signed(subject, b"{}", headers, reply="_INBOX.thief.1")
+        assert reason(exc) == "bad_signature"
+        assert await credentials.verify_signed(subject, b"{}", headers, reply="_INBOX.worker.1") == creds.worker_id
+
+
 async def test_a_revocation_stops_tokens_stamped_by_a_gateway_whose_clock_runs_ahead(
     credentials: Credentials, nc: NatsClient, master_key: bytes, clock: FakeClock
 ) -> None:
@@ -757,7 +772,14 @@ def test_signature_headers_are_read_case_insensitively() -> None:
     headers = sign(secret, "api.workers.report.w1", b"body", now_ms=1234, nonce="abc")
     assert headers[TIMESTAMP_HEADER] == "1234" and headers[NONCE_HEADER] == "abc"
     assert canonical_string("api.workers.report.w1", 1234, "abc", b"body") == (
-        b"api.workers.report.w1\n1234\nabc\n230d8358dc8e8890b4c58deeb62912ee2f20357ae92a5cc861b98e68fe31acb5"
+        b"api.workers.report.w1\n\n1234\nabc\n230d8358dc8e8890b4c58deeb62912ee2f20357ae92a5cc861b98e68fe31acb5"
+    )
+    # The reply subject is signed where the answer carries credentials (rotation, registration) only.
+    assert canonical_string("api.workers.rotate.w1", 1234, "abc", b"body", reply="_INBOX.x") == (
+        b"api.workers.rotate.w1\n_INBOX.x\n1234\nabc\n230d8358dc8e8890b4c58deeb62912ee2f20357ae92a5cc861b98e68fe31acb5"
+    )
+    assert canonical_string("api.workers.report.w1", 1234, "abc", b"body", reply="_INBOX.x") == (
+        canonical_string("api.workers.report.w1", 1234, "abc", b"body")
     )
     verify_signature(secret, "api.workers.report.w1", b"body", {k.lower(): v for k, v in headers.items()})
     for missing in (WORKER_ID_HEADER, SIGNATURE_HEADER):

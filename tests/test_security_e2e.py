@@ -15,6 +15,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import msgspec
@@ -35,19 +36,22 @@ from sdk.api import (
     CreateApiKey,
     CreateEnrollment,
     GetWorkerConfig,
+    HeartbeatAck,
     Registered,
     RegisterWorker,
     ReportCompleted,
     ReportProgress,
+    RotateCredentials,
     TokenPair,
     WorkerConfigView,
     WorkerCredentials,
 )
 from sdk.broker import EmbeddedNats
 from sdk.client import Client
-from sdk.connection import connect, request
+from sdk.connection import connect, decode_reply, request
 from sdk.errors import Forbidden, JobNotFound, PlatformError, StaleAttempt, Unauthorized
 from sdk.events import (
+    Heartbeat,
     JobCompleted,
     JobEvent,
     JobProgress,
@@ -538,6 +542,83 @@ async def test_a_worker_rotates_on_schedule(fresh_nats: EmbeddedNats, tmp_path: 
                 assert not any(stored.hmac_secret_hex.encode() in d for d, _ in raw)
         finally:
             await nc.close()
+
+
+def signed_exchange(
+    subject: str, payload: msgspec.Struct, creds: WorkerCredentials, inbox: str
+) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a request signed by `creds` with its answer going to `inbox`, as the
+    worker's link sends it (a capture of what travelled)."""
+    body = msgspec.json.encode(payload)
+    return body, sign(bytes.fromhex(creds.hmac_secret_hex), subject, body, reply=inbox, worker_id=creds.worker_id)
+
+
+async def exchange(nc: NatsClient, subject: str, body: bytes, headers: dict[str, str], inbox: str, reply_type: type) -> Any:
+    """Publish a captured request as it was (same inbox) and decode the answer that comes back there."""
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    await nc.publish(subject, body, reply=inbox, headers=headers)
+    msg = await sub.next_msg(timeout=10)
+    return decode_reply(msg.data, reply_type)
+
+
+async def test_a_lost_rotate_reply_recovers_and_a_replay_is_refused_by_every_gateway_and_after_a_restart(
+    fresh_nats: EmbeddedNats, tmp_path: Path
+) -> None:
+    secrets_dir = tmp_path / "secrets"
+    nc = await connect(fresh_nats.url, name="test-worker")
+    try:
+        async with serving_gateway(fresh_nats.url, secrets_dir), serving_gateway(fresh_nats.url, secrets_dir):
+            async with open_admin(fresh_nats.url, secrets_dir) as admin:
+                token = (await admin.create_enrollment(CreateEnrollment(ttl_s=60))).enrollment_token
+                registered = await request(
+                    nc, subjects.API_WORKERS_REGISTER, RegisterWorker(name="rot", region="r", enrollment_token=token),
+                    Registered,
+                )
+                old = registered.credentials
+                assert old is not None
+                wid = old.worker_id
+                await admin.request_rotation(wid)
+
+            async def heartbeat(creds: WorkerCredentials) -> HeartbeatAck:
+                subject = subjects.heartbeat_request_subject(wid)
+                body = msgspec.json.encode(Heartbeat(worker_id=wid, region="r"))
+                headers = sign(bytes.fromhex(creds.hmac_secret_hex), subject, body, worker_id=wid)
+                return await request(nc, subject, body, HeartbeatAck, headers=headers)
+
+            # The worker asks for its next generation; the answer is lost on the way.
+            rotate, inbox = subjects.rotate_subject(wid), nc.new_inbox()
+            body, headers = signed_exchange(rotate, RotateCredentials(), old, inbox)
+            lost = await exchange(nc, rotate, body, headers, inbox, WorkerCredentials)
+            SEEN_SECRETS.update({old.hmac_secret_hex, lost.hmac_secret_hex})
+
+            # A capture of that request, sent again to whichever gateway answers, is refused every time,
+            # and sent with the answer redirected elsewhere it does not even verify.
+            for _ in range(6):
+                with pytest.raises(Unauthorized) as exc:
+                    await exchange(nc, rotate, body, headers, inbox, WorkerCredentials)
+                assert reason(exc) == "replayed_nonce"
+            with pytest.raises(Unauthorized) as exc:
+                await exchange(nc, rotate, body, headers, nc.new_inbox(), WorkerCredentials)
+            assert reason(exc) == "bad_signature"
+
+            # The worker still signs with the old secret: it is told to rotate again, and gets the same
+            # generation; its first request with it makes it current.
+            assert (await heartbeat(old)).rotate
+            again_body, again_headers = signed_exchange(rotate, RotateCredentials(), old, inbox)
+            again = await exchange(nc, rotate, again_body, again_headers, inbox, WorkerCredentials)
+            assert (again.generation, again.hmac_secret_hex) == (lost.generation, lost.hmac_secret_hex)
+            assert await heartbeat(again) == HeartbeatAck(registered=True, rotate=False)
+
+        # Both gateways stopped; a new one starts: the capture is still refused.
+        async with serving_gateway(fresh_nats.url, secrets_dir):
+            with pytest.raises(Unauthorized) as exc:
+                await exchange(nc, rotate, again_body, again_headers, inbox, WorkerCredentials)
+            assert reason(exc) == "replayed_nonce"
+            raw = await read_subject(nc.jetstream(), subjects.WORKERS_STREAM, subjects.worker_subject(wid))
+            rotations = [e for e in (worker_event_decoder.decode(d) for d, _ in raw) if isinstance(e, WorkerCredentialsRotated)]
+            assert [e.generation for e in rotations] == [2]
+    finally:
+        await nc.close()
 
 
 # --- Secrets stay secret ---------------------------------------------------------------------------------

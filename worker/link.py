@@ -126,11 +126,17 @@ class PlatformLink:
 
     async def _request(self, subject: str, body: bytes, reply_type: type[R]) -> R:
         assert self._nc is not None, "connect() first"
-        headers = None
+        sign_reply = None
         if self.credentials is not None:
-            secret = bytes.fromhex(self.credentials.hmac_secret_hex)
-            headers = sign(secret, subject, body, worker_id=self.credentials.worker_id)
-        reply: R = await request(self._nc, subject, body, reply_type, timeout_s=self.request_timeout_s, headers=headers)
+            secret, worker_id = bytes.fromhex(self.credentials.hmac_secret_hex), self.credentials.worker_id
+
+            def sign_reply(inbox: str) -> dict[str, str]:
+                # Covers the inbox too where the answer carries credentials (`issues_credentials`).
+                return sign(secret, subject, body, reply=inbox, worker_id=worker_id)
+
+        reply: R = await request(
+            self._nc, subject, body, reply_type, timeout_s=self.request_timeout_s, sign_reply=sign_reply
+        )
         return reply
 
     # --- What running jobs send -------------------------------------------------------------------------

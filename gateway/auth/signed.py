@@ -6,7 +6,8 @@ body is at most `MAX_SIGNED_BODY_BYTES`; only then one bucket read (the worker's
 of the body, whatever the number of secrets that may verify (current, pending, previous in its grace).
 Last the nonce: in this process's `NonceWindow` for reports and heartbeats, in the `auth` bucket
 (create-only, with the window's TTL) for the requests that issue credentials, so a replay of those is
-refused by every gateway replica and after a restart.
+refused by every gateway replica and after a restart. Those requests also sign their reply subject
+(`sdk.signing.issues_credentials`): their answer goes only where the worker asked for it.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sdk.signing import (
     AuthReason,
     SignedHeaders,
     forbidden,
+    issues_credentials,
     read_headers,
     refused,
     signed_by,
@@ -40,30 +42,51 @@ _WORKER_SUBJECT_PREFIXES = (
     f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.",
     f"{subjects.API_WORKERS_ROTATE_PREFIX}.",
 )
-#: Requests that hand out credentials or re-admit a worker: their nonces are shared through the bucket.
-_SHARED_NONCE_PREFIXES = (subjects.API_WORKERS_REGISTER, f"{subjects.API_WORKERS_ROTATE_PREFIX}.")
 
 
 class SignedRequests(WorkerEnrollment):
     nonces: NonceWindow
 
     async def verify_report(
-        self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None = None
+        self,
+        subject: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        now_ms: int | None = None,
+        *,
+        reply: str = "",
+        max_body_bytes: int = MAX_SIGNED_BODY_BYTES,
     ) -> str:
         """Check a signed worker request on a subject that ends in the worker id (report, heartbeat,
-        rotate) and return the worker id. Refusals: `Forbidden` when the header's worker is not the
-        subject's, `BadRequest` for an oversized body, `Unauthorized` with the reason otherwise."""
-        return await self._verify_signed(subject, body, headers, now_ms, from_subject=True)
+        rotate), answered on `reply`, and return the worker id. Refusals: `Forbidden` when the header's
+        worker is not the subject's, `BadRequest` for a body over `max_body_bytes` (an endpoint that
+        takes larger bodies passes its own cap), `Unauthorized` with the reason otherwise."""
+        return await self._verify_signed(subject, body, headers, now_ms, reply, max_body_bytes, from_subject=True)
 
     async def verify_signed(
-        self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None = None
+        self,
+        subject: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        now_ms: int | None = None,
+        *,
+        reply: str = "",
+        max_body_bytes: int = MAX_SIGNED_BODY_BYTES,
     ) -> str:
         """`verify_report` for a subject that does not name the worker (a returning worker's
         registration, its config read): the worker is the one the `X-Worker-Id` header names."""
-        return await self._verify_signed(subject, body, headers, now_ms, from_subject=False)
+        return await self._verify_signed(subject, body, headers, now_ms, reply, max_body_bytes, from_subject=False)
 
     async def _verify_signed(
-        self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None, *, from_subject: bool
+        self,
+        subject: str,
+        body: bytes,
+        headers: Mapping[str, str] | None,
+        now_ms: int | None,
+        reply: str,
+        max_body_bytes: int,
+        *,
+        from_subject: bool,
     ) -> str:
         now = self._clock() if now_ms is None else now_ms
         try:
@@ -75,12 +98,12 @@ class SignedRequests(WorkerEnrollment):
                     AuthReason.WORKER_MISMATCH,
                     f"{WORKER_ID_HEADER} {signed.worker_id!r} does not match the subject's worker {worker_id!r}",
                 )
-            if len(body) > MAX_SIGNED_BODY_BYTES:
-                raise BadRequest(f"a signed request's body is at most {MAX_SIGNED_BODY_BYTES} bytes, not {len(body)}")
+            if len(body) > max_body_bytes:
+                raise BadRequest(f"a signed request's body is at most {max_body_bytes} bytes, not {len(body)}")
             record = (await self._worker_record(worker_id)).value
             generations = self._generations(record, now)
             secrets_ = [worker_secret(self._master_key, worker_id, generation) for generation in generations]
-            matched = signed_by(secrets_, subject, body, signed)
+            matched = signed_by(secrets_, subject, body, signed, reply=reply)
             if matched is None:
                 raise refused(AuthReason.BAD_SIGNATURE, f"bad signature from worker {worker_id}")
             await self._spend_nonce(subject, worker_id, signed, now)
@@ -92,7 +115,7 @@ class SignedRequests(WorkerEnrollment):
         return worker_id
 
     async def _spend_nonce(self, subject: str, worker_id: str, signed: SignedHeaders, now: int) -> None:
-        if not subject.startswith(_SHARED_NONCE_PREFIXES):
+        if not issues_credentials(subject):
             self.nonces.check(worker_id, signed.timestamp_ms, signed.nonce, now)
             return
         # Seen by any replica within the window: after it, the timestamp check refuses the replay itself.
