@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 from pathlib import Path
@@ -204,6 +205,7 @@ async def test_image_job_stores_pngs_of_the_asked_size(pipeline: LoadedPipeline,
     for image in result["images"]:
         assert png_size((await store.get(image["object"])).data) == (64, 96)
     assert (result["seed"], result["steps"]) == (5, 2)
+    assert result["nsfw_filtered"] == [False, False]  # no safety checker in this pipeline
     assert recorder.progress == [0.5, 1.0]
 
 
@@ -252,3 +254,67 @@ async def test_cancelled_image_job_stops_between_steps_and_stores_nothing(pipeli
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the default is bfloat16 or float16")
 def test_default_dtype_on_cpu_is_float32(llm: LoadedLLM) -> None:
     assert llm.model.dtype == torch.float32
+
+
+# --- Image jobs side by side on one pipeline ----------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def euler_pipeline(tiny_diffusion: Path) -> LoadedPipeline:
+    """SDXL's default scheduler keeps a step index between calls: the case that shows sharing."""
+    from diffusers import EulerDiscreteScheduler
+
+    loaded = ImageEngine().load_model(ModelSpec(name=str(tiny_diffusion)))
+    loaded.pipeline.scheduler = EulerDiscreteScheduler.from_config(loaded.pipeline.scheduler.config)
+    return loaded
+
+
+class PngStore:
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    async def put(self, name: str, data: bytes, content_type: str) -> str:
+        self.objects[name] = data
+        return name
+
+
+async def image_job(
+    pipeline: LoadedPipeline, job_id: str, store: PngStore, *, on_progress: Any = None, steps: int = 20
+) -> tuple[JobContext, dict[str, Any]]:
+    params = {"prompt": "a fox", "width": 64, "height": 64, "steps": steps, "seed": 11}
+    ctx = JobContext(job_id, 1, params, progress=on_progress, store_object=store.put)
+    return ctx, await ImageEngine().inference(pipeline, ctx)
+
+
+async def test_concurrent_image_jobs_on_one_model_each_give_the_image_they_give_alone(
+    euler_pipeline: LoadedPipeline,
+) -> None:
+    store = PngStore()
+    _, alone = await image_job(euler_pipeline, "alone", store)
+
+    results = await asyncio.gather(*(image_job(euler_pipeline, f"job-{n}", store) for n in range(3)))
+
+    expected = store.objects[alone["images"][0]["object"]]
+    assert [store.objects[result["images"][0]["object"]] == expected for _, result in results] == [True] * 3
+
+
+async def test_cancelling_one_image_job_leaves_the_other_whole(euler_pipeline: LoadedPipeline) -> None:
+    store = PngStore()
+    _, alone = await image_job(euler_pipeline, "alone", store)
+    contexts: dict[str, JobContext] = {}
+
+    async def cancel_at_third_step(fraction: float, message: str | None = None) -> None:
+        if fraction >= 0.15:
+            contexts["doomed"].cancelled.set()
+
+    async def doomed() -> None:
+        params = {"prompt": "a fox", "width": 64, "height": 64, "steps": 20, "seed": 11}
+        contexts["doomed"] = JobContext("doomed", 1, params, progress=cancel_at_third_step, store_object=store.put)
+        await ImageEngine().inference(euler_pipeline, contexts["doomed"])
+
+    outcomes = await asyncio.gather(doomed(), image_job(euler_pipeline, "kept", store), return_exceptions=True)
+
+    assert isinstance(outcomes[0], EngineError) and outcomes[0].code == "cancelled"
+    _, kept = outcomes[1]
+    assert store.objects[kept["images"][0]["object"]] == store.objects[alone["images"][0]["object"]]
+    assert not any(name.startswith("doomed/") for name in store.objects)

@@ -3,10 +3,17 @@
 The pipeline runs in a thread; its step callback reports progress and stops it between steps when the
 job is cancelled. Images never travel in events: each PNG goes to `results` as `<job_id>/<n>.png` and
 the result names the objects.
+
+Jobs on one model share its modules (UNet, VAE, text encoders) but never its scheduler or its interrupt
+flag: each job runs a pipeline object of its own built from the loaded one's components with a fresh
+scheduler (a scheduler keeps its step index between calls, so two jobs on one scheduler corrupt each
+other). A float16 VAE that diffusers upcasts to float32 for the decode is changed in place, so such a
+model runs its jobs one at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
@@ -49,6 +56,8 @@ class ImageParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 @dataclass
 class LoadedPipeline:
     pipeline: DiffusionPipeline | None
+    #: Held for the whole call when jobs cannot share the pipeline's modules (a float16 VAE upcast per call).
+    exclusive: threading.Lock | None = None
 
 
 class ImageEngine(BaseEngine):
@@ -65,7 +74,12 @@ class ImageEngine(BaseEngine):
             spec.name, dtype=dtype, trust_remote_code=spec.settings.trust_remote_code
         )
         pipeline.set_progress_bar_config(disable=True)
-        return LoadedPipeline(pipeline=pipeline.to(device))
+        vae = getattr(pipeline, "vae", None)
+        if vae is not None and hasattr(vae, "enable_slicing"):
+            # Several images decode one at a time: the decode's peak stays that of one image.
+            vae.enable_slicing()
+        upcasts = vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+        return LoadedPipeline(pipeline=pipeline.to(device), exclusive=threading.Lock() if upcasts else None)
 
     def unload_model(self, model: LoadedPipeline) -> None:
         # Dropping the handle's reference is what lets the weights go; the cache holds the handle.
@@ -82,13 +96,15 @@ class ImageEngine(BaseEngine):
             functools.partial(_generate, model, params, seed), ctx.progress, ctx.cancelled
         )
         images = []
-        for index, (png, width, height) in enumerate(pngs):
+        for index, (png, width, height, _) in enumerate(pngs):
             name = await ctx.store_object(f"{ctx.job_id}/{index}.png", png, "image/png")
             images.append(
                 {"index": index, "object": name, "width": width, "height": height, "content_type": "image/png"}
             )
         return {
             "images": images,
+            # The SD 1.x safety checker replaces a flagged image with a black one: say which.
+            "nsfw_filtered": [filtered for _, _, _, filtered in pngs],
             "seed": seed,
             "steps": params.steps,
             "elapsed_ms": (time.perf_counter() - started) * 1000,
@@ -97,9 +113,14 @@ class ImageEngine(BaseEngine):
 
 def _generate(
     handle: LoadedPipeline, params: ImageParams, seed: int, send: Callable[[float], None], halt: threading.Event
-) -> list[tuple[bytes, int, int]]:
-    pipeline = handle.pipeline
-    assert pipeline is not None, "inference on an unloaded pipeline"
+) -> list[tuple[bytes, int, int, bool]]:
+    loaded = handle.pipeline
+    assert loaded is not None, "inference on an unloaded pipeline"
+    _check_size(loaded, params)
+    # The job's own pipeline object and scheduler; the modules (and their memory) stay shared.
+    scheduler = loaded.scheduler.from_config(loaded.scheduler.config) if hasattr(loaded, "scheduler") else None
+    pipeline = type(loaded)(**{**loaded.components, **({"scheduler": scheduler} if scheduler else {})})
+    pipeline.set_progress_bar_config(disable=True)
 
     def on_step_end(pipe: DiffusionPipeline, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         send(min(1.0, (step + 1) / params.steps))
@@ -118,19 +139,31 @@ def _generate(
         # Without it a pipeline runs to the end and only then sees a cancel.
         "callback_on_step_end": on_step_end,
     }
-    output = pipeline(
-        prompt=params.prompt,
-        width=params.width,
-        height=params.height,
-        num_inference_steps=params.steps,
-        num_images_per_prompt=params.num_images,
-        # A CPU generator makes the same seed give the same noise on any device.
-        generator=torch.Generator(device="cpu").manual_seed(seed),
-        **{name: value for name, value in optional.items() if name in accepted},
-    )
+    with handle.exclusive or contextlib.nullcontext():
+        output = pipeline(
+            prompt=params.prompt,
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.steps,
+            num_images_per_prompt=params.num_images,
+            # A CPU generator makes the same seed give the same noise on any device.
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            **{name: value for name, value in optional.items() if name in accepted},
+        )
     if halt.is_set():
         return []  # cancelled: nothing to encode, the caller reports the cancel
-    return [(_png(image), image.width, image.height) for image in output.images]
+    flagged = getattr(output, "nsfw_content_detected", None) or [False] * len(output.images)
+    return [(_png(image), image.width, image.height, bool(f)) for image, f in zip(output.images, flagged)]
+
+
+def _check_size(pipeline: DiffusionPipeline, params: ImageParams) -> None:
+    """Sizes in steps of the pipeline's latent patch: 8 for SD and SDXL, 16 for SD3's 2x2 patches."""
+    transformer = getattr(pipeline, "transformer", None)
+    patch = getattr(getattr(transformer, "config", None), "patch_size", None) or 1
+    step = getattr(pipeline, "vae_scale_factor", 8) * patch
+    for name, side in (("width", params.width), ("height", params.height)):
+        if side is not None and side % step:
+            raise EngineError("bad_params", f"`{name}` must be a multiple of {step} for {type(pipeline).__name__}")
 
 
 def _png(image: Image) -> bytes:
