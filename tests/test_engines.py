@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import struct
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import pytest
 import torch
 from nats.aio.client import Client as NatsClient
@@ -157,18 +159,23 @@ async def test_cancel_stops_generation_early(llm: LoadedLLM) -> None:
     assert 1 <= len(chunks) < 20
 
 
-def test_memory_estimate_is_weight_bytes_at_the_target_dtype_plus_overhead(tiny_gpt2: Path) -> None:
+def test_memory_estimate_is_weight_bytes_at_the_target_dtype_plus_overhead_plus_the_kv_cache(
+    tiny_gpt2: Path,
+) -> None:
     engine = LLMEngine()
-    as_float32 = engine.memory_required(ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float32")))
-    as_float16 = engine.memory_required(ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float16")))
+    settings = {"max_batch_tokens": 1000}
+    as_float32 = engine.memory_required(ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float32", **settings)))
+    as_float16 = engine.memory_required(ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float16", **settings)))
 
     weights_file = tiny_gpt2 / "model.safetensors"
     with weights_file.open("rb") as file:
         (header_bytes,) = struct.unpack("<Q", file.read(8))
         assert all(t["dtype"] == "F32" for k, t in json.loads(file.read(header_bytes)).items() if k != "__metadata__")
     data_bytes = weights_file.stat().st_size - 8 - header_bytes
-    assert as_float32 == int(data_bytes * OVERHEAD)
-    assert as_float16 == int(data_bytes // 2 * OVERHEAD)
+    # Keys and values of 2 layers of 32 wide, for each of the 1000 tokens the batch may hold.
+    kv_elements = 2 * 2 * 32 * 1000
+    assert as_float32 == int(data_bytes * OVERHEAD) + kv_elements * 4
+    assert as_float16 == int(data_bytes // 2 * OVERHEAD) + kv_elements * 2
 
 
 def test_memory_estimate_of_a_model_not_on_disk_is_zero() -> None:
@@ -278,43 +285,49 @@ class PngStore:
         return name
 
 
-async def image_job(
-    pipeline: LoadedPipeline, job_id: str, store: PngStore, *, on_progress: Any = None, steps: int = 20
-) -> tuple[JobContext, dict[str, Any]]:
-    params = {"prompt": "a fox", "width": 64, "height": 64, "steps": steps, "seed": 11}
-    ctx = JobContext(job_id, 1, params, progress=on_progress, store_object=store.put)
-    return ctx, await ImageEngine().inference(pipeline, ctx)
+IMAGE_PARAMS = {"prompt": "a fox", "width": 64, "height": 64, "steps": 8, "seed": 11}
+
+
+async def image_job(pipeline: LoadedPipeline, job_id: str, store: PngStore) -> dict[str, Any]:
+    ctx = JobContext(job_id, 1, IMAGE_PARAMS, store_object=store.put)
+    return await ImageEngine().inference(pipeline, ctx)
+
+
+def same_picture(first: bytes, second: bytes) -> bool:
+    """Equal up to a level of rounding: threads running side by side on the CPU may split a reduction
+    differently. A job that took another's scheduler steps gives a different picture, or none."""
+    pixels = [list(PIL.Image.open(io.BytesIO(data)).convert("RGB").getdata()) for data in (first, second)]
+    return len(pixels[0]) == len(pixels[1]) and all(
+        abs(a - b) <= 2 for pa, pb in zip(*pixels) for a, b in zip(pa, pb)
+    )
 
 
 async def test_concurrent_image_jobs_on_one_model_each_give_the_image_they_give_alone(
     euler_pipeline: LoadedPipeline,
 ) -> None:
     store = PngStore()
-    _, alone = await image_job(euler_pipeline, "alone", store)
+    alone = await image_job(euler_pipeline, "alone", store)
 
-    results = await asyncio.gather(*(image_job(euler_pipeline, f"job-{n}", store) for n in range(3)))
+    results = await asyncio.gather(*(image_job(euler_pipeline, f"job-{n}", store) for n in range(2)))
 
     expected = store.objects[alone["images"][0]["object"]]
-    assert [store.objects[result["images"][0]["object"]] == expected for _, result in results] == [True] * 3
+    assert [same_picture(store.objects[result["images"][0]["object"]], expected) for result in results] == [True] * 2
 
 
 async def test_cancelling_one_image_job_leaves_the_other_whole(euler_pipeline: LoadedPipeline) -> None:
     store = PngStore()
-    _, alone = await image_job(euler_pipeline, "alone", store)
-    contexts: dict[str, JobContext] = {}
+    alone = await image_job(euler_pipeline, "alone", store)
 
-    async def cancel_at_third_step(fraction: float, message: str | None = None) -> None:
-        if fraction >= 0.15:
-            contexts["doomed"].cancelled.set()
+    async def cancel_at_second_step(fraction: float, message: str | None = None) -> None:
+        if fraction >= 0.25:
+            doomed.cancelled.set()
 
-    async def doomed() -> None:
-        params = {"prompt": "a fox", "width": 64, "height": 64, "steps": 20, "seed": 11}
-        contexts["doomed"] = JobContext("doomed", 1, params, progress=cancel_at_third_step, store_object=store.put)
-        await ImageEngine().inference(euler_pipeline, contexts["doomed"])
-
-    outcomes = await asyncio.gather(doomed(), image_job(euler_pipeline, "kept", store), return_exceptions=True)
+    doomed = JobContext("doomed", 1, IMAGE_PARAMS, progress=cancel_at_second_step, store_object=store.put)
+    outcomes = await asyncio.gather(
+        ImageEngine().inference(euler_pipeline, doomed), image_job(euler_pipeline, "kept", store), return_exceptions=True
+    )
 
     assert isinstance(outcomes[0], EngineError) and outcomes[0].code == "cancelled"
-    _, kept = outcomes[1]
-    assert store.objects[kept["images"][0]["object"]] == store.objects[alone["images"][0]["object"]]
+    kept = outcomes[1]
+    assert same_picture(store.objects[kept["images"][0]["object"]], store.objects[alone["images"][0]["object"]])
     assert not any(name.startswith("doomed/") for name in store.objects)

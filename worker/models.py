@@ -1,10 +1,15 @@
 """The model cache: loaded models stay warm between jobs, and room is made before a load, not after.
 
 Before loading, the cache compares the engine's estimate with the memory free where models live (the
-first selected GPU, else host RAM), capped by `limit_bytes`, and evicts idle models, least recently
+GPU torch uses, else host RAM), capped by `limit_bytes`, and evicts idle models, least recently
 used first. A model a running job uses is never evicted: a load that needs its memory waits until it
 is released, and a load that would not fit even with every other model gone fails at once with
-`InsufficientGpuMemory`. Concurrent acquires of one model share one load.
+`InsufficientGpuMemory`. Concurrent acquires of one model share one load. A model whose size is unknown
+until it is downloaded loads alone, so two of them never run out of memory together.
+
+Free GPU memory is torch's view: what the driver has free plus what torch holds cached but unused (NVML
+counts that cache as used). NVML serves telemetry only. On a GPU that cannot be measured, loads fail
+rather than run unchecked.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import importlib.util
 import itertools
 import logging
 import sys
@@ -23,6 +29,7 @@ import msgspec
 
 from sdk.errors import InsufficientGpuMemory
 from sdk.events import now_ms
+from worker.config import ConfigError
 from worker.engines.base import BaseEngine, EngineError, ModelSpec
 from worker.telemetry import gpu_snapshot, memory_free_bytes
 
@@ -57,19 +64,22 @@ class ModelProvider(Protocol):
 
 
 class MemoryProbe:
-    """Free bytes where models load: the first selected GPU when torch can use CUDA, else host RAM."""
+    """Free bytes where models load: the GPU torch uses when it can use CUDA, else host RAM."""
 
     def __init__(self, gpu_indices: list[int] | None = None, *, on_gpu: bool | None = None) -> None:
-        # Engines load onto `cuda:0`, the first GPU the worker made visible.
-        self.gpu_index = gpu_indices[0] if gpu_indices else 0
+        #: The GPUs the worker selected (None: all); engines load onto torch's current device among them.
+        self.gpu_indices = gpu_indices
         self.on_gpu = _torch_sees_cuda() if on_gpu is None else on_gpu
 
     def free_bytes(self) -> int | None:
-        """None when it cannot be measured (then only `limit_bytes` bounds the cache)."""
-        if self.on_gpu:
-            gpus = gpu_snapshot([self.gpu_index])
-            return gpus[0].memory_free_bytes if gpus else None
-        return memory_free_bytes()
+        """None when it cannot be measured."""
+        if not self.on_gpu:
+            return memory_free_bytes()
+        if _torch_sees_cuda():
+            return _torch_free_bytes()
+        # A worker without torch loads no models: NVML's figure is only reported.
+        gpus = gpu_snapshot(self.gpu_indices[:1] if self.gpu_indices else [0])
+        return gpus[0].memory_free_bytes if gpus else None
 
 
 # --- The decision: pure ------------------------------------------------------------------------
@@ -143,6 +153,7 @@ class ModelCache:
         on_load_progress: Callable[[str, LoadStage], None] | None = None,
     ) -> None:
         self.probe = probe or MemoryProbe()
+        _check_gpu_selection(self.probe)
         #: The most the cache's models may take together, whatever the device has free.
         self.limit_bytes = limit_bytes
         self.on_loaded = on_loaded
@@ -158,6 +169,8 @@ class ModelCache:
         """The loaded model for the duration of a job; it cannot be evicted meanwhile."""
         handle = await self.acquire(engine, spec)
         try:
+            # Settings that need no reload (an LLM's batch limits) follow the runtime config live.
+            engine.configure(handle, spec.settings)
             yield handle
         finally:
             self.release(engine, spec)
@@ -207,12 +220,21 @@ class ModelCache:
                 entry.memory_bytes = await asyncio.to_thread(entry.engine.memory_required, entry.spec)
         except (EngineError, InsufficientGpuMemory, asyncio.CancelledError):
             self._forget(key)
+            await asyncio.to_thread(entry.engine.release_memory)
             raise
         except Exception as exc:
+            failure = EngineError("model_load_failed", f"{model} failed to load: {exc}")
+        else:
+            entry.handle, entry.loaded = handle, True
+            failure = None
+        if failure is not None:
+            # Raised outside the handler, so no chained traceback keeps the half-loaded tensors alive
+            # while the engine gives their memory back.
             self._forget(key)
-            logger.warning("model %s failed to load: %s", model, exc)
-            raise EngineError("model_load_failed", f"{model} failed to load: {exc}") from exc
-        entry.handle, entry.loaded = handle, True
+            logger.warning("%s", failure.message)
+            await asyncio.to_thread(entry.engine.release_memory)
+            raise failure
+        self._released.set()  # a load that waited for this one's size may decide now
         logger.info("loaded %s (%d bytes)", model, entry.memory_bytes)
         self._progress(model, LoadStage.LOADED)
         await _report(self.on_loaded, model, entry.memory_bytes)
@@ -224,6 +246,13 @@ class ModelCache:
         while True:
             # Loads still waiting for room hold none; counting them could make two wait for each other.
             others = [(k, e) for k, e in self._entries.items() if k != key and e.reserved]
+            loading = [e for _, e in others if not e.loaded]
+            if loading and (entry.memory_bytes == 0 or any(e.memory_bytes == 0 for e in loading)):
+                # A size unknown until the download ends: that load runs alone.
+                self._progress(entry.spec.name, LoadStage.WAITING_FOR_MEMORY)
+                self._released.clear()
+                await self._released.wait()
+                continue
             residents = [
                 Resident(key=k, memory_bytes=e.memory_bytes, last_used=e.last_used, busy=e.users > 0 or not e.loaded)
                 for k, e in others
@@ -249,6 +278,8 @@ class ModelCache:
 
     def _free_bytes(self, others: list[tuple[Key, _Entry]]) -> int:
         measured = self.probe.free_bytes()
+        if measured is None and self.probe.on_gpu:
+            raise EngineError("gpu_unavailable", "the GPU's free memory cannot be measured: torch sees no CUDA device")
         # Models still loading have reserved memory the device does not show as used yet.
         pending = sum(e.memory_bytes for _, e in others if not e.loaded)
         free = sys.maxsize if measured is None else measured - pending
@@ -280,7 +311,9 @@ class ModelCache:
 
 
 def _key(engine: BaseEngine, spec: ModelSpec) -> Key:
-    return (engine.job_type, spec.name, msgspec.json.encode(spec.settings))
+    # Only the settings a load depends on: the batch limits change live on the loaded model.
+    loading = msgspec.structs.replace(spec.settings, max_batch_size=0, max_batch_tokens=0)
+    return (engine.job_type, spec.name, msgspec.json.encode(loading))
 
 
 async def _report(callback: Callable[..., Awaitable[None]] | None, *args: Any) -> None:
@@ -291,6 +324,32 @@ async def _report(callback: Callable[..., Awaitable[None]] | None, *args: Any) -
         await callback(*args)
     except Exception:
         logger.exception("reporting %s failed", args[0])
+
+
+def _check_gpu_selection(probe: MemoryProbe) -> None:
+    """Models load onto one GPU: a worker given several, or given GPUs torch cannot see, does not start."""
+    if probe.gpu_indices and len(probe.gpu_indices) > 1 and probe.on_gpu:
+        raise ConfigError(
+            f"gpus {probe.gpu_indices}: a worker that loads models uses one GPU; run one worker per GPU"
+        )
+    if probe.gpu_indices and not probe.on_gpu and _torch_importable() and gpu_snapshot():
+        raise ConfigError(
+            f"gpus {probe.gpu_indices}: torch sees none of them (the driver lists {len(gpu_snapshot())}); "
+            "models would run on the CPU"
+        )
+
+
+def _torch_free_bytes() -> int:
+    import torch
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    free, _ = torch.cuda.mem_get_info(device)
+    # Memory torch caches for its own reuse is free for a model this process loads.
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def _torch_importable() -> bool:
+    return importlib.util.find_spec("torch") is not None
 
 
 def _torch_sees_cuda() -> bool:

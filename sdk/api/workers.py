@@ -83,6 +83,11 @@ class ModelSettings(Strict):
     #: Runs code shipped with the model; off unless the platform turns it on for that model.
     trust_remote_code: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    #: LLM jobs on this model decoded together in one batch; changed live, without a reload.
+    max_batch_size: Annotated[int, msgspec.Meta(ge=1, le=256)] = 16
+    #: The batch's KV-cache budget in tokens (each job's prompt plus its `max_new_tokens`); the memory
+    #: check reserves it when the model loads.
+    max_batch_tokens: Annotated[int, msgspec.Meta(ge=64, le=1_048_576)] = 16384
 
 
 class LoadControl(Strict):

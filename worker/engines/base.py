@@ -27,6 +27,11 @@ class EngineError(Exception):
         self.details = details
 
 
+class DeviceLost(EngineError):
+    """The GPU is in an error state that lasts as long as the process (an illegal access, a device-side
+    assert): every later job would fail too, so the worker drains and exits and its jobs go elsewhere."""
+
+
 class ModelSpec(msgspec.Struct, frozen=True, kw_only=True):
     #: A hub id or a local path.
     name: str
@@ -87,6 +92,12 @@ class BaseEngine(abc.ABC):
 
     def unload_model(self, model: Any) -> None:
         """Release a handle returned by `load_model` (blocking)."""
+
+    def configure(self, model: Any, settings: ModelSettings) -> None:
+        """Apply the settings a loaded model follows live (called as each job takes the model)."""
+
+    def release_memory(self) -> None:
+        """Give back device memory nothing references any more (after a failed load; blocking)."""
 
     @abc.abstractmethod
     async def inference(self, model: Any, ctx: JobContext) -> Any:

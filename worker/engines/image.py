@@ -22,7 +22,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -31,8 +31,8 @@ from diffusers import DiffusionPipeline
 from PIL.Image import Image
 
 from worker.engines import weights
-from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
-from worker.engines.running import parse_params, run_in_thread
+from worker.engines.base import EngineError, JobContext, ModelSpec
+from worker.engines.running import InFlight, TorchEngine, free_cached_memory, on_device, parse_params, run_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -58,15 +58,19 @@ class LoadedPipeline:
     pipeline: DiffusionPipeline | None
     #: Held for the whole call when jobs cannot share the pipeline's modules (a float16 VAE upcast per call).
     exclusive: threading.Lock | None = None
+    inflight: InFlight = field(default_factory=InFlight)
 
 
-class ImageEngine(BaseEngine):
+class ImageEngine(TorchEngine):
     job_type = "image"
 
     def memory_required(self, spec: ModelSpec) -> int:
-        return weights.memory_required(spec.name, spec.settings)
+        return weights.memory_required(spec.name, spec.settings, weights.vae_decode_bytes)
 
     def load_model(self, spec: ModelSpec) -> LoadedPipeline:
+        return on_device(self._load, spec)
+
+    def _load(self, spec: ModelSpec) -> LoadedPipeline:
         device = weights.default_device()
         dtype = weights.load_dtype(spec.settings, device)
         logger.info("loading %s on %s as %s", spec.name, device, dtype)
@@ -83,9 +87,9 @@ class ImageEngine(BaseEngine):
 
     def unload_model(self, model: LoadedPipeline) -> None:
         # Dropping the handle's reference is what lets the weights go; the cache holds the handle.
+        model.inflight.wait_idle()
         model.pipeline = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_cached_memory()
 
     async def inference(self, model: LoadedPipeline, ctx: JobContext) -> dict[str, Any]:
         params = parse_params(ctx.params, ImageParams)
@@ -93,7 +97,7 @@ class ImageEngine(BaseEngine):
         seed = secrets.randbelow(2**32) if params.seed is None else params.seed
         started = time.perf_counter()
         pngs = await run_in_thread(
-            functools.partial(_generate, model, params, seed), ctx.progress, ctx.cancelled
+            functools.partial(_generate, model, params, seed), ctx.progress, ctx.cancelled, model.inflight
         )
         images = []
         for index, (png, width, height, _) in enumerate(pngs):

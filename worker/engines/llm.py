@@ -1,13 +1,13 @@
 """Text generation with transformers: a causal LM and its tokenizer, streamed token by token.
 
-`generate()` runs in a thread and feeds `_TextAssembler`, which turns tokens into text, cuts it at the
-first stop string and sends finished text to the job's stream. Sampling uses a generator of the job's
-own, so a seed reproduces the text even while other jobs sample in other threads.
+Every job on a loaded model runs in its continuous batch (`batching.Batcher`, the only path). Each job
+keeps its own `_TextAssembler`, which turns its tokens into text, cuts it at the first stop string and
+sends finished text to the job's stream, and its own sampler: a generator of the job's own, so a seed
+reproduces the text whatever else is in the batch.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import threading
@@ -23,20 +23,19 @@ from transformers import (
     AutoTokenizer,
     BatchEncoding,
     GenerationConfig,
-    LogitsProcessor,
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.generation.streamers import BaseStreamer
 
+from sdk.api import ModelSettings
 from worker.engines import weights
-from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
-from worker.engines.running import parse_params, run_in_thread
+from worker.engines.base import EngineError, JobContext, ModelSpec
+from worker.engines.batching import Batcher, Sequence, pick_greedy
+from worker.engines.running import TorchEngine, free_cached_memory, on_device, parse_params, relay
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +67,24 @@ class LLMParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class LoadedLLM:
     model: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase | None
+    batcher: Batcher | None = None
 
 
-class LLMEngine(BaseEngine):
+class LLMEngine(TorchEngine):
     job_type = "llm"
 
     def memory_required(self, spec: ModelSpec) -> int:
-        return weights.memory_required(spec.name, spec.settings)
+        # The batch's KV cache at its full budget sits beside the weights.
+        return weights.memory_required(
+            spec.name,
+            spec.settings,
+            lambda root, itemsize: weights.kv_cache_bytes(root, itemsize, spec.settings.max_batch_tokens),
+        )
 
     def load_model(self, spec: ModelSpec) -> LoadedLLM:
+        return on_device(self._load, spec)
+
+    def _load(self, spec: ModelSpec) -> LoadedLLM:
         device = weights.default_device()
         dtype = weights.load_dtype(spec.settings, device)
         trust = spec.settings.trust_remote_code
@@ -84,63 +92,85 @@ class LLMEngine(BaseEngine):
         tokenizer = AutoTokenizer.from_pretrained(spec.name, trust_remote_code=trust)
         model = AutoModelForCausalLM.from_pretrained(
             spec.name, dtype=dtype, device_map=device.type, trust_remote_code=trust
+        ).eval()
+        batcher = Batcher(
+            model, max_batch_size=spec.settings.max_batch_size, max_batch_tokens=spec.settings.max_batch_tokens
         )
-        return LoadedLLM(model=model.eval(), tokenizer=tokenizer)
+        return LoadedLLM(model=model, tokenizer=tokenizer, batcher=batcher)
+
+    def configure(self, model: LoadedLLM, settings: ModelSettings) -> None:
+        if model.batcher is not None:
+            model.batcher.max_batch_size = settings.max_batch_size
+            model.batcher.max_batch_tokens = settings.max_batch_tokens
 
     def unload_model(self, model: LoadedLLM) -> None:
-        # Dropping the handle's references is what lets the weights go; the cache holds the handle.
-        model.model = model.tokenizer = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        # The decode loop ends first (jobs cut off after their grace period stop at the next step);
+        # then dropping the handle's references is what lets the weights go.
+        if model.batcher is not None:
+            model.batcher.close()
+        model.model = model.tokenizer = model.batcher = None
+        free_cached_memory()
 
     async def inference(self, model: LoadedLLM, ctx: JobContext) -> dict[str, Any]:
         params = parse_params(ctx.params, LLMParams)
         started = time.perf_counter()
-        text = await run_in_thread(functools.partial(_generate, model, params), ctx.emit, ctx.cancelled)
+        job: dict[str, Any] = {}
+
+        def start(send: Callable[[str], None], finish: Callable[[Any, BaseException | None], None], halt: threading.Event) -> None:
+            job["sequence"], job["text"] = _sequence(model, params, send, finish, halt)
+            assert model.batcher is not None, "inference on an unloaded model"
+            model.batcher.submit(job["sequence"])
+
+        finish_reason = await relay(start, ctx.emit, ctx.cancelled)
+        sequence, text = job["sequence"], job["text"]
         elapsed_s = time.perf_counter() - started
-        completion_tokens = len(text.token_ids)
-        eos_ids = _eos_ids(model)
-        ended_by_model = completion_tokens > 0 and text.token_ids[-1] in eos_ids
-        first_token_ms = None if text.first_token_at is None else (text.first_token_at - started) * 1000
+        completion_tokens = len(sequence.tokens)
+        first_token_ms = None if sequence.first_token_at is None else (sequence.first_token_at - started) * 1000
         return {
             "text": text.sent,
-            "prompt_tokens": text.prompt_tokens,
+            "prompt_tokens": len(sequence.prompt_ids),
             "completion_tokens": completion_tokens,
             "time_to_first_token_ms": first_token_ms,
             "tokens_per_s": completion_tokens / elapsed_s if elapsed_s > 0 else 0.0,
-            "finish_reason": "stop" if text.stopped or ended_by_model else "length",
+            "finish_reason": finish_reason,
         }
 
 
-def _generate(
-    handle: LoadedLLM, params: LLMParams, send: Callable[[str], None], halt: threading.Event
-) -> _TextAssembler:
+def _sequence(
+    handle: LoadedLLM,
+    params: LLMParams,
+    send: Callable[[str], None],
+    finish: Callable[[Any, BaseException | None], None],
+    halt: threading.Event,
+) -> tuple[Sequence, _TextAssembler]:
     model, tokenizer = handle.model, handle.tokenizer
     assert model is not None and tokenizer is not None, "inference on an unloaded model"
-    inputs = _encode(tokenizer, params).to(model.device)
-    prompt_tokens = inputs["input_ids"].shape[1]
+    prompt_ids = _encode(tokenizer, params)["input_ids"][0].tolist()
     # Models with learned positions fail past their window: refuse a prompt that fills it, and
     # let the rest of the window bound the output (which then ends with `length`).
     window = getattr(model.config, "max_position_embeddings", None) or sys.maxsize
-    if prompt_tokens == 0:
+    if not prompt_ids:
         raise EngineError("bad_params", "the prompt is empty once tokenized")
-    if prompt_tokens >= window:
-        raise EngineError("bad_params", f"the prompt is {prompt_tokens} tokens; the model reads {window} at most")
-    max_new_tokens = min(params.max_new_tokens, window - prompt_tokens)
-    text = _TextAssembler(tokenizer, params.stop, send, prompt_tokens)
-    temperature, top_p = _sampling(params, model.generation_config)
-    sampler = [] if temperature == 0 else [_Sampler(temperature, top_p, params.seed, model.device)]
-    model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        # Sampling happens in `_Sampler`; greedy search then takes the one token it left.
-        do_sample=False,
-        logits_processor=LogitsProcessorList(sampler),
-        stopping_criteria=StoppingCriteriaList([_Halt(lambda: halt.is_set() or text.stopped)]),
-        streamer=text,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    if len(prompt_ids) >= window:
+        raise EngineError("bad_params", f"the prompt is {len(prompt_ids)} tokens; the model reads {window} at most")
+    text = _TextAssembler(tokenizer, params.stop, send)
+
+    def ended(reason: str | None, error: BaseException | None) -> None:
+        if error is None:
+            text.end()
+        finish(reason, error)
+
+    temperature, top_p, top_k = _sampling(params, model.generation_config)
+    sequence = Sequence(
+        prompt_ids=prompt_ids,
+        max_new_tokens=min(params.max_new_tokens, window - len(prompt_ids)),
+        pick=pick_greedy if temperature == 0 else _Sampler(temperature, top_p, top_k, params.seed, model.device),
+        on_token=text.add,
+        finish=ended,
+        eos_ids=frozenset(_eos_ids(model.generation_config)),
+        halt=halt,
     )
-    return text
+    return sequence, text
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, params: LLMParams) -> BatchEncoding:
@@ -156,71 +186,72 @@ def _encode(tokenizer: PreTrainedTokenizerBase, params: LLMParams) -> BatchEncod
     return tokenizer(transcript, return_tensors="pt")
 
 
-def _sampling(params: LLMParams, config: GenerationConfig) -> tuple[float, float]:
-    """The job's temperature and top_p, each falling back to the model's recommendation."""
+def _sampling(params: LLMParams, config: GenerationConfig) -> tuple[float, float, int]:
+    """The job's temperature and top_p, each falling back to the model's recommendation, and the
+    model's recommended top_k when it samples."""
     temperature = (config.temperature or 1.0) if config.do_sample else 0.0
     top_p = (config.top_p or 1.0) if config.do_sample else 1.0
+    top_k = (config.top_k or 0) if config.do_sample else 0
     return (
         temperature if params.temperature is None else params.temperature,
         top_p if params.top_p is None else params.top_p,
+        top_k,
     )
 
 
-def _eos_ids(handle: LoadedLLM) -> set[int]:
-    assert handle.model is not None
-    eos = handle.model.generation_config.eos_token_id
+def _eos_ids(config: GenerationConfig) -> set[int]:
+    eos = config.eos_token_id
     return set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
 
 
-class _TextAssembler(BaseStreamer):
-    """Turns the tokens `generate()` produces into text and sends the text as soon as it is final.
+class _TextAssembler:
+    """Turns a job's tokens into text and sends the text as soon as it is final.
 
     Text is final once no stop string can still begin in it: the last `len(longest stop) - 1`
-    characters wait for the next token, and so does a character whose bytes are not all generated
-    yet (it decodes as U+FFFD). At the first stop string everything before it is sent and the rest,
-    the stop text included, never is.
+    characters wait for the next token. Tokens are decoded incrementally (a window from the last
+    complete character on, as TGI does), so each token costs the same however long the text is, and a
+    character whose bytes are not all generated yet waits. At the first stop string everything before it
+    is sent and the rest, the stop text included, never is.
     """
 
-    def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, stop: list[str], send: Callable[[str], None], prompt_tokens: int
-    ) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: list[str], send: Callable[[str], None]) -> None:
         self.tokenizer = tokenizer
         self.stop = stop
         self.send = send
         self.holdback = max((len(s) for s in stop), default=1) - 1
-        self.prompt_tokens = prompt_tokens
-        self.prompt_seen = False
         self.token_ids: list[int] = []
+        #: Where the decode window starts, and where its already-decoded part ends.
+        self.prefix_offset = 0
+        self.read_offset = 0
         self.decoded = ""
         #: The text sent so far; the job's result, so chunks always add up to it.
         self.sent = ""
         self.stopped = False
-        self.first_token_at: float | None = None
 
-    def put(self, value: torch.Tensor) -> None:
-        # generate() hands over the prompt first, then one token per step.
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        if self.stopped:
-            return
-        if self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.token_ids += value.reshape(-1).tolist()
-        self.decoded = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+    def add(self, token: int) -> bool:
+        """Take one token; True once the text reached a stop string."""
+        self.token_ids.append(token)
+        known = self._decode(self.prefix_offset, self.read_offset)
+        window = self._decode(self.prefix_offset, len(self.token_ids))
+        if len(window) <= len(known) or window.endswith("\ufffd"):
+            return False  # an incomplete character (or a special token): wait for more
+        self.decoded += window[len(known) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        # A stop string may begin in text not sent yet, up to `holdback` characters back.
         hits = [i for s in self.stop if (i := self.decoded.find(s, len(self.sent))) >= 0]
         if hits:
             self.stopped = True
             self._send_until(min(hits))
-            return
-        end = len(self.decoded) - self.holdback
-        while end > len(self.sent) and self.decoded[end - 1] == "\ufffd":
-            end -= 1
-        self._send_until(end)
+            return True
+        self._send_until(len(self.decoded) - self.holdback)
+        return False
 
     def end(self) -> None:
         if not self.stopped:
             self._send_until(len(self.decoded))
+
+    def _decode(self, start: int, end: int) -> str:
+        return self.tokenizer.decode(self.token_ids[start:end], skip_special_tokens=True)
 
     def _send_until(self, end: int) -> None:
         if end > len(self.sent):
@@ -229,15 +260,17 @@ class _TextAssembler(BaseStreamer):
             self.send(chunk)
 
 
-class _Sampler(LogitsProcessor):
-    """Samples the next token with the job's own generator and leaves only it for greedy search.
+class _Sampler:
+    """Samples the next token with the job's own generator.
 
-    torch's global RNG is shared by every thread of the worker, so seeding it could not reproduce a
+    torch's global RNG is shared by every job of the worker, so seeding it could not reproduce a
     job that runs beside others; a generator per job can (on the same device).
     """
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None, device: torch.device) -> None:
+    def __init__(self, temperature: float, top_p: float, top_k: int, seed: int | None, device: torch.device) -> None:
         self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_k > 0:
+            self.warpers.append(TopKLogitsWarper(top_k))
         if top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
         self.generator = torch.Generator(device=device)
@@ -246,15 +279,7 @@ class _Sampler(LogitsProcessor):
         else:
             self.generator.manual_seed(seed)
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(self.warpers(input_ids, scores), dim=-1)
-        chosen = torch.multinomial(probs, num_samples=1, generator=self.generator)
-        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
-
-
-class _Halt(StoppingCriteria):
-    def __init__(self, should_halt: Callable[[], bool]) -> None:
-        self.should_halt = should_halt
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.should_halt(), dtype=torch.bool, device=input_ids.device)
+    def __call__(self, logits: torch.Tensor) -> int:
+        # The warpers read no input ids; they take a batch of one row.
+        scores = self.warpers(None, logits[None].float())
+        return int(torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=self.generator))

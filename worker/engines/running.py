@@ -3,18 +3,26 @@
 torch blocks, so the work runs in a worker thread. What it produces on the way (text chunks, progress)
 crosses to the event loop through a queue and is awaited there in order, so streaming never blocks the
 loop. A cancel request, or a caller that stops waiting, sets `halt`, which the work checks between steps.
+
+Device failures become errors with a code: running out of GPU memory is `gpu_out_of_memory`, reported
+once the failed work's tensors are gone and torch's cache is emptied (the worker stays healthy); a CUDA
+error that poisons the process is `DeviceLost`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import msgspec
+import torch
 
-from worker.engines.base import EngineError
+from worker.engines.base import BaseEngine, DeviceLost, EngineError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -31,38 +39,131 @@ def parse_params(params: dict[str, Any], kind: type[T]) -> T:
         raise EngineError("bad_params", str(exc)) from None
 
 
+#: Starts work elsewhere: `start(send, finish, halt)`; the work calls `finish(result, error)` once.
+Start = Callable[[Callable[[T], None], Callable[[Any, BaseException | None], None], threading.Event], None]
+
+#: Inference threads of their own: asyncio's default pool serves heartbeats and telemetry, which a pool
+#: full of minute-long jobs would starve until the platform declares the worker lost.
+_INFERENCE = ThreadPoolExecutor(max_workers=256, thread_name_prefix="inference")
+
+
+class InFlight:
+    """Work still running on a loaded model; unloading waits for it, so a job cut off after its grace
+    period never runs on a model that is gone (its thread ends at the next step, `halt` being set)."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with self._idle:
+            self._count += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._count -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self) -> None:
+        with self._idle:
+            self._idle.wait_for(lambda: self._count == 0)
+
+
 async def run_in_thread(
-    work: Work[T, R], on_item: Callable[[T], Awaitable[None]], cancelled: asyncio.Event
+    work: Work[T, R], on_item: Callable[[T], Awaitable[None]], cancelled: asyncio.Event, inflight: InFlight
 ) -> R:
-    """Run `work` in a thread, awaiting `on_item` for each item it sends; `cancelled` halts it."""
+    """Run `work` in an inference thread, awaiting `on_item` for each item it sends; `cancelled` halts it."""
+
+    def start(send: Callable[[T], None], finish: Callable[[Any, BaseException | None], None], halt: threading.Event) -> None:
+        def body() -> None:
+            with inflight.running():
+                try:
+                    result = on_device(work, send, halt)
+                except BaseException as exc:
+                    finish(None, exc)
+                else:
+                    finish(result, None)
+
+        _INFERENCE.submit(body)
+
+    return await relay(start, on_item, cancelled)
+
+
+async def relay(start: Start[T], on_item: Callable[[T], Awaitable[None]], cancelled: asyncio.Event) -> Any:
+    """Start work outside the loop and await `on_item` for each item it sends, in order, then its result."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue[T | None] = asyncio.Queue()
+    outcome: asyncio.Future[Any] = loop.create_future()
     halt = threading.Event()
 
     def send(item: T) -> None:
         loop.call_soon_threadsafe(items.put_nowait, item)
 
-    def body() -> R:
-        try:
-            return work(send, halt)
-        finally:
-            loop.call_soon_threadsafe(items.put_nowait, None)
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not outcome.done():
+            outcome.set_exception(error) if error is not None else outcome.set_result(result)
+        items.put_nowait(None)
+
+    def finish(result: Any, error: BaseException | None) -> None:
+        loop.call_soon_threadsafe(settle, result, error)
 
     async def relay_cancel() -> None:
         await cancelled.wait()
         halt.set()
 
     watcher = asyncio.create_task(relay_cancel())
-    done = asyncio.ensure_future(asyncio.to_thread(body))
     try:
+        start(send, finish, halt)
         while (item := await items.get()) is not None:
             await on_item(item)
-        result = await done
+        result = await outcome
     finally:
         # Whatever ended the wait (the work, an error in `on_item`, the task being cancelled),
-        # the thread must not keep the device busy for nobody.
+        # the work must not keep the device busy for nobody.
         halt.set()
         watcher.cancel()
+        outcome.add_done_callback(_retrieve)
     if cancelled.is_set():
         raise EngineError("cancelled", "the job was cancelled")
     return result
+
+
+def _retrieve(outcome: asyncio.Future[Any]) -> None:
+    # Nobody awaits an outcome whose waiter was cancelled: read its error so asyncio does not log it.
+    if not outcome.cancelled():
+        outcome.exception()
+
+
+class TorchEngine(BaseEngine):
+    """What the torch engines share: memory given back after a failure."""
+
+    def release_memory(self) -> None:
+        free_cached_memory()
+
+
+def on_device(work: Callable[..., R], *args: Any, **kwargs: Any) -> R:
+    """`work(*args, **kwargs)`, with a CUDA failure turned into an error that carries no tensors."""
+    try:
+        return work(*args, **kwargs)
+    except torch.cuda.OutOfMemoryError as exc:
+        failure: EngineError = EngineError("gpu_out_of_memory", f"the GPU ran out of memory: {_first_line(exc)}")
+    except RuntimeError as exc:
+        if "CUDA error" not in str(exc) and type(exc).__name__ != "AcceleratorError":
+            raise
+        failure = DeviceLost("gpu_device_error", f"the GPU failed: {_first_line(exc)}")
+    # Out of the handler the failed work's frames, and the tensors they hold, can go.
+    free_cached_memory()
+    raise failure
+
+
+def free_cached_memory() -> None:
+    """Collect unreachable tensors and hand torch's cached blocks back to the driver."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

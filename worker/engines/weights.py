@@ -1,8 +1,9 @@
 """Where a model's weights go and how many bytes they take there.
 
-Engines place a model on the GPU in bfloat16 (float16 where bfloat16 is unsupported) when torch sees
-CUDA, else on the CPU in float32; `ModelSettings.dtype` overrides the dtype. The memory estimate reads
-only file sizes and safetensors headers, so the model cache can decide before anything is loaded.
+Engines place a model on the GPU in bfloat16 (float16 where the GPU only emulates bfloat16) when torch
+sees CUDA, else on the CPU in float32; `ModelSettings.dtype` overrides the dtype. The memory estimate
+reads only file sizes, index files and safetensors headers, so the model cache can decide before
+anything is loaded; engines add what runs beside the weights (an LLM's KV cache, a VAE's decode).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub import snapshot_download
@@ -19,7 +22,7 @@ from sdk.api import ModelSettings
 
 logger = logging.getLogger(__name__)
 
-#: Activations, KV cache and allocator slack on top of the weights themselves.
+#: Activations and allocator slack on top of the weights themselves.
 OVERHEAD = 1.2
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -27,6 +30,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 #: anything else (integer buffers, quantised blocks) keeps its stored size.
 _FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
+#: The weight files transformers and diffusers look for, in the order they look (each may be sharded).
+_WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
+                 "diffusion_pytorch_model.bin")
 
 
 def default_device() -> torch.device:
@@ -38,7 +44,8 @@ def load_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
     if settings.dtype != "auto":
         return _DTYPES[settings.dtype]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # T4 and V100 emulate bfloat16 (slowly); they get float16.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
 
 
@@ -53,13 +60,19 @@ def local_files(name: str) -> Path | None:
         return None
 
 
-def memory_required(name: str, settings: ModelSettings) -> int:
-    """Bytes the model's weights take at the dtype it will load as, plus `OVERHEAD`; 0 if unknown."""
+def memory_required(name: str, settings: ModelSettings, beside: Callable[[Path, int], int] | None = None) -> int:
+    """Bytes the model's weights take at the dtype it will load as, plus `OVERHEAD`, plus what `beside`
+    says runs next to them (given the model's folder and bytes per float); 0 if unknown."""
     root = local_files(name)
     if root is None:
         logger.warning("model %s is not on disk or in the HF cache: its memory need is unknown (0)", name)
         return 0
     itemsize = load_dtype(settings, default_device()).itemsize
+    return int(weight_bytes(root, itemsize) * OVERHEAD) + (0 if beside is None else beside(root, itemsize))
+
+
+def weight_bytes(root: Path, itemsize: int) -> int:
+    """Bytes of the weights `from_pretrained` reads under `root`, at `itemsize` bytes per float."""
     stored_itemsize = _config_itemsize(root)
     total = 0
     for path in weight_files(root):
@@ -68,22 +81,67 @@ def memory_required(name: str, settings: ModelSettings) -> int:
         else:
             # A pickle's dtypes are unknown without loading it: trust the config's dtype.
             total += path.stat().st_size * itemsize // stored_itemsize
-    return int(total * OVERHEAD)
+    return total
 
 
 def weight_files(root: Path) -> list[Path]:
-    """The files `from_pretrained` would read: per folder safetensors over .bin, base over variants."""
+    """The files `from_pretrained` would read, per folder: the single file it names, else the shards its
+    index lists (a repo may ship both, and `consolidated.safetensors` beside them), safetensors over .bin;
+    a folder without the usual names counts its base files (`model.fp16.safetensors` is a variant)."""
     folders = {p.parent for p in root.rglob("*") if p.suffix in _WEIGHT_SUFFIXES}
     chosen: list[Path] = []
     for folder in sorted(folders):
-        for suffix in _WEIGHT_SUFFIXES:
-            files = sorted(folder.glob(f"*{suffix}"))
-            # `model.fp16.safetensors` is a variant of `model.safetensors`; only one of them loads.
-            base = [f for f in files if "." not in f.name.removesuffix(suffix)]
-            if files:
-                chosen += base or files
-                break
+        chosen += _named_weights(folder) or _base_weights(folder)
     return chosen
+
+
+def _named_weights(folder: Path) -> list[Path]:
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return [folder / name]
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+            return sorted(folder / shard for shard in shards if (folder / shard).is_file())
+    return []
+
+
+def _base_weights(folder: Path) -> list[Path]:
+    for suffix in _WEIGHT_SUFFIXES:
+        files = sorted(folder.glob(f"*{suffix}"))
+        base = [f for f in files if "." not in f.name.removesuffix(suffix)]
+        if files:
+            return base or files
+    return []
+
+
+def kv_cache_bytes(root: Path, itemsize: int, tokens: int) -> int:
+    """Bytes of the KV cache holding `tokens` tokens, from the model's config (0 when it does not say)."""
+    config = _read_config(root / "config.json")
+    config = config.get("text_config", config)
+    layers = config.get("num_hidden_layers") or config.get("n_layer") or 0
+    heads = config.get("num_attention_heads") or config.get("n_head") or 0
+    hidden = config.get("hidden_size") or config.get("n_embd") or 0
+    if not (layers and heads and hidden):
+        return 0
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    return 2 * layers * kv_heads * head_dim * itemsize * tokens
+
+
+def vae_decode_bytes(root: Path, itemsize: int) -> int:
+    """The peak of one VAE decode at the pipeline's native size (images decode one at a time).
+
+    The decoder's last blocks hold a few full-resolution feature maps of its widest top-level width;
+    four of them is what SD 1.5 and SDXL peak at, within a few percent."""
+    vae = _read_config(root / "vae" / "config.json")
+    unet = _read_config(root / "unet" / "config.json") or _read_config(root / "transformer" / "config.json")
+    channels = vae.get("block_out_channels") or []
+    if not channels:
+        return 0
+    scale = 2 ** (len(channels) - 1)
+    side = (unet.get("sample_size") or 64) * scale
+    return 4 * side * side * channels[0] * itemsize
 
 
 def _safetensors_bytes(path: Path, itemsize: int) -> int:
@@ -100,9 +158,12 @@ def _safetensors_bytes(path: Path, itemsize: int) -> int:
     return total
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def _config_itemsize(root: Path) -> int:
-    config = root / "config.json"
-    fields = json.loads(config.read_text()) if config.is_file() else {}
+    fields = _read_config(root / "config.json")
     # transformers 5 writes `dtype`, older versions `torch_dtype`.
     dtype = fields.get("dtype") or fields.get("torch_dtype")
     return _DTYPES[dtype].itemsize if dtype in _DTYPES else 4

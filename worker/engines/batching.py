@@ -1,0 +1,275 @@
+"""Continuous batching: every job on one loaded LLM shares one decode loop, in one thread per model.
+
+A job is prefilled alone (its prompt in one forward pass), then joins the running batch between decode
+steps: its KV cache is left-padded to the batch's length and stacked under the others', with an
+attention mask that hides the padding and position ids that count only its own tokens, so each row
+computes what it would alone. Each step decodes one token for every row. A job that finishes (its
+`max_new_tokens`, an end-of-sequence token, a stop string), is cancelled or fails leaves at once: its
+row is dropped and padding no row needs any more is trimmed.
+
+Admission is bounded by `max_batch_size` rows and `max_batch_tokens`, the KV-cache budget: each job
+reserves its prompt plus its `max_new_tokens`. A job alone is always admitted, so nothing waits forever.
+A failure inside a job's own code (its prefill, its sampler, its text) fails that job only; a failed
+batched step fails the jobs in it, as no row's share of the error can be told apart.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from worker.engines.base import EngineError
+from worker.engines.running import on_device
+
+logger = logging.getLogger(__name__)
+
+#: Per layer, the keys and values of every row: [rows, heads, length, head_dim] each.
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One job as the decode loop sees it. Its callbacks run in the loop's thread."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int
+    #: The next token from the logits of the last position ([vocab]).
+    pick: Callable[[torch.Tensor], int]
+    #: Takes each new token; True when the job's text reached a stop string.
+    on_token: Callable[[int], bool]
+    #: Called once with the finish reason (`stop`, `length`) or the error that ended the job.
+    finish: Callable[[str | None, BaseException | None], None]
+    eos_ids: frozenset[int]
+    #: Set when the job is cancelled or its caller stops waiting.
+    halt: threading.Event
+    tokens: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    @property
+    def reserved_tokens(self) -> int:
+        return len(self.prompt_ids) + self.max_new_tokens
+
+    def take(self, token: int) -> str | None:
+        """Record one generated token; the finish reason when it ends the job."""
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            return "stop"
+        if self.on_token(token):
+            return "stop"
+        return "length" if len(self.tokens) >= self.max_new_tokens else None
+
+
+class Batcher:
+    """The decode loop of one loaded model; `submit` hands it a job, `close` ends it (at unload)."""
+
+    def __init__(self, model: PreTrainedModel, *, max_batch_size: int, max_batch_tokens: int) -> None:
+        self.model = model
+        # transformers 5 renamed `past_key_values` to `cache`; 4.x knows only the old name.
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self._pending: collections.deque[Sequence] = collections.deque()
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        #: The batch: its rows in order, their caches stacked, which cache columns are real tokens,
+        #: the position of each row's next token, and the token each row feeds next.
+        self._rows: list[Sequence] = []
+        self._kv: KV = []
+        self._mask = torch.zeros((0, 0), dtype=torch.long)
+        self._positions = torch.zeros(0, dtype=torch.long)
+        self._next = torch.zeros(0, dtype=torch.long)
+        #: The most rows the batch held at once (for tests and benchmarks).
+        self.peak_rows = 0
+
+    def submit(self, sequence: Sequence) -> None:
+        with self._changed:
+            if self._closed:
+                raise EngineError("model_unloaded", "the model was unloaded")
+            self._pending.append(sequence)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="llm-batch", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Stop taking jobs and wait for the loop to end; jobs still in it end as cancelled."""
+        with self._changed:
+            self._closed = True
+            thread = self._thread
+            for sequence in [*self._pending, *self._rows]:
+                sequence.halt.set()
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                if not self._rows and not self._pending:
+                    self._thread = None  # a later submit starts a new loop
+                    return
+                joining = self._admit()
+            with torch.inference_mode():
+                for sequence in joining:
+                    self._join(sequence)
+                self._leave([row for row in self._rows if row.halt.is_set()], "cancelled")
+                if self._rows:
+                    self._step()
+
+    def _admit(self) -> list[Sequence]:
+        joining: list[Sequence] = []
+        reserved = sum(row.reserved_tokens for row in self._rows)
+        while self._pending and len(self._rows) + len(joining) < self.max_batch_size:
+            candidate = self._pending[0]
+            alone = not self._rows and not joining
+            if not alone and reserved + candidate.reserved_tokens > self.max_batch_tokens:
+                break  # first come, first served: it waits for room rather than being overtaken
+            joining.append(self._pending.popleft())
+            reserved += candidate.reserved_tokens
+        return joining
+
+    def _join(self, sequence: Sequence) -> None:
+        if sequence.halt.is_set():
+            sequence.finish(None, EngineError("cancelled", "the job was cancelled"))
+            return
+        try:
+            kv, logits = on_device(self._prefill, sequence.prompt_ids)
+            token = sequence.pick(logits)
+            reason = sequence.take(token)
+        except BaseException as exc:
+            sequence.finish(None, exc)
+            return
+        if reason is not None:
+            sequence.finish(reason, None)
+            return
+        self._stack(sequence, kv, token)
+
+    def _prefill(self, prompt_ids: list[int]) -> tuple[KV, torch.Tensor]:
+        device = self.model.device
+        input_ids = torch.tensor([prompt_ids], device=device)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            position_ids=torch.arange(len(prompt_ids), device=device)[None],
+            use_cache=True,
+            **{self._cache_arg: DynamicCache()},
+        )
+        return _layers(_cache_of(out)), out.logits[0, -1]
+
+    def _stack(self, sequence: Sequence, kv: KV, token: int) -> None:
+        """Add a prefilled job as the batch's last row, left-padding whichever side is shorter."""
+        device = self.model.device
+        length = len(sequence.prompt_ids)
+        width = max(length, self._mask.shape[1])
+        if self._rows:
+            self._kv = [
+                (torch.cat([_pad_left(k, width), _pad_left(nk, width)]), torch.cat([_pad_left(v, width), _pad_left(nv, width)]))
+                for (k, v), (nk, nv) in zip(self._kv, kv)
+            ]
+        else:
+            self._kv = kv
+        row_mask = torch.ones((1, length), dtype=torch.long, device=device)
+        self._mask = torch.cat([_pad_left(self._mask.to(device), width), _pad_left(row_mask, width)])
+        self._positions = torch.cat([self._positions.to(device), torch.tensor([length], device=device)])
+        self._next = torch.cat([self._next.to(device), torch.tensor([token], device=device)])
+        self._rows.append(sequence)
+        self.peak_rows = max(self.peak_rows, len(self._rows))
+
+    def _step(self) -> None:
+        mask = torch.cat([self._mask, torch.ones((len(self._rows), 1), dtype=torch.long, device=self._mask.device)], 1)
+        try:
+            out = on_device(
+                self.model,
+                input_ids=self._next[:, None],
+                attention_mask=mask,
+                position_ids=self._positions[:, None],
+                use_cache=True,
+                **{self._cache_arg: DynamicCache(ddp_cache_data=self._kv)},
+            )
+        except BaseException as exc:
+            logger.warning("a decode step of %d jobs failed: %s", len(self._rows), exc)
+            self._leave(list(self._rows), exc)
+            return
+        self._kv, self._mask = _layers(_cache_of(out)), mask
+        self._positions = self._positions + 1
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(dim=-1).tolist()
+        ended: dict[int, str | BaseException] = {}
+        chosen: list[int] = []
+        for index, row in enumerate(self._rows):
+            try:
+                token = greedy[index] if row.pick is pick_greedy else row.pick(logits[index])
+                chosen.append(token)
+                if (reason := row.take(token)) is not None:
+                    ended[index] = reason
+            except BaseException as exc:
+                chosen.append(0)
+                ended[index] = exc
+        self._next = torch.tensor(chosen, device=self._next.device)
+        for index, reason in ended.items():
+            row = self._rows[index]
+            row.finish(None, reason) if isinstance(reason, BaseException) else row.finish(reason, None)
+        self._drop(set(ended))
+
+    def _leave(self, rows: list[Sequence], why: str | BaseException) -> None:
+        """End `rows` (cancelled, or failed with `why`) and take them out of the batch."""
+        if not rows:
+            return
+        error = EngineError("cancelled", "the job was cancelled") if why == "cancelled" else why
+        assert isinstance(error, BaseException)
+        for row in rows:
+            row.finish(None, error)
+        self._drop({index for index, row in enumerate(self._rows) if row in rows})
+
+    def _drop(self, indices: set[int]) -> None:
+        if not indices:
+            return
+        keep = [i for i in range(len(self._rows)) if i not in indices]
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._kv, self._mask = [], torch.zeros((0, 0), dtype=torch.long)
+            self._positions = self._next = torch.zeros(0, dtype=torch.long)
+            return
+        rows = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, rows)
+        # Columns that are padding in every remaining row hold nothing anyone attends to.
+        start = int((mask.sum(0) > 0).nonzero()[0])
+        self._mask = mask[:, start:]
+        self._kv = [(k.index_select(0, rows)[:, :, start:], v.index_select(0, rows)[:, :, start:]) for k, v in self._kv]
+        self._positions = self._positions.index_select(0, rows)
+        self._next = self._next.index_select(0, rows)
+
+
+def pick_greedy(logits: torch.Tensor) -> int:
+    """The most likely token (the decode loop takes it for the whole batch at once)."""
+    return int(logits.argmax())
+
+
+def _cache_of(out: Any) -> Any:
+    return getattr(out, "cache", None) or out.past_key_values
+
+
+def _layers(cache: Any) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` with zeros before its last-but-one (cache) or last (mask) dimension up to `width`."""
+    dim = -2 if tensor.dim() == 4 else -1
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=dim)
