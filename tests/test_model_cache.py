@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from sdk.errors import InsufficientGpuMemory
 from tests.tiny_models import build_tiny_gpt2
+from worker.config import ConfigError
 from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
 from worker.engines.llm import LLMEngine
 from worker.models import (
@@ -36,8 +38,10 @@ class SizedEngine(BaseEngine):
     job_type = "sized"
 
     def __init__(self) -> None:
+        self.started: list[str] = []
         self.loads: list[str] = []
         self.unloads: list[str] = []
+        self.memory_releases = 0
         #: Loads wait for this, so a test can hold one mid-load.
         self.may_load = threading.Event()
         self.may_load.set()
@@ -46,9 +50,15 @@ class SizedEngine(BaseEngine):
         return int(spec.name.split(":")[1])
 
     def load_model(self, spec: ModelSpec) -> Any:
+        self.started.append(spec.name)
         self.may_load.wait(timeout=10)
+        if spec.name.startswith("broken"):
+            raise RuntimeError("the weights are corrupt")
         self.loads.append(spec.name)
         return {"model": spec.name}
+
+    def release_memory(self) -> None:
+        self.memory_releases += 1
 
     def unload_model(self, model: Any) -> None:
         self.unloads.append(model["model"])
@@ -234,5 +244,52 @@ def test_make_room_decides_which_models_to_evict(
 
 def test_memory_probe_reads_host_memory_without_a_gpu() -> None:
     assert MemoryProbe(on_gpu=False).free_bytes() > 0
-    # Asked for a GPU the driver does not show: unknown, so only `limit_bytes` bounds the cache.
-    assert MemoryProbe([0], on_gpu=True).free_bytes() is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
+async def test_a_gpu_whose_free_memory_cannot_be_measured_refuses_loads_instead_of_skipping_the_check() -> None:
+    engine = SizedEngine()
+    cache = ModelCache(MemoryProbe([0], on_gpu=True), limit_bytes=1000)
+
+    with pytest.raises(EngineError) as failure:
+        await cache.acquire(engine, spec("a:100"))
+
+    assert failure.value.code == "gpu_unavailable"
+    assert engine.started == []
+
+
+def test_a_model_cache_on_several_gpus_is_refused_at_start() -> None:
+    with pytest.raises(ConfigError, match="one worker per GPU"):
+        ModelCache(MemoryProbe([0, 1], on_gpu=True))
+
+
+async def test_a_model_of_unknown_size_loads_alone() -> None:
+    engine, reports = SizedEngine(), Reports()
+    cache = cache_with(reports, limit_bytes=1000)
+    engine.may_load.clear()
+
+    hub_model = asyncio.create_task(cache.acquire(engine, spec("hub:0")))
+    while engine.started != ["hub:0"]:
+        await asyncio.sleep(0.01)
+    other = asyncio.create_task(cache.acquire(engine, spec("b:100")))
+    await asyncio.sleep(0.2)
+    assert engine.started == ["hub:0"]  # the known one waits: the unknown one may need all the room
+    assert ("b:100", LoadStage.WAITING_FOR_MEMORY) in reports.stages
+
+    engine.may_load.set()
+    await asyncio.wait_for(asyncio.gather(hub_model, other), timeout=5)
+    assert engine.started == ["hub:0", "b:100"]
+
+
+async def test_a_failed_load_gives_its_memory_back_and_keeps_no_traceback() -> None:
+    engine, reports = SizedEngine(), Reports()
+    cache = cache_with(reports, limit_bytes=1000)
+
+    with pytest.raises(EngineError) as failure:
+        await cache.acquire(engine, spec("broken:100"))
+
+    assert failure.value.code == "model_load_failed"
+    assert "the weights are corrupt" in failure.value.message
+    # No chained exception keeps the half-loaded model's frames (and tensors) alive.
+    assert failure.value.__cause__ is None and failure.value.__context__ is None
+    assert engine.memory_releases == 1
