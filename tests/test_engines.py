@@ -23,11 +23,17 @@ from packaging.version import Version
 
 from sdk import subjects
 from sdk.api import ModelSettings
+from sdk.http import HttpClient
+from sdk.local import LocalStack
+from tests.conftest import wait_until
+from worker.config import LocalConfig
 from worker.engines.base import DeviceLost, EngineError, JobContext, ModelSpec
+from worker.engines.echo import EchoEngine
 from worker.engines.image import ImageEngine, LoadedPipeline
 from worker.engines.llm import LLMEngine, LoadedLLM
 from worker.engines.running import InFlight, run_in_thread
 from worker.engines.weights import OVERHEAD
+from worker.runtime import Worker
 
 
 @pytest.fixture(scope="session")
@@ -533,3 +539,37 @@ def test_engine_version_floors_honour_dtype(tiny_gpt2: Path, tiny_diffusion: Pat
     assert {p.dtype for p in LLMEngine().load_model(half).model.parameters()} == {torch.float16}
     pipeline = ImageEngine().load_model(ModelSpec(name=str(tiny_diffusion), settings=ModelSettings(dtype="bfloat16")))
     assert {p.dtype for p in pipeline.pipeline.unet.parameters()} == {torch.bfloat16}
+
+
+class LostDevice(EchoEngine):
+    """An engine whose GPU fails for good on its first job (an illegal memory access, say)."""
+
+    async def inference(self, model: Any, ctx: JobContext) -> Any:
+        raise DeviceLost("gpu_device_error", "the GPU failed: CUDA error: an illegal memory access was encountered")
+
+
+@pytest.mark.slow
+async def test_a_worker_whose_gpu_failed_for_good_drains_instead_of_failing_every_job(
+    stack: LocalStack, http: HttpClient, tmp_path: Path
+) -> None:
+    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
+    config = LocalConfig(
+        nats_url=stack.worker_url, name="lost-gpu", region="lost-gpu", state_dir=tmp_path, enrollment_token=token
+    )
+    worker = Worker.from_config(config, {"echo": LostDevice()})
+    try:
+        await worker.start()
+        job = await http.submit("echo", params={}, region="lost-gpu")
+        done = await http.wait(job.id, timeout_s=30)
+        assert (done.status, done.error.code if done.error else None) == ("failed", "gpu_device_error")
+
+        await asyncio.wait_for(worker.device_lost.wait(), timeout=5)
+
+        async def draining() -> bool:
+            return (await http.worker(worker.worker_id or "")).status in ("draining", "offline", "deregistered")
+
+        await wait_until(draining, 15, "the platform to see the worker stop taking jobs")
+    finally:
+        await worker.stop(drain=False)
+        if worker.worker_id is not None:
+            await http.revoke_worker(worker.worker_id)

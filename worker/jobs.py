@@ -38,7 +38,7 @@ from sdk.api import (
 from sdk.errors import InvalidTransition, JobNotFound, PlatformError, StaleAttempt, Timeout, Unavailable
 from sdk.events import Assignment, CancelOrder, dispatch_decoder
 from worker.config_watch import ConfigWatch
-from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
+from worker.engines.base import BaseEngine, DeviceLost, EngineError, JobContext, ModelSpec
 from worker.link import PlatformLink
 from worker.models import ModelProvider
 from worker.outcomes import Interrupted, outcome_report, preflight
@@ -66,6 +66,8 @@ class JobRunner:
     models: ModelProvider | None
     #: How long reports about a job keep retrying an unanswered gateway (it may be restarting).
     request_retry_s: float
+    #: Called when a job found the GPU in an error state no later job can escape (`DeviceLost`).
+    on_device_lost: Callable[[], None] | None = None
     #: Jobs finished and reported (completed, failed or cancelled) since the worker started.
     jobs_done: int = field(default=0, init=False)
     #: Set once the worker stops taking jobs (heartbeats then say `draining`).
@@ -260,6 +262,8 @@ class JobRunner:
         except Exception as exc:
             if not isinstance(exc, (EngineError, PlatformError, Interrupted)):
                 logger.exception("job %s attempt %d: engine error", a.job_id, a.attempt)
+            if isinstance(exc, DeviceLost) and self.on_device_lost is not None:
+                self.on_device_lost()
             return outcome_report(a, cancel_requested=held.cancel_requested, error=exc)
         return outcome_report(a, cancel_requested=held.cancel_requested, result=result)
 

@@ -91,6 +91,9 @@ class Worker:
         self._request_retry_s = request_retry_s
         self._started = False
         self._stop_task: asyncio.Task[None] | None = None
+        #: Set when the GPU failed for good (`DeviceLost`): the worker drains, and its process should exit
+        #: so the platform requeues its jobs elsewhere and a supervisor starts it afresh.
+        self.device_lost = asyncio.Event()
 
         self._link = PlatformLink(nats_url=nats_url, name=self._name, tls=tls, connect_wait_s=connect_wait_s)
         state_dir = Path(state_dir)
@@ -106,7 +109,12 @@ class Worker:
         )
         self._config = ConfigWatch(self._link, on_change=self._on_config_change)
         self._jobs = JobRunner(
-            link=self._link, config=self._config, engines=self._engines, models=models, request_retry_s=request_retry_s
+            link=self._link,
+            config=self._config,
+            engines=self._engines,
+            models=models,
+            request_retry_s=request_retry_s,
+            on_device_lost=self._on_device_lost,
         )
         self._link.on_reconnect = self._reconnected
         self._retaking: asyncio.Task[None] | None = None
@@ -305,6 +313,13 @@ class Worker:
         # 5. Close the connection, flushing the last acks first.
         await self._link.close()
         logger.info("worker %s stopped after %d jobs", self.worker_id or self._name, self.jobs_done)
+
+    def _on_device_lost(self) -> None:
+        if not self.device_lost.is_set():
+            logger.error("the GPU is in an error state every later job would hit: draining, then exiting")
+            self.device_lost.set()
+            # Taking no more work at once; the drain reports `draining` and lets the other jobs end.
+            asyncio.get_running_loop().create_task(self.stop(drain=True))
 
     def _on_config_change(self, config: WorkerConfig) -> None:
         self._jobs.resize(config.max_concurrency)

@@ -131,7 +131,7 @@ async def _serve(config: LocalConfig, engines: Mapping[str, BaseEngine], console
 
     try:
         worker = Worker.from_config(config, engines, on_load_progress=on_load_progress)
-    except (OSError, ValueError) as exc:  # unreadable TLS files, an engine that does not fit
+    except (OSError, ValueError, ConfigError) as exc:  # unreadable TLS files, an engine or GPUs that do not fit
         logger.error("the worker cannot be set up: %s", exc)
         return EXIT_BAD_CONFIG
     if console is not None:
@@ -183,12 +183,16 @@ async def _run(worker: Worker, live: LiveStatus | None) -> int:
         return EXIT_FAILED
     if live is not None:
         live.phase = Phase.ONLINE
-    await stop_requested.wait()
+    # A GPU that failed for good stops the worker too, and the exit status says so.
+    ending = [asyncio.create_task(stop_requested.wait()), asyncio.create_task(worker.device_lost.wait())]
+    await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
+    for task in ending:
+        task.cancel()
     if live is not None:
         live.phase = Phase.DRAINING
     await worker.stop(drain=True)
     await asyncio.gather(*forced)
-    return 0
+    return EXIT_FAILED if worker.device_lost.is_set() else 0
 
 
 async def _sample(worker: Worker, config: LocalConfig) -> ScreenSample:
