@@ -87,6 +87,8 @@ class Batcher:
         #: the position of each row's next token, and the token each row feeds next.
         self._rows: list[Sequence] = []
         self._kv: KV = []
+        #: The cache the next step extends in place; rebuilt from `_kv` only when rows join or leave.
+        self._cache: DynamicCache | None = None
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
         self._next = torch.zeros(0, dtype=torch.long)
@@ -179,6 +181,7 @@ class Batcher:
             ]
         else:
             self._kv = kv
+        self._cache = None
         row_mask = torch.ones((1, length), dtype=torch.long, device=device)
         self._mask = torch.cat([_pad_left(self._mask.to(device), width), _pad_left(row_mask, width)])
         self._positions = torch.cat([self._positions.to(device), torch.tensor([length], device=device)])
@@ -195,13 +198,14 @@ class Batcher:
                 attention_mask=mask,
                 position_ids=self._positions[:, None],
                 use_cache=True,
-                **{self._cache_arg: DynamicCache(ddp_cache_data=self._kv)},
+                **{self._cache_arg: self._cache or DynamicCache(ddp_cache_data=self._kv)},
             )
         except BaseException as exc:
             logger.warning("a decode step of %d jobs failed: %s", len(self._rows), exc)
             self._leave(list(self._rows), exc)
             return
-        self._kv, self._mask = _layers(_cache_of(out)), mask
+        self._cache = _cache_of(out)
+        self._kv, self._mask = _layers(self._cache), mask
         self._positions = self._positions + 1
         logits = out.logits[:, -1]
         greedy = logits.argmax(dim=-1).tolist()
@@ -237,6 +241,7 @@ class Batcher:
             return
         keep = [i for i in range(len(self._rows)) if i not in indices]
         self._rows = [self._rows[i] for i in keep]
+        self._cache = None
         if not keep:
             self._kv, self._mask = [], torch.zeros((0, 0), dtype=torch.long)
             self._positions = self._next = torch.zeros(0, dtype=torch.long)
