@@ -29,3 +29,8 @@ replay *ARGS:
 # Soak: a steady echo load over HTTP for a given time, printing each process's RSS per minute (figures in docs/benchmarks.md).
 soak *ARGS:
     python -m bench.soak {{ARGS}}
+
+# The CUDA path end to end on an NVIDIA machine, offline, under 5 minutes (random-weight models); on a
+# machine without a GPU, a dry run of the checks the CPU can do. One table; non-zero exit on a failure.
+gpu-check *ARGS:
+    python -m bench.gpu_check {{ARGS}}

@@ -77,13 +77,7 @@ class ImageEngine(TorchEngine):
         pipeline = DiffusionPipeline.from_pretrained(
             spec.name, dtype=dtype, trust_remote_code=spec.settings.trust_remote_code
         )
-        pipeline.set_progress_bar_config(disable=True)
-        vae = getattr(pipeline, "vae", None)
-        if vae is not None and hasattr(vae, "enable_slicing"):
-            # Several images decode one at a time: the decode's peak stays that of one image.
-            vae.enable_slicing()
-        upcasts = vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-        return LoadedPipeline(pipeline=pipeline.to(device), exclusive=threading.Lock() if upcasts else None)
+        return prepare(pipeline, device)
 
     def unload_model(self, model: LoadedPipeline) -> None:
         # Dropping the handle's reference is what lets the weights go; the cache holds the handle.
@@ -113,6 +107,17 @@ class ImageEngine(TorchEngine):
             "steps": params.steps,
             "elapsed_ms": (time.perf_counter() - started) * 1000,
         }
+
+
+def prepare(pipeline: DiffusionPipeline, device: torch.device | str) -> LoadedPipeline:
+    """A loaded pipeline on `device`, set up for jobs side by side."""
+    pipeline.set_progress_bar_config(disable=True)
+    vae = getattr(pipeline, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        # Several images decode one at a time: the decode's peak stays that of one image.
+        vae.enable_slicing()
+    upcasts = vae is not None and vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    return LoadedPipeline(pipeline=pipeline.to(device), exclusive=threading.Lock() if upcasts else None)
 
 
 def _generate(
