@@ -6,10 +6,6 @@ import asyncio
 import io
 import json
 import struct
-import threading
-import time
-import tomllib
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -18,22 +14,13 @@ import pytest
 import torch
 from nats.aio.client import Client as NatsClient
 from nats.js.api import ObjectMeta
-from packaging.requirements import Requirement
-from packaging.version import Version
 
 from sdk import subjects
 from sdk.api import ModelSettings
-from sdk.http import HttpClient
-from sdk.local import LocalStack
-from tests.conftest import wait_until
-from worker.config import LocalConfig
-from worker.engines.base import DeviceLost, EngineError, JobContext, ModelSpec
-from worker.engines.echo import EchoEngine
+from worker.engines.base import EngineError, JobContext, ModelSpec
 from worker.engines.image import ImageEngine, LoadedPipeline
 from worker.engines.llm import LLMEngine, LoadedLLM
-from worker.engines.running import InFlight, run_in_thread
 from worker.engines.weights import OVERHEAD
-from worker.runtime import Worker
 
 
 @pytest.fixture(scope="session")
@@ -170,105 +157,6 @@ async def test_cancel_stops_generation_early(llm: LoadedLLM) -> None:
 
     assert failure.value.code == "cancelled"
     assert 1 <= len(chunks) < 20
-
-
-# --- Continuous batching ---------------------------------------------------------------------------
-
-BATCH_JOBS = [
-    {"prompt": "The quick brown fox", "max_new_tokens": 24, "temperature": 0},
-    {"prompt": "Hello", "max_new_tokens": 40, "temperature": 0},
-    {"prompt": "Workers report progress, the scheduler places jobs, and", "max_new_tokens": 9, "temperature": 0},
-    {"prompt": "GPUs run inference", "max_new_tokens": 30, "temperature": 0.8, "top_p": 0.9, "seed": 3},
-    {"messages": [{"role": "user", "content": "Hello world"}], "max_new_tokens": 16, "temperature": 0},
-]
-
-
-async def alone(llm: LoadedLLM, params: dict[str, Any]) -> dict[str, Any]:
-    result, chunks = await generate(llm, **params)
-    assert "".join(chunks) == result["text"]
-    return result
-
-
-def same_output(batched: dict[str, Any], single: dict[str, Any]) -> tuple[Any, ...]:
-    keys = ("text", "prompt_tokens", "completion_tokens", "finish_reason")
-    return tuple(batched[k] for k in keys) == tuple(single[k] for k in keys)
-
-
-async def test_jobs_with_prompts_of_different_lengths_decode_together_as_they_would_alone(llm: LoadedLLM) -> None:
-    singles = [await alone(llm, params) for params in BATCH_JOBS]
-    llm.batcher.peak_rows = 0
-
-    batched = await asyncio.gather(*(generate(llm, **params) for params in BATCH_JOBS))
-
-    assert llm.batcher.peak_rows >= 3  # they really shared the decode loop
-    assert [same_output(result, single) for (result, _), single in zip(batched, singles)] == [True] * len(BATCH_JOBS)
-    assert all("".join(chunks) == result["text"] for result, chunks in batched)
-
-
-async def test_a_job_joining_mid_way_and_a_stop_string_leave_the_others_unchanged(llm: LoadedLLM) -> None:
-    long = {"prompt": "Hello world", "max_new_tokens": 60, "temperature": 0}
-    full = await alone(llm, {"prompt": "Workers report", "max_new_tokens": 30, "temperature": 0})
-    stopping = {"prompt": "Workers report", "max_new_tokens": 30, "temperature": 0, "stop": [full["text"][12:15]]}
-    singles = [await alone(llm, long), await alone(llm, stopping)]
-    llm.batcher.peak_rows = 0
-    joined = asyncio.Event()
-
-    async def joins_after_a_few_chunks() -> dict[str, Any]:
-        await joined.wait()
-        return await alone(llm, stopping)
-
-    recorder = Recorder()
-
-    async def emit(chunk: str) -> None:
-        recorder.chunks.append(chunk)
-        if len(recorder.chunks) == 5:
-            joined.set()
-
-    first = LLMEngine().inference(llm, JobContext("first", 1, long, emit=emit))
-    results = await asyncio.gather(first, joins_after_a_few_chunks())
-
-    assert llm.batcher.peak_rows == 2
-    assert same_output(results[0], singles[0]) and same_output(results[1], singles[1])
-    assert results[1]["finish_reason"] == "stop" and results[1]["completion_tokens"] < 30
-    assert "".join(recorder.chunks) == results[0]["text"]
-
-
-async def test_a_job_cancelled_in_the_middle_leaves_at_once_and_the_others_finish_unchanged(llm: LoadedLLM) -> None:
-    kept = {"prompt": "The quick brown fox", "max_new_tokens": 40, "temperature": 0}
-    single = await alone(llm, kept)
-    chunks: list[str] = []
-
-    async def cancel_on_third_chunk(chunk: str) -> None:
-        chunks.append(chunk)
-        if len(chunks) == 3:
-            doomed.cancelled.set()
-
-    doomed = JobContext("doomed", 1, {"prompt": "Hello", "max_new_tokens": 500, "temperature": 0}, emit=cancel_on_third_chunk)
-    outcomes = await asyncio.gather(LLMEngine().inference(llm, doomed), generate(llm, **kept), return_exceptions=True)
-
-    assert isinstance(outcomes[0], EngineError) and outcomes[0].code == "cancelled"
-    assert 3 <= len(chunks) < 20
-    assert same_output(outcomes[1][0], single)
-
-
-async def test_batch_limits_follow_the_runtime_config_live(llm: LoadedLLM) -> None:
-    singles = [await alone(llm, params) for params in BATCH_JOBS[:3]]
-    engine = LLMEngine()
-    try:
-        engine.configure(llm, ModelSettings(max_batch_size=1))
-        llm.batcher.peak_rows = 0
-        one_at_a_time = await asyncio.gather(*(generate(llm, **params) for params in BATCH_JOBS[:3]))
-        assert llm.batcher.peak_rows == 1
-        # A KV budget for two of these jobs (prompt plus new tokens each) holds two rows at most.
-        engine.configure(llm, ModelSettings(max_batch_tokens=64))
-        llm.batcher.peak_rows = 0
-        two_at_a_time = await asyncio.gather(*(generate(llm, **params) for params in BATCH_JOBS[:3]))
-        assert llm.batcher.peak_rows == 2
-    finally:
-        engine.configure(llm, ModelSettings())
-
-    for results in (one_at_a_time, two_at_a_time):
-        assert [same_output(result, single) for (result, _), single in zip(results, singles)] == [True] * 3
 
 
 def test_memory_estimate_is_weight_bytes_at_the_target_dtype_plus_overhead_plus_the_kv_cache(
@@ -461,115 +349,3 @@ async def test_cancelling_one_image_job_leaves_the_other_whole(euler_pipeline: L
     kept = outcomes[1]
     assert same_picture(store.objects[kept["images"][0]["object"]], store.objects[alone["images"][0]["object"]])
     assert not any(name.startswith("doomed/") for name in store.objects)
-
-
-# --- The device: memory, threads, versions ---------------------------------------------------------
-
-
-async def test_gpu_out_of_memory_is_reported_after_the_failed_work_let_go_of_its_tensors() -> None:
-    held: list[weakref.ref[torch.Tensor]] = []
-
-    def work(send: Any, halt: Any) -> None:
-        activations = torch.ones(1024, 1024)
-        held.append(weakref.ref(activations))
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-
-    with pytest.raises(EngineError) as failure:
-        await run_in_thread(work, Recorder().emit, asyncio.Event(), InFlight())
-
-    assert failure.value.code == "gpu_out_of_memory"
-    assert "Tried to allocate 20.00 GiB" in failure.value.message
-    assert failure.value.__context__ is None
-    assert held[0]() is None
-
-
-async def test_a_sticky_cuda_error_is_device_lost() -> None:
-    def work(send: Any, halt: Any) -> None:
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    with pytest.raises(DeviceLost) as failure:
-        await run_in_thread(work, Recorder().emit, asyncio.Event(), InFlight())
-
-    assert failure.value.code == "gpu_device_error"
-
-
-async def test_inference_threads_leave_asyncio_default_pool_to_heartbeats() -> None:
-    release = threading.Event()
-    # More long jobs than asyncio's default pool has threads on any machine.
-    jobs = [
-        asyncio.ensure_future(run_in_thread(lambda send, halt: release.wait(30), Recorder().emit, asyncio.Event(), InFlight()))
-        for _ in range(40)
-    ]
-    try:
-        await asyncio.sleep(0.2)
-        # What a heartbeat's telemetry does: a short call on the default pool.
-        assert await asyncio.wait_for(asyncio.to_thread(lambda: "sampled"), timeout=5) == "sampled"
-    finally:
-        release.set()
-        await asyncio.gather(*jobs)
-
-
-def test_unload_waits_for_work_still_running_on_the_model() -> None:
-    inflight, finished = InFlight(), threading.Event()
-
-    def late_job() -> None:
-        with inflight.running():
-            time.sleep(0.3)
-            finished.set()
-
-    thread = threading.Thread(target=late_job)
-    thread.start()
-    time.sleep(0.05)
-    inflight.wait_idle()
-    assert finished.is_set()
-    thread.join()
-
-
-def test_engine_version_floors_honour_dtype(tiny_gpt2: Path, tiny_diffusion: Path) -> None:
-    """`dtype=` is ignored by transformers before 4.56 and by diffusers before 0.40 (weights load in
-    float32, twice the estimate): the `engines` extra must not allow them."""
-    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
-    floors = {
-        Requirement(r).name: min(Version(s.version) for s in Requirement(r).specifier if s.operator == ">=")
-        for r in pyproject["project"]["optional-dependencies"]["engines"]
-    }
-    assert floors["transformers"] >= Version("4.56") and floors["diffusers"] >= Version("0.40")
-
-    half = ModelSpec(name=str(tiny_gpt2), settings=ModelSettings(dtype="float16"))
-    assert {p.dtype for p in LLMEngine().load_model(half).model.parameters()} == {torch.float16}
-    pipeline = ImageEngine().load_model(ModelSpec(name=str(tiny_diffusion), settings=ModelSettings(dtype="bfloat16")))
-    assert {p.dtype for p in pipeline.pipeline.unet.parameters()} == {torch.bfloat16}
-
-
-class LostDevice(EchoEngine):
-    """An engine whose GPU fails for good on its first job (an illegal memory access, say)."""
-
-    async def inference(self, model: Any, ctx: JobContext) -> Any:
-        raise DeviceLost("gpu_device_error", "the GPU failed: CUDA error: an illegal memory access was encountered")
-
-
-@pytest.mark.slow
-async def test_a_worker_whose_gpu_failed_for_good_drains_instead_of_failing_every_job(
-    stack: LocalStack, http: HttpClient, tmp_path: Path
-) -> None:
-    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
-    config = LocalConfig(
-        nats_url=stack.worker_url, name="lost-gpu", region="lost-gpu", state_dir=tmp_path, enrollment_token=token
-    )
-    worker = Worker.from_config(config, {"echo": LostDevice()})
-    try:
-        await worker.start()
-        job = await http.submit("echo", params={}, region="lost-gpu")
-        done = await http.wait(job.id, timeout_s=30)
-        assert (done.status, done.error.code if done.error else None) == ("failed", "gpu_device_error")
-
-        await asyncio.wait_for(worker.device_lost.wait(), timeout=5)
-
-        async def draining() -> bool:
-            return (await http.worker(worker.worker_id or "")).status in ("draining", "offline", "deregistered")
-
-        await wait_until(draining, 15, "the platform to see the worker stop taking jobs")
-    finally:
-        await worker.stop(drain=False)
-        if worker.worker_id is not None:
-            await http.revoke_worker(worker.worker_id)
