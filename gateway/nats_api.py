@@ -2,7 +2,10 @@
 
 Each request is decoded into its struct, handled in its own task (a subscription's callbacks run one
 at a time, and one slow request must not hold up the others), and always answered: a reply struct or
-a structured `ErrorReply`, never silence.
+a structured `ErrorReply`, never silence. Each endpoint runs at most `max_in_flight` handlers at once;
+more requests wait in the subscription's queue (nats-py's pending limits bound that), so a flood costs
+memory in proportion to the bound, not to the flood, and long polls on one endpoint (`api.jobs.wait`)
+never take the slots of another (worker reports).
 
 Every request is authenticated before its body is decoded, one way per endpoint:
 - `api.auth.*`: none (the body carries the API key or refresh token);
@@ -55,10 +58,14 @@ logger = logging.getLogger(__name__)
 
 Handler = Callable[[Msg], Awaitable[Any]]
 
+#: Handlers of one endpoint running at once in one gateway.
+MAX_IN_FLIGHT = 256
+
 
 class NatsApi:
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.gateway = gateway
+        self.max_in_flight = max_in_flight
         self._subs: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -102,10 +109,18 @@ class NatsApi:
             await asyncio.wait(self._tasks, timeout=5)
 
     def _spawn(self, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
+        slots = asyncio.Semaphore(self.max_in_flight)
+
+        def done(task: asyncio.Task[None]) -> None:
+            self._tasks.discard(task)
+            slots.release()
+
         async def on_msg(msg: Msg) -> None:
+            # Waiting here holds back this endpoint's subscription only; its next message stays queued.
+            await slots.acquire()
             task = asyncio.get_running_loop().create_task(self._answer(msg, handler))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(done)
 
         return on_msg
 

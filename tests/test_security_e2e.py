@@ -27,7 +27,9 @@ from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
 
 from gateway.admin import open_admin
-from gateway.auth import AuthSettings
+from gateway.auth import AuthSettings, Credentials
+from gateway.nats_api import NatsApi
+from gateway.service import Gateway
 from sdk import subjects
 from sdk.api import (
     Accepted,
@@ -37,19 +39,24 @@ from sdk.api import (
     CreateEnrollment,
     GetWorkerConfig,
     HeartbeatAck,
+    IssueTokens,
+    JobView,
     Registered,
     RegisterWorker,
     ReportCompleted,
     ReportProgress,
     RotateCredentials,
+    SubmitJob,
+    Submitted,
     TokenPair,
+    WaitJob,
     WorkerConfigView,
     WorkerCredentials,
 )
 from sdk.broker import EmbeddedNats
 from sdk.client import Client
 from sdk.connection import connect, decode_reply, request
-from sdk.errors import Forbidden, JobNotFound, PlatformError, StaleAttempt, Unauthorized
+from sdk.errors import Forbidden, JobNotFound, PlatformError, StaleAttempt, Timeout, Unauthorized
 from sdk.events import (
     Heartbeat,
     JobCompleted,
@@ -617,6 +624,50 @@ async def test_a_lost_rotate_reply_recovers_and_a_replay_is_refused_by_every_gat
             raw = await read_subject(nc.jetstream(), subjects.WORKERS_STREAM, subjects.worker_subject(wid))
             rotations = [e for e in (worker_event_decoder.decode(d) for d, _ in raw) if isinstance(e, WorkerCredentialsRotated)]
             assert [e.generation for e in rotations] == [2]
+    finally:
+        await nc.close()
+
+
+async def test_an_endpoint_runs_a_bounded_number_of_handlers_and_leaves_the_others_free(
+    fresh_nats: EmbeddedNats,
+) -> None:
+    nc = await connect(fresh_nats.url, name="test-gateway")
+    js = nc.jetstream()
+    await ensure_streams(js)
+    try:
+        async with await Credentials.open(js, secrets.token_bytes(32)) as credentials:
+            gateway = Gateway(nc, credentials)
+            await gateway.start()
+            api = NatsApi(gateway, max_in_flight=1)
+            await api.start()
+            try:
+                _, api_key = await credentials.create_api_key("flood", "client")
+                token = (await credentials.issue_tokens(api_key)).access_token
+                job = await request(nc, subjects.API_JOBS_SUBMIT, SubmitJob(type="echo"), Submitted, headers=bearer(token))
+                loop = asyncio.get_running_loop()
+                started = loop.time()
+
+                async def long_poll() -> float:
+                    with pytest.raises(Timeout):
+                        await request(
+                            nc, subjects.API_JOBS_WAIT, WaitJob(id=job.id, timeout_s=1), JobView,
+                            headers=bearer(token), timeout_s=10,
+                        )
+                    return loop.time() - started
+
+                async def sign_in() -> float:
+                    await asyncio.sleep(0.2)  # while the first long poll holds the endpoint's one slot
+                    with pytest.raises(Unauthorized):
+                        await request(nc, subjects.API_AUTH_TOKEN, IssueTokens(api_key=f"{api_key}x"), TokenPair)
+                    return loop.time() - started
+
+                first, second, other = await asyncio.gather(long_poll(), long_poll(), sign_in())
+                # One long poll at a time on `api.jobs.wait`; `api.auth.token` answers meanwhile.
+                assert sorted([first, second])[1] >= 2.0
+                assert other < 1.0
+            finally:
+                await api.stop()
+                await gateway.stop()
     finally:
         await nc.close()
 
