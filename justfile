@@ -17,10 +17,11 @@ test-fast *ARGS:
 lint:
     ruff check sdk gateway scheduler worker projections bench tests
 
-# Benchmarks: echo jobs through the platform vs raw JetStream, and the LLM overhead. Figures go to docs/benchmarks.md.
+# Benchmarks: echo jobs through the platform vs raw JetStream, the LLM overhead, placement at fleet scale. Figures go to docs/benchmarks.md.
 bench *ARGS:
     python -m bench.echo_throughput {{ARGS}}
     python -m bench.llm_overhead
+    python -m bench.placement
 
 # Rebuild the read models from the streams.
 replay *ARGS:

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import ObjectNotFoundError
 
+from gateway.backpressure import Backpressure
 from gateway.feed import JobFeed
 from sdk import subjects
 from sdk.api import (
@@ -73,12 +74,15 @@ class JobCommands:
     nc: NatsClient
     js: JetStreamContext
     feed: JobFeed
+    backpressure: Backpressure
 
     # --- Commands ----------------------------------------------------------------------------------
 
     async def submit(self, req: SubmitJob, owner: str | None = None) -> Submitted:
-        """Append `JobSubmitted`; the same idempotency key (per owner) returns the first job instead."""
+        """Append `JobSubmitted`; the same idempotency key (per owner) returns the first job instead.
+        Past a queue limit, `QueueFull` (429) and nothing is appended (`gateway.backpressure`)."""
         require_connected(self.nc)
+        self.backpressure.admit(owner)
         job_id = new_id()
         event = JobSubmitted(
             job_id=job_id,
@@ -91,6 +95,8 @@ class JobCommands:
             timeout_s=req.timeout_s,
             idempotency_key=req.idempotency_key,
             owner=owner,
+            region_policy=req.region_policy,
+            max_latency_ms=req.max_latency_ms,
         )
         msg_id = f"{owner or '-'}:{req.idempotency_key}" if req.idempotency_key else None
         ack = await append(self.js, subjects.job_subject(job_id), event, msg_id=msg_id)
@@ -102,6 +108,7 @@ class JobCommands:
             return Submitted(id=job.id, status=job.status.value, seq=ack.seq, created=False)
         job = apply(None, event, ack.seq)
         self.feed.remember(job)
+        self.backpressure.depth.own(event, ack.seq)
         logger.debug("job %s submitted (%s) at seq %s", job_id, req.type, ack.seq)
         return Submitted(id=job_id, status=job.status.value, seq=ack.seq)
 
@@ -113,6 +120,8 @@ class JobCommands:
         )
         assert job is not None
         self.feed.remember(job)
+        if event is not None:
+            self.backpressure.depth.own(event, job.seq)
         status = "cancelled" if job.status is JobStatus.CANCELLED else "cancel_requested"
         logger.info("job %s: %s", job.id, status if event else "cancel already requested")
         return CancelAccepted(id=job.id, status=status, seq=job.seq)

@@ -52,6 +52,7 @@ from sdk.api import (
 from sdk.connection import encode_error
 from sdk.errors import PlatformError
 from sdk.events import Heartbeat, encoder
+from sdk.placement import ExplainPlacement
 from sdk.signing import SIGNATURE_HEADER, AuthReason, forbidden
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,9 @@ class NatsApi:
             ),
             subjects.API_JOBS_WAIT: self._as_client(self._wait),
             subjects.API_JOBS_RESULT: self._as_client(self._result),
+            subjects.API_JOBS_PLACEMENT: self._as_client(
+                lambda m, p: g.placement(decode(m.data, ExplainPlacement).id, job_scope(p))
+            ),
             subjects.API_WORKERS_LIST: self._as_operator(lambda m: g.workers(decode(m.data, ListWorkers))),
             subjects.API_WORKERS_GET: self._as_operator(lambda m: g.worker(decode(m.data, GetWorker).id)),
             subjects.API_WORKERS_REGISTER: self._register,

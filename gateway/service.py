@@ -1,7 +1,8 @@
 """The gateway's commands and queries, shared by the HTTP API and the NATS endpoints: one `Gateway`.
 
 Each concept lives in its own module, as one part of `Gateway`: jobs (`gateway.jobs`), workers
-(`gateway.workers`), their runtime config (`gateway.worker_config`); credentials are `gateway.auth`'s.
+(`gateway.workers`), their runtime config (`gateway.worker_config`), regions, queue limits and
+placement explanations (`gateway.geo`, `gateway.backpressure`); credentials are `gateway.auth`'s.
 The parts name the resources they use (`nc`, `js`, `feed`, ...); `Gateway` owns them and their lifecycle.
 """
 
@@ -13,7 +14,9 @@ from nats.aio.client import Client as NatsClient
 
 from gateway.admin import Admin
 from gateway.auth import Credentials, Principal
+from gateway.backpressure import Backpressure
 from gateway.feed import JobFeed
+from gateway.geo import GeoCommands
 from gateway.jobs import JobCommands, require_connected
 from gateway.kv import Bucket
 from gateway.worker_config import WorkerConfigs
@@ -24,19 +27,23 @@ from sdk.api import Accepted, IssueTokens, JobReport, RefreshTokens, TokenPair, 
 logger = logging.getLogger(__name__)
 
 
-class Gateway(JobCommands, WorkerCommands, WorkerConfigs):
+class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands):
     def __init__(self, nc: NatsClient, credentials: Credentials) -> None:
         self.nc = nc
         self.js = nc.jetstream()
         self.feed = JobFeed(nc)
         self.credentials = credentials
         self.admin = Admin(self.js, credentials)
+        self.backpressure = Backpressure(self.js)
 
     async def start(self) -> None:
         self.config_bucket = await Bucket.open(self.js, subjects.WORKER_CONFIG_BUCKET)
+        self.platform_config = await Bucket.open(self.js, subjects.PLATFORM_CONFIG_BUCKET)
         await self.feed.start()
+        await self.backpressure.start()
 
     async def stop(self) -> None:
+        await self.backpressure.stop()
         await self.feed.stop()
 
     async def report(self, worker_id: str, report: WorkerReport) -> Accepted:

@@ -34,13 +34,13 @@ logger = logging.getLogger(__name__)
 
 #: Bumped whenever a table changes: a database of another version is dropped and refolded from the
 #: streams (read models are rebuilt from events, never migrated).
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY, type TEXT NOT NULL, model TEXT, params TEXT NOT NULL, region TEXT,
     priority INTEGER NOT NULL, max_attempts INTEGER NOT NULL, timeout_s REAL NOT NULL, owner TEXT,
-    status TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT, result TEXT, error TEXT,
+    region_policy TEXT, max_latency_ms REAL, status TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT, result TEXT, error TEXT,
     progress REAL, cancel_requested INTEGER NOT NULL, submitted_at_ms INTEGER NOT NULL,
     assigned_at_ms INTEGER, started_at_ms INTEGER, finished_at_ms INTEGER,
     seq INTEGER NOT NULL, submitted_seq INTEGER NOT NULL

@@ -34,8 +34,10 @@ from nats.js import api as js_api
 from nats.js.errors import NoStreamResponseError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from scheduler.explain import PlacementQueries
+from scheduler.index import PlacementIndex, plan
 from scheduler.lease import LeaderLease
-from scheduler.placement import NoPlacement, Placement, choose_worker
+from scheduler.placement import Placement
 from scheduler.recovery import recover
 from scheduler.view import SchedulerView, TrackedWorker
 from sdk import subjects
@@ -61,6 +63,8 @@ from sdk.events import (
 )
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.log import WrongLastSequence, append, ensure_streams, load_job
+from sdk.platform_config import SettingWatch
+from sdk.regions import LatencyTable, RegionLatencies
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +117,10 @@ class Scheduler:
         #: Re-creating what a restarted broker lost; placing and dispatching wait for it.
         self._restoring: asyncio.Task[None] | None = None
         self._stopping = False
+        #: The operator's latency table between regions, followed live (`platform-config`, key `regions`).
+        self.latencies = LatencyTable()
+        self._regions = SettingWatch(self._js, subjects.REGIONS_KEY, RegionLatencies, on_change=self._on_regions)
+        self._queries = PlacementQueries(nc, self.view, lambda: self.latencies, lambda: not self._catching_up)
 
     @property
     def is_leader(self) -> bool:
@@ -140,6 +148,8 @@ class Scheduler:
         self._watch_task = asyncio.create_task(
             self._watch_config(self._config_watcher), name=f"config-{self.instance_id}"
         )
+        await self._regions.start()
+        await self._queries.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.instance_id}")
         await self._lease.start()
         logger.info("scheduler %s started", self.instance_id)
@@ -157,8 +167,10 @@ class Scheduler:
                 task.cancel()
         # 2. Release the lease: a standby takes over at its next try instead of after the TTL.
         await self._lease.stop()
-        # 3. Stop the feeds (the connection may be gone already: nothing left to unsubscribe then).
+        # 3. Stop the feeds and the queries (the connection may be gone already: nothing to unsubscribe then).
         with contextlib.suppress(nats.errors.Error):
+            await self._queries.stop()
+            await self._regions.stop()
             if self._config_watcher is not None:
                 await self._config_watcher.stop()
             for sub in self._subscriptions:
@@ -230,6 +242,10 @@ class Scheduler:
             self.view.set_config(entry.key, partial)
             self._wake.set()
 
+    def _on_regions(self, latencies: RegionLatencies) -> None:
+        self.latencies = LatencyTable(latencies)
+        self._wake.set()
+
     def _on_leadership(self, leading: bool) -> None:
         self._wake.set()
 
@@ -274,31 +290,18 @@ class Scheduler:
         queued = self.view.queued()
         if not queued:
             return
-        workers = self.view.candidates()
-        free_slots = sum(
-            max(0, w.max_concurrency - w.in_flight) for w in workers.values() if w.alive and not w.draining
-        )
-        decisions: list[tuple[Job, Placement]] = []
-        for job in queued:
-            if free_slots <= 0:
-                break
-            match choose_worker(job, workers.values(), draw=self._rng.random()):
-                case Placement() as placement:
-                    decisions.append((job, placement))
-                    chosen = workers[placement.worker_id]
-                    workers[placement.worker_id] = msgspec.structs.replace(chosen, in_flight=chosen.in_flight + 1)
-                    free_slots -= 1
-                case NoPlacement(reasons=reasons):
-                    logger.debug("job %s stays queued: %s", job.id, reasons)
-        await asyncio.gather(*(self._assign(job, placement) for job, placement in decisions))
+        index = PlacementIndex(self.view.candidates().values(), self.latencies)
+        decisions = plan(queued, index, self._rng.random)
+        await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
 
-    async def _assign(self, job: Job, placement: Placement) -> None:
+    async def _assign(self, job: Job, placement: Placement, why: str) -> None:
         event = JobAssigned(
-            job_id=job.id, worker_id=placement.worker_id, region=placement.region, attempt=job.attempt
+            job_id=job.id, worker_id=placement.worker_id, region=placement.region, attempt=job.attempt,
+            distance_ms=placement.distance_ms, rank=why,
         )
         assigned = await self._append(job, event)
         if assigned is not None:
-            logger.debug("job %s attempt %d -> worker %s", job.id, job.attempt, placement.worker_id)
+            logger.debug("job %s attempt %d -> worker %s (%s)", job.id, job.attempt, placement.worker_id, why)
             await self._dispatch(assigned, placement.worker_id, placement.region)
 
     async def _sweep(self, now_s: float) -> None:

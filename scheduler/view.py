@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from scheduler.fairness import fair_order
 from scheduler.placement import Candidate
 from scheduler.recovery import NOT_HELD_AFTER_HEARTBEATS, NOT_HELD_BY_WORKER, HeldReport, is_expired, not_held
 from sdk.api import WorkerConfig
@@ -149,8 +150,9 @@ class SchedulerView:
             self._held.setdefault(new.worker_id, set()).add(new.id)
 
     def queued(self) -> list[Job]:
-        """Queued jobs in the order they are offered: higher priority first, then submission order."""
-        return sorted((self.jobs[i] for i in self._queued), key=lambda j: (-j.priority, j.submitted_seq))
+        """Queued jobs in the order they are offered: higher priority first, then clients in turn
+        (`scheduler.fairness`)."""
+        return fair_order(self.jobs[i] for i in self._queued)
 
     def expired_jobs(self, now_ms: int) -> list[Job]:
         return [job for i in self._queued if is_expired(job := self.jobs[i], now_ms)]

@@ -39,6 +39,7 @@ from sdk.api import (
     ListJobs,
     ListWorkers,
     RefreshTokens,
+    RegionPolicy,
     SetWorkerConfig,
     SubmitJob,
     Submitted,
@@ -52,6 +53,7 @@ from sdk.auth import Headers, TokenSession
 from sdk.connection import connect, decode_reply, request
 from sdk.errors import JobError, Timeout
 from sdk.events import encoder
+from sdk.placement import ExplainPlacement, PlacementView
 from sdk.streaming import assemble
 
 #: The gateway answers a wait within this long; longer waits are several requests.
@@ -59,17 +61,24 @@ WAIT_SLICE_S = 60.0
 
 
 class Client:
-    def __init__(self, nc: NatsClient, *, api_key: str | None = None, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, nc: NatsClient, *, api_key: str | None = None, timeout_s: float = 10.0, region: str | None = None
+    ) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
+        #: The region a job runs near when `submit` names none.
+        self.region = region
         self.auth = TokenSession(api_key, issue=self._issue, refresh=self._refresh)
 
     @classmethod
     async def connect(
-        cls, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 10.0, **options: Any
+        cls, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 10.0,
+        region: str | None = None, **options: Any,
     ) -> Client:
-        """Connect to NATS (`url` may carry the user and password; `tls=` takes an `ssl.SSLContext`)."""
-        return cls(await connect(url, name="sdk-client", **options), api_key=api_key, timeout_s=timeout_s)
+        """Connect to NATS (`url` may carry the user and password; `tls=` takes an `ssl.SSLContext`);
+        `region` is where this client's jobs run nearest unless `submit` says otherwise."""
+        nc = await connect(url, name="sdk-client", **options)
+        return cls(nc, api_key=api_key, timeout_s=timeout_s, region=region)
 
     async def close(self) -> None:
         await self.nc.drain()
@@ -106,10 +115,15 @@ class Client:
         max_attempts: int = 3,
         timeout_s: float = 300.0,
         idempotency_key: str | None = None,
+        region_policy: RegionPolicy | None = None,
+        max_latency_ms: float | None = None,
     ) -> Submitted:
+        """Submit a job; `region` defaults to the client's (`region=` when it was made). Past a queue
+        limit raises `QueueFull`, whose `retry_after_s` says when to try again."""
         req = SubmitJob(
-            type=type, model=model, params=params or {}, region=region, priority=priority,
+            type=type, model=model, params=params or {}, region=region or self.region, priority=priority,
             max_attempts=max_attempts, timeout_s=timeout_s, idempotency_key=idempotency_key,
+            region_policy=region_policy, max_latency_ms=max_latency_ms,
         )
         return await self._call(subjects.API_JOBS_SUBMIT, req, Submitted)
 
@@ -177,6 +191,10 @@ class Client:
     ) -> JobPage:
         req = ListJobs(status=status, type=type, worker_id=worker_id, limit=limit, cursor=cursor)
         return await self._call(subjects.API_JOBS_LIST, req, JobPage)
+
+    async def placement(self, job_id: str) -> PlacementView:
+        """Where the job runs and why that worker won, or, while it is queued, why no worker takes it."""
+        return await self._call(subjects.API_JOBS_PLACEMENT, ExplainPlacement(id=job_id), PlacementView)
 
     async def events(self, job_id: str) -> list[EventRecord]:
         page: JobEvents = await self._call(subjects.API_JOBS_EVENTS, JobEventsRequest(id=job_id), JobEvents)

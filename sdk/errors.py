@@ -82,6 +82,17 @@ class Unavailable(PlatformError):
     code = "unavailable"
 
 
+class QueueFull(PlatformError):
+    """A queue limit is reached (`details`: which `limit`, its `value`, the `queued` count and
+    `retry_after_s`); nothing was appended. Retry after `retry_after_s`."""
+
+    code = "queue_full"
+
+    @property
+    def retry_after_s(self) -> float:
+        return float((self.details or {}).get("retry_after_s", 1))
+
+
 class JobError(PlatformError):
     """The job ended without a result (failed, cancelled or expired) where one was expected."""
 
@@ -107,6 +118,7 @@ _BY_CODE: dict[str, type[PlatformError]] = {
         Timeout,
         Unavailable,
         InsufficientGpuMemory,
+        QueueFull,
         JobError,
     )
 }
@@ -123,6 +135,7 @@ HTTP_STATUS: dict[str, int] = {
     Timeout.code: 504,
     Unavailable.code: 503,
     InsufficientGpuMemory.code: 507,
+    QueueFull.code: 429,
     JobError.code: 409,
     PlatformError.code: 500,
 }

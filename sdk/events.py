@@ -46,6 +46,10 @@ class JobSubmitted(Event, frozen=True, tag="job.submitted"):
     idempotency_key: str | None = None
     #: The principal that submitted the job (its API key id); None for jobs from before authentication.
     owner: str | None = None
+    #: `nearest`, `strict` or `any` (`sdk.regions.effective_policy`); None: the default for `region`.
+    region_policy: str | None = None
+    #: With `nearest`: the farthest the job may run from `region`, by the operator's latency table.
+    max_latency_ms: float | None = None
 
 
 class JobAssigned(Event, frozen=True, tag="job.assigned"):
@@ -53,6 +57,10 @@ class JobAssigned(Event, frozen=True, tag="job.assigned"):
     worker_id: str
     region: str
     attempt: int
+    #: How far the worker's region is from the job's (None: the job named no region, or the distance is
+    #: unknown), and why it won, in words: kept in the log so a placement explains itself later.
+    distance_ms: float | None = None
+    rank: str | None = None
 
 
 class JobStarted(Event, frozen=True, tag="job.started"):

@@ -30,6 +30,7 @@ from sdk.api import (
     JobPage,
     JobView,
     RefreshTokens,
+    RegionPolicy,
     SubmitJob,
     Submitted,
     TokenPair,
@@ -42,6 +43,9 @@ from sdk.auth import Headers, TokenSession
 from sdk.client import WAIT_SLICE_S
 from sdk.errors import ErrorReply, JobError, PlatformError, Timeout, Unavailable, from_reply
 from sdk.jobs import JobStatus
+from sdk.placement import PlacementView
+from sdk.platform_config import QueueLimits
+from sdk.regions import RegionLatencies
 from sdk.tls import Verify, httpx_verify
 
 _encoder = msgspec.json.Encoder()
@@ -55,9 +59,12 @@ class HttpClient:
         api_key: str | None = None,
         timeout_s: float = 10.0,
         verify: Verify = True,
+        region: str | None = None,
         **options: Any,
     ) -> None:
         self.timeout_s = timeout_s
+        #: The region a job runs near when `submit` names none.
+        self.region = region
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"), timeout=timeout_s, verify=httpx_verify(verify), **options
         )
@@ -122,10 +129,15 @@ class HttpClient:
         max_attempts: int = 3,
         timeout_s: float = 300.0,
         idempotency_key: str | None = None,
+        region_policy: RegionPolicy | None = None,
+        max_latency_ms: float | None = None,
     ) -> Submitted:
+        """Submit a job; `region` defaults to the client's (`region=` when it was made). Past a queue
+        limit raises `QueueFull`, whose `retry_after_s` says when to try again."""
         req = SubmitJob(
-            type=type, model=model, params=params or {}, region=region, priority=priority,
+            type=type, model=model, params=params or {}, region=region or self.region, priority=priority,
             max_attempts=max_attempts, timeout_s=timeout_s, idempotency_key=idempotency_key,
+            region_policy=region_policy, max_latency_ms=max_latency_ms,
         )
         return await self._call("POST", "/api/v1/jobs", Submitted, body=req)
 
@@ -229,6 +241,25 @@ class HttpClient:
     async def set_config_defaults(self, changes: dict[str, Any]) -> dict[str, Any]:
         """Merge `changes` into the runtime config every worker inherits."""
         return await self._call("PUT", "/api/v1/config/defaults", dict[str, Any], body=changes)
+
+    async def placement(self, job_id: str) -> PlacementView:
+        """Where the job runs and why that worker won, or, while it is queued, why no worker takes it."""
+        return await self._call("GET", f"/api/v1/jobs/{job_id}/placement", PlacementView)
+
+    async def regions(self) -> RegionLatencies:
+        return await self._call("GET", "/api/v1/config/regions", RegionLatencies)
+
+    async def set_regions(self, latency_ms: dict[str, dict[str, float]]) -> RegionLatencies:
+        """Replace the latency table between regions (a pair given once counts both ways)."""
+        body = {"latency_ms": latency_ms}
+        return await self._call("PUT", "/api/v1/config/regions", RegionLatencies, body=body)
+
+    async def limits(self) -> QueueLimits:
+        return await self._call("GET", "/api/v1/config/limits", QueueLimits)
+
+    async def set_limits(self, limits: QueueLimits) -> QueueLimits:
+        """Replace the queue limits past which submissions are refused with `QueueFull`."""
+        return await self._call("PUT", "/api/v1/config/limits", QueueLimits, body=limits)
 
     async def health(self) -> dict[str, str]:
         """The gateway's view of its dependencies; raises `Unavailable` while NATS is unreachable.

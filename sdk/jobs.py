@@ -75,6 +75,9 @@ class Job(msgspec.Struct, kw_only=True):
     max_attempts: int
     timeout_s: float
     owner: str | None
+    #: `nearest`, `strict` or `any`, or None for the default (`sdk.regions.effective_policy`).
+    region_policy: str | None = None
+    max_latency_ms: float | None = None
     status: JobStatus = JobStatus.QUEUED
     #: The attempt that runs (or will run) now; starts at 1, + 1 per requeue.
     attempt: int = 1
@@ -129,6 +132,8 @@ def apply(job: Job | None, event: JobEvent, seq: int = 0) -> Job:
                 max_attempts=event.max_attempts,
                 timeout_s=event.timeout_s,
                 owner=event.owner,
+                region_policy=event.region_policy,
+                max_latency_ms=event.max_latency_ms,
                 submitted_at_ms=event.at_ms,
                 submitted_seq=seq,
             )

@@ -34,6 +34,12 @@ WORKER_CONFIG_DEFAULTS_KEY = "_defaults"
 SCHEDULER_LEASE_BUCKET = "scheduler-lease"
 SCHEDULER_LEASE_KEY = "leader"
 
+#: Platform-wide runtime settings, changed live by operators: key `regions` (the latency table between
+#: regions, read by the scheduler) and key `limits` (queue limits, read by the gateway).
+PLATFORM_CONFIG_BUCKET = "platform-config"
+REGIONS_KEY = "regions"
+LIMITS_KEY = "limits"
+
 #: Large results (images); events carry an object name, never the bytes.
 RESULTS_BUCKET = "results"
 
@@ -51,6 +57,7 @@ API_JOBS_CANCEL = "api.jobs.cancel"
 API_JOBS_EVENTS = "api.jobs.events"
 API_JOBS_WAIT = "api.jobs.wait"
 API_JOBS_RESULT = "api.jobs.result"
+API_JOBS_PLACEMENT = "api.jobs.placement"
 API_WORKERS_LIST = "api.workers.list"
 API_WORKERS_GET = "api.workers.get"
 API_WORKERS_REGISTER = "api.workers.register"
@@ -69,6 +76,10 @@ PROJ_JOBS_GET = "proj.jobs.get"
 PROJ_JOBS_LIST = "proj.jobs.list"
 PROJ_WORKERS_GET = "proj.workers.get"
 PROJ_WORKERS_LIST = "proj.workers.list"
+
+#: The schedulers' query endpoints (every instance folds the same view, so any may answer).
+SCHED_QUEUE = "scheduler"
+SCHED_PLACEMENT = "sched.placement"
 
 # --- Headers -------------------------------------------------------------------------------------
 

@@ -116,9 +116,10 @@ async def serving_gateway(
         await task
 
 
-async def start_stack(data_dir: Path, workers: list[str]) -> LocalStack:
-    """Gateway, scheduler, projections and `workers`, with short heartbeats so losses show in seconds.
-    Each worker enrolls with a token of its own; `stack.operator_key` is an operator's API key."""
+async def start_stack(data_dir: Path, workers: list[str], regions: dict[str, str] | None = None) -> LocalStack:
+    """Gateway, scheduler, projections and `workers` (in `regions[name]`, default `local`), with short
+    heartbeats so losses show in seconds. Each worker enrolls with a token of its own;
+    `stack.operator_key` is an operator's API key."""
     stack = LocalStack(data_dir)
     stack.start()
     try:
@@ -132,7 +133,7 @@ async def start_stack(data_dir: Path, workers: list[str]) -> LocalStack:
             await wait_until(gateway_up, 30, "the gateway")
             await http.set_config_defaults({"heartbeat_interval_s": HEARTBEAT_INTERVAL_S})
             for name in workers:
-                stack.start_worker(name)
+                stack.start_worker(name, (regions or {}).get(name, "local"))
 
             async def workers_online() -> bool:
                 try:

@@ -22,7 +22,7 @@ def worker(worker_id: str, region: str = "eu", **fields: Any) -> Candidate:
 def test_job_with_region_goes_to_a_worker_of_that_region() -> None:
     workers = [worker("a-us", "us", memory_free_bytes=80 * GiB), worker("b-eu", "eu", memory_free_bytes=8 * GiB)]
 
-    assert choose_worker(job(region="eu"), workers, draw=0.5) == Placement(worker_id="b-eu", region="eu")
+    assert choose_worker(job(region="eu"), workers, draw=0.5) == Placement(worker_id="b-eu", region="eu", distance_ms=0.0)
 
 
 def test_job_with_region_falls_back_to_another_region_when_its_region_is_busy() -> None:

@@ -1,5 +1,5 @@
-"""The HTTP API (litestar): `jobs` (tokens and jobs) and `operators` (workers, config, keys) hold the
-routes, `params` what they share, `openapi` what the document says beyond litestar's defaults.
+"""The HTTP API (litestar): `jobs` (tokens and jobs), `operators` (workers, config, keys) and `geo`
+(regions, queue limits, placement explanations) hold the routes, `params` what they share, `openapi` what the document says beyond litestar's defaults.
 Handlers are thin: validate (msgspec), call the gateway service, return its struct. Errors map to statuses in one place (`sdk.errors.HTTP_STATUS`).
 
 Authentication: every route but `/health`, `/schema` and `/api/v1/auth/*` needs
@@ -33,7 +33,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.auth import AuthSettings, Credentials, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE
-from gateway.http import jobs, operators
+from gateway.http import geo, jobs, operators
 from gateway.http.openapi import StrictStructSchema
 from gateway.http.params import NO_AUTH, provide_gateway, provide_principal
 from gateway.nats_api import NatsApi
@@ -129,7 +129,7 @@ def create_app(
             await nc.drain()
 
     return Litestar(
-        route_handlers=[*jobs.ROUTES, *operators.ROUTES, health],
+        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health],
         dependencies={"gateway": Provide(provide_gateway), "principal": Provide(provide_principal)},
         lifespan=[lifespan],
         exception_handlers={

@@ -72,7 +72,7 @@ async def refresh_tokens(
     "/api/v1/jobs", status_code=HTTP_201_CREATED, summary="Submit a job",
     responses={
         HTTP_200_OK: ResponseSpec(Submitted, description="An earlier submission with this idempotency key"),
-        **errors(400, 401, 403, 413, 503),
+        **errors(400, 401, 403, 413, 429, 503),
     },
 )
 async def submit_job(

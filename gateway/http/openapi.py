@@ -28,6 +28,7 @@ ERROR_STATUSES: dict[int, str] = {
     404: "No such job, worker or key for this caller (`job_not_found`, `worker_not_found`, `not_found`)",
     409: "The request conflicts with the current state (`invalid_transition`, `conflict`)",
     413: "The body is larger than the limit (`body_too_large`)",
+    429: "A queue limit is reached (`queue_full`, `details.limit`); nothing was appended; retry after `Retry-After`",
     503: "NATS or the read model cannot answer now (`unavailable`); retry later",
     504: "Nothing finished within the requested time (`timeout`)",
 }

@@ -22,6 +22,8 @@ MAX_SEQ = 2**53 - 1
 Seq = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEQ)]
 #: A list cursor: the submission sequence to continue below, as `JobPage.next_cursor` gave it.
 CURSOR_PATTERN = r"^[1-9][0-9]{0,18}$"
+#: How a job treats its `region` (`sdk.regions` says what each means); `nearest` when a region is set.
+RegionPolicy = Literal["nearest", "strict", "any"]
 
 
 class SubmitJob(Strict):
@@ -33,10 +35,18 @@ class SubmitJob(Strict):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=7 * 86400)] = 300.0
     idempotency_key: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    #: None: `nearest` when `region` is set, `any` when it is not.
+    region_policy: RegionPolicy | None = None
+    #: With `nearest`: never run farther than this from `region` (by the operator's latency table).
+    max_latency_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
 
     def __post_init__(self) -> None:
         if self.type in NEEDS_MODEL and self.model is None:
             raise ValueError(f"`model` is required for {self.type} jobs")
+        if self.region is None and self.region_policy in ("nearest", "strict"):
+            raise ValueError(f"`region_policy` {self.region_policy} needs a `region`")
+        if self.max_latency_ms is not None and (self.region is None or self.region_policy not in (None, "nearest")):
+            raise ValueError("`max_latency_ms` needs a `region` and the `nearest` region policy")
 
 
 class Submitted(msgspec.Struct, kw_only=True):
@@ -137,6 +147,8 @@ class JobView(msgspec.Struct, kw_only=True):
     progress: float | None = None
     cancel_requested: bool = False
     seq: int = 0
+    region_policy: str | None = None
+    max_latency_ms: float | None = None
 
 
 class JobPage(msgspec.Struct, kw_only=True):
@@ -169,4 +181,6 @@ def job_view(job: Job) -> JobView:
         progress=job.progress,
         cancel_requested=job.cancel_requested,
         seq=job.seq,
+        region_policy=job.region_policy,
+        max_latency_ms=job.max_latency_ms,
     )
