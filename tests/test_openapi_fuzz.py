@@ -104,4 +104,4 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             raise AssertionError(f"schemathesis ran over {FUZZ_TIMEOUT_S}s:\n{log.read_text()[-4000:]}") from None
     report = log.read_text(errors="replace")
     assert process.returncode == 0, report[-8000:]
-    assert "Selected: 23/23" in report and "Stateful" in report, report[-3000:]
+    assert "Selected: 28/28" in report and "Stateful" in report, report[-3000:]
