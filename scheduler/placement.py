@@ -160,22 +160,27 @@ def explain(
     """How many workers could take `job` now (a draw of 0: any acceptance rate above 0 may accept),
     and, per reason, the workers that cannot; the largest group first."""
     able = 0
-    groups: dict[str, tuple[Refusal, list[str]]] = {}
+    groups: dict[str, tuple[Refusal, str, list[str]]] = {}
     for worker in workers:
         refused = refusal(job, worker, draw=0.0, latencies=latencies)
         if refused is None:
             able += 1
         else:
-            groups.setdefault(refused.text, (refused, []))[1].append(worker.worker_id)
+            groups.setdefault(refused.text, (refused, worker.region, []))[2].append(worker.worker_id)
     out = [
-        PlacementReason(reason=text, workers=len(ids), sample=sorted(ids)[:SAMPLE_SIZE], change=_change(job, refused))
-        for text, (refused, ids) in groups.items()
+        PlacementReason(
+            reason=text, workers=len(ids), sample=sorted(ids)[:SAMPLE_SIZE],
+            change=_change(job, refused, distance_of(job, region, latencies)),
+        )
+        for text, (refused, region, ids) in groups.items()
     ]
     out.sort(key=lambda group: (-group.workers, group.reason))
     return able, out
 
 
-def _change(job: Job, refused: Refusal) -> str:
+def _change(job: Job, refused: Refusal, distance_ms: float | None) -> str:
+    """What would let the workers refused for this reason take the job (`distance_ms`: how far their
+    region is, which matters only to `too_far`, where every worker of a reason shares one region)."""
     match refused.kind:
         case "not_alive":
             return "the worker heartbeats again (or registers again)"
@@ -183,8 +188,10 @@ def _change(job: Job, refused: Refusal) -> str:
             return "nothing: a draining worker takes no new jobs"
         case "region":
             return f"a worker of region {job.region} that can take it, or region_policy nearest or any"
+        case "too_far" if distance_ms is None:
+            return "a latency for this pair in the region table, within max_latency_ms, or a worker within it"
         case "too_far":
-            return "a larger max_latency_ms, or a worker within it"
+            return f"max_latency_ms of at least {distance_ms:g} (their distance), or a worker within it"
         case "capability":
             return f"a worker with the {job.type} engine registers"
         case "model":

@@ -287,11 +287,12 @@ class Scheduler:
                 self._cancels.add(job.id)
 
     async def _place(self) -> None:
-        queued = self.view.queued()
-        if not queued:
+        if not self.view.queued_count:
             return
         index = PlacementIndex(self.view.candidates().values(), self.latencies)
-        decisions = plan(queued, index, self._rng.random)
+        if index.free_slots <= 0:
+            return  # every slot is taken: ordering a long queue would change nothing
+        decisions = plan(self.view.queued(), index, self._rng.random)
         await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
 
     async def _assign(self, job: Job, placement: Placement, why: str) -> None:

@@ -149,6 +149,10 @@ class SchedulerView:
         elif new.status in HELD_BY_WORKER and new.worker_id is not None:
             self._held.setdefault(new.worker_id, set()).add(new.id)
 
+    @property
+    def queued_count(self) -> int:
+        return len(self._queued)
+
     def queued(self) -> list[Job]:
         """Queued jobs in the order they are offered: higher priority first, then clients in turn
         (`scheduler.fairness`)."""

@@ -242,7 +242,7 @@ def test_explain_groups_refusals_by_reason_with_a_sample_and_what_would_change_i
         ("region ap-south farther than max_latency_ms 100", 2, ["far-0", "far-1"]),
     ]
     assert reasons[0].change == "one of their jobs finishes"
-    assert reasons[1].change == "a larger max_latency_ms, or a worker within it"
+    assert reasons[1].change == "max_latency_ms of at least 130 (their distance), or a worker within it"
 
 
 def test_an_empty_table_leaves_every_other_region_equally_far() -> None:
