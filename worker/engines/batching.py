@@ -1,7 +1,7 @@
 """Continuous batching: every job on one loaded LLM shares one decode loop, in one thread per model.
 
-A job is prefilled alone (its prompt in one forward pass), then joins the running batch between decode
-steps: its KV cache is left-padded to the batch's length and stacked under the others', with an
+The jobs that arrive between two decode steps are prefilled together (their prompts left-padded, in
+one forward pass), then join the running batch: their KV caches are left-padded to the batch's length and stacked under the others', with an
 attention mask that hides the padding and position ids that count only its own tokens, so each row
 computes what it would alone. Each step decodes one token for every row. A job that finishes (its
 `max_new_tokens`, an end-of-sequence token, a stop string), is cancelled or fails leaves at once: its
@@ -9,8 +9,9 @@ row is dropped and padding no row needs any more is trimmed.
 
 Admission is bounded by `max_batch_size` rows and `max_batch_tokens`, the KV-cache budget: each job
 reserves its prompt plus its `max_new_tokens`. A job alone is always admitted, so nothing waits forever.
-A failure inside a job's own code (its prefill, its sampler, its text) fails that job only; a failed
-batched step fails the jobs in it, as no row's share of the error can be told apart.
+A failure inside a job's own code (its sampler, its text) fails that job only; a failed prefill is
+retried job by job, so it fails only the job that causes it; a failed decode step fails the jobs in it,
+as no row's share of the error can be told apart.
 """
 
 from __future__ import annotations
@@ -123,8 +124,7 @@ class Batcher:
                     return
                 joining = self._admit()
             with torch.inference_mode():
-                for sequence in joining:
-                    self._join(sequence)
+                self._join(joining)
                 self._leave([row for row in self._rows if row.halt.is_set()], "cancelled")
                 if self._rows:
                     self._step()
@@ -141,39 +141,61 @@ class Batcher:
             reserved += candidate.reserved_tokens
         return joining
 
-    def _join(self, sequence: Sequence) -> None:
-        if sequence.halt.is_set():
+    def _join(self, joining: list[Sequence]) -> None:
+        """Prefill the jobs admitted together in one forward pass and add the ones that go on as rows.
+        If that pass fails, each is prefilled alone, so a failure is charged to its own job only."""
+        for sequence in [s for s in joining if s.halt.is_set()]:
             sequence.finish(None, EngineError("cancelled", "the job was cancelled"))
+        joining = [s for s in joining if not s.halt.is_set()]
+        if not joining:
             return
         try:
-            kv, logits = on_device(self._prefill, sequence.prompt_ids)
-            token = sequence.pick(logits)
-            reason = sequence.take(token)
+            kv, mask, logits = on_device(self._prefill, [s.prompt_ids for s in joining])
         except BaseException as exc:
-            sequence.finish(None, exc)
+            if len(joining) > 1:
+                for sequence in joining:
+                    self._join([sequence])
+            else:
+                joining[0].finish(None, exc)
             return
-        if reason is not None:
-            sequence.finish(reason, None)
-            return
-        self._stack(sequence, kv, token)
+        going_on: list[int] = []
+        tokens: list[int] = []
+        for index, sequence in enumerate(joining):
+            try:
+                token = sequence.pick(logits[index])
+                reason = sequence.take(token)
+            except BaseException as exc:
+                sequence.finish(None, exc)
+                continue
+            if reason is not None:
+                sequence.finish(reason, None)
+                continue
+            going_on.append(index)
+            tokens.append(token)
+        if going_on:
+            rows = torch.tensor(going_on, device=mask.device)
+            kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
+            self._stack([joining[i] for i in going_on], kv, mask.index_select(0, rows), tokens)
 
-    def _prefill(self, prompt_ids: list[int]) -> tuple[KV, torch.Tensor]:
+    def _prefill(self, prompts: list[list[int]]) -> tuple[KV, torch.Tensor, torch.Tensor]:
+        """The prompts left-padded to one width, run at once: their caches, masks and last logits."""
         device = self.model.device
-        input_ids = torch.tensor([prompt_ids], device=device)
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = self.model(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            position_ids=torch.arange(len(prompt_ids), device=device)[None],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
             use_cache=True,
             **{self._cache_arg: DynamicCache()},
         )
-        return _layers(_cache_of(out)), out.logits[0, -1]
+        return _layers(_cache_of(out)), mask, out.logits[:, -1]
 
-    def _stack(self, sequence: Sequence, kv: KV, token: int) -> None:
-        """Add a prefilled job as the batch's last row, left-padding whichever side is shorter."""
-        device = self.model.device
-        length = len(sequence.prompt_ids)
-        width = max(length, self._mask.shape[1])
+    def _stack(self, sequences: list[Sequence], kv: KV, row_mask: torch.Tensor, tokens: list[int]) -> None:
+        """Add prefilled jobs as the batch's last rows, left-padding whichever side is shorter."""
+        device = row_mask.device
+        width = max(row_mask.shape[1], self._mask.shape[1])
         if self._rows:
             self._kv = [
                 (torch.cat([_pad_left(k, width), _pad_left(nk, width)]), torch.cat([_pad_left(v, width), _pad_left(nv, width)]))
@@ -182,11 +204,11 @@ class Batcher:
         else:
             self._kv = kv
         self._cache = None
-        row_mask = torch.ones((1, length), dtype=torch.long, device=device)
         self._mask = torch.cat([_pad_left(self._mask.to(device), width), _pad_left(row_mask, width)])
-        self._positions = torch.cat([self._positions.to(device), torch.tensor([length], device=device)])
-        self._next = torch.cat([self._next.to(device), torch.tensor([token], device=device)])
-        self._rows.append(sequence)
+        lengths = torch.tensor([len(s.prompt_ids) for s in sequences], device=device)
+        self._positions = torch.cat([self._positions.to(device), lengths])
+        self._next = torch.cat([self._next.to(device), torch.tensor(tokens, device=device)])
+        self._rows += sequences
         self.peak_rows = max(self.peak_rows, len(self._rows))
 
     def _step(self) -> None:
