@@ -63,8 +63,7 @@ from sdk.events import (
 )
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.log import WrongLastSequence, append, ensure_streams, load_job
-from sdk.platform_config import SettingWatch
-from sdk.regions import LatencyTable, RegionLatencies
+from sdk.platform_config import RegionsWatch
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +117,8 @@ class Scheduler:
         self._restoring: asyncio.Task[None] | None = None
         self._stopping = False
         #: The operator's latency table between regions, followed live (`platform-config`, key `regions`).
-        self.latencies = LatencyTable()
-        self._regions = SettingWatch(self._js, subjects.REGIONS_KEY, RegionLatencies, on_change=self._on_regions)
-        self._queries = PlacementQueries(nc, self.view, lambda: self.latencies, lambda: not self._catching_up)
+        self.regions = RegionsWatch(self._js)
+        self._queries = PlacementQueries(nc, self.view, lambda: self.regions.table, lambda: not self._catching_up)
 
     @property
     def is_leader(self) -> bool:
@@ -148,7 +146,7 @@ class Scheduler:
         self._watch_task = asyncio.create_task(
             self._watch_config(self._config_watcher), name=f"config-{self.instance_id}"
         )
-        await self._regions.start()
+        await self.regions.start()
         await self._queries.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.instance_id}")
         await self._lease.start()
@@ -170,7 +168,7 @@ class Scheduler:
         # 3. Stop the feeds and the queries (the connection may be gone already: nothing to unsubscribe then).
         with contextlib.suppress(nats.errors.Error):
             await self._queries.stop()
-            await self._regions.stop()
+            await self.regions.stop()
             if self._config_watcher is not None:
                 await self._config_watcher.stop()
             for sub in self._subscriptions:
@@ -242,10 +240,6 @@ class Scheduler:
             self.view.set_config(entry.key, partial)
             self._wake.set()
 
-    def _on_regions(self, latencies: RegionLatencies) -> None:
-        self.latencies = LatencyTable(latencies)
-        self._wake.set()
-
     def _on_leadership(self, leading: bool) -> None:
         self._wake.set()
 
@@ -289,7 +283,7 @@ class Scheduler:
     async def _place(self) -> None:
         if not self.view.queued_count:
             return
-        index = PlacementIndex(self.view.candidates().values(), self.latencies)
+        index = PlacementIndex(self.view.candidates().values(), self.regions.table)
         if index.free_slots <= 0:
             return  # every slot is taken: ordering a long queue would change nothing
         decisions = plan(self.view.queued(), index, self._rng.random)

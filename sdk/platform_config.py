@@ -20,6 +20,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from sdk import subjects
 from sdk.api import Strict
+from sdk.regions import LatencyTable, RegionLatencies
 
 logger = logging.getLogger(__name__)
 
@@ -93,3 +94,14 @@ class SettingWatch(Generic[T]):
         logger.info("%s changed: %s", self._key, msgspec.to_builtins(value))
         if self._on_change is not None:
             self._on_change(value)
+
+
+class RegionsWatch(SettingWatch[RegionLatencies]):
+    """Follows key `regions`; `table` is the latency table placement reads, rebuilt at each change."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        super().__init__(js, subjects.REGIONS_KEY, RegionLatencies, on_change=self._rebuild)
+        self.table = LatencyTable()
+
+    def _rebuild(self, latencies: RegionLatencies) -> None:
+        self.table = LatencyTable(latencies)

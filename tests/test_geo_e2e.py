@@ -125,6 +125,21 @@ async def test_region_policies_place_and_explain(operator: HttpClient, geo: Loca
     assert (await operator.wait(anywhere.id, timeout_s=30)).status == "completed"
 
 
+async def test_a_new_latency_table_applies_to_the_next_placement(operator: HttpClient, geo: LocalStack) -> None:
+    ids = await worker_ids(operator)
+    await set_acceptance(operator, ids["eu-1"], 0.0)
+    try:
+        # Within 20 ms of eu-west there is no other region yet: the job waits until the table changes.
+        job = await operator.submit("echo", region="eu-west", max_latency_ms=20)
+        await operator.set_regions({"eu-west": {"ap-south": 10, "us-east": 80}, "us-east": {"ap-south": 210}})
+        done = await operator.wait(job.id, timeout_s=30)
+        assert (done.status, done.worker_id) == ("completed", ids["ap-1"])
+        assert (await operator.placement(job.id)).distance_ms == 10
+    finally:
+        await set_acceptance(operator, ids["eu-1"], 1.0)
+        await operator.set_regions(LATENCY_MS)
+
+
 async def test_placement_over_nats_and_only_for_the_owner(operator: HttpClient, geo: LocalStack) -> None:
     async with await new_client(operator, geo, region="sa-east") as alice, await new_client(operator, geo) as bob:
         waiting = await alice.submit("echo", region_policy="strict")  # the client's region: no worker there
