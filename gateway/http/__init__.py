@@ -36,6 +36,7 @@ from gateway.auth.master_key import MASTER_KEY_FILE
 from gateway.http import geo, jobs, operators
 from gateway.http.openapi import StrictStructSchema
 from gateway.http.params import NO_AUTH, provide_gateway, provide_principal
+from gateway.metrics import Operability
 from gateway.nats_api import NatsApi
 from gateway.service import Gateway
 from sdk.api import MAX_BODY_BYTES
@@ -147,7 +148,7 @@ def create_app(
             ),
             security=[{"AccessToken": []}],
         ),
-        plugins=[StrictStructSchema()],
+        plugins=[StrictStructSchema(), Operability()],
         request_max_body_size=MAX_BODY_BYTES,
         # Log through the process's own setup (gpuctl's, or a test's capture) instead of replacing the
         # root logger's handlers, as litestar does by default; unexpected errors are logged too.
