@@ -240,6 +240,14 @@ def revoke_worker(worker_id: str, /, *, data_dir: DataDir = Path(".data"), url: 
     console.print(f"revoked worker {worker_id}; its jobs are requeued")
 
 
+@app.command
+def status(*, data_dir: DataDir = Path(".data"), url: ApiUrl = None) -> None:
+    """One screen: components, the scheduler leader, stream lags, workers by region, the queue (`sdk.status`)."""
+    from sdk.status import gather, render
+
+    Console().print(render(_as_operator(data_dir, url, gather)))
+
+
 def main() -> None:
     argv = sys.argv[1:]
     if argv and argv[0] in SERVICE_COMMANDS:

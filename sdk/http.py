@@ -266,6 +266,16 @@ class HttpClient:
         Needs no credentials."""
         return await self._send("GET", "/health", dict[str, str], None, None, None, None)
 
+    async def metrics_text(self) -> str:
+        """The gateway's Prometheus metrics (text format). Needs no credentials."""
+        try:
+            response = await self._http.get("/metrics")
+        except httpx.TransportError as exc:
+            raise Unavailable(f"GET /metrics: {exc}") from None
+        if response.status_code >= 400:
+            raise _error(response)
+        return response.text
+
     # --- Admin (an operator's API key) -------------------------------------------------------------
 
     async def create_api_key(self, name: str, role: ApiKeyRole = "client") -> ApiKeyCreated:

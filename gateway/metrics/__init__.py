@@ -26,6 +26,7 @@ from litestar.types import ASGIApp, Message, Receive, Scope, Send
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
+from gateway import dashboard
 from gateway.metrics.fleet import FleetMetrics
 from gateway.metrics.jobs import LATENCY_BUCKETS_S, JobMetrics
 
@@ -90,13 +91,14 @@ def http_metrics(metrics_: Metrics) -> Callable[[ASGIApp], ASGIApp]:
 
 
 class Operability(InitPluginProtocol):
-    """The litestar plugin: `/metrics`, the HTTP middleware, and the consumers' lifespan."""
+    """The litestar plugin: `/metrics`, the HTTP middleware, the consumers' lifespan, and the dashboard
+    (`gateway.dashboard`: its static files and its live feed)."""
 
     def __init__(self) -> None:
         self.metrics = Metrics()
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        app_config.route_handlers.append(metrics)
+        app_config.route_handlers.extend([metrics, *dashboard.ROUTES])
         app_config.middleware.append(http_metrics(self.metrics))
         app_config.lifespan.append(self._lifespan)
         return app_config
