@@ -44,10 +44,21 @@ async def bare_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[
     stack.stop()
 
 
-def screenshots(tmp_path: Path) -> Path:
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("GF_SCREENSHOTS_DIR") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+@pytest.fixture
+async def page(bare_stack: LocalStack, browser: Browser) -> AsyncIterator[Page]:
+    """A tab signed in with the operator's key."""
+    tab = await browser.new_page(viewport={"width": 1280, "height": 900})
+    assert bare_stack.operator_key
+    await sign_in(tab, bare_stack.http_url, bare_stack.operator_key)
+    yield tab
+    await tab.close()
 
 
 async def sign_in(page: Page, base_url: str, api_key: str) -> None:
@@ -58,12 +69,8 @@ async def sign_in(page: Page, base_url: str, api_key: str) -> None:
 
 
 async def test_sign_in_see_a_worker_appear_run_a_job_and_open_its_history(
-    bare_stack: LocalStack, browser: Browser, tmp_path: Path
+    bare_stack: LocalStack, page: Page, shots: Path
 ) -> None:
-    shots = screenshots(tmp_path)
-    page = await browser.new_page(viewport={"width": 1280, "height": 900})
-    assert bare_stack.operator_key
-    await sign_in(page, bare_stack.http_url, bare_stack.operator_key)
     await expect(page.locator("#workers")).to_contain_text("No worker has registered yet.")
 
     # A worker starts: it shows up live, in its region, online.
@@ -95,13 +102,9 @@ async def test_sign_in_see_a_worker_appear_run_a_job_and_open_its_history(
 
 
 async def test_cancel_a_running_job_and_manage_keys_and_enrollment(
-    bare_stack: LocalStack, browser: Browser, tmp_path: Path
+    bare_stack: LocalStack, page: Page, shots: Path
 ) -> None:
-    shots = screenshots(tmp_path)
-    page = await browser.new_page(viewport={"width": 1280, "height": 900})
-    assert bare_stack.operator_key
     bare_stack.start_worker("slow")
-    await sign_in(page, bare_stack.http_url, bare_stack.operator_key)
     await expect(page.locator("#workers tr", has_text="slow")).to_contain_text("online", timeout=WORKER_APPEARS_MS)
 
     await page.fill("#submit-params", '{"sleep_s": 60}')
