@@ -8,6 +8,11 @@ up *ARGS:
 # Run the test suite (a real nats-server from the wheel; slow end-to-end tests included).
 test *ARGS:
     python -m pytest -q --durations=15 {{ARGS}}
+    just test-npm
+
+# The `npx gpu-worker` launcher's tests (node's own runner; one packs it and installs this checkout).
+test-npm:
+    cd npm && node --test test/
 
 # Run only the fast tests (no multi-process end-to-end stacks).
 test-fast *ARGS:
