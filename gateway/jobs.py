@@ -17,10 +17,10 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import ObjectNotFoundError
 
 from gateway.backpressure import Backpressure
 from gateway.feed import JobFeed
+from gateway.results import read_result, store_result
 from sdk import subjects
 from sdk.api import (
     Accepted,
@@ -36,14 +36,16 @@ from sdk.api import (
     ListJobs,
     OwnedGetJob,
     OwnedListJobs,
+    ResultStored,
     SubmitJob,
     Submitted,
+    UploadResult,
     job_view,
 )
 from sdk.connection import request
 from sdk.errors import BadRequest, InvalidTransition, JobNotFound, StaleAttempt, Timeout, Unavailable
 from sdk.events import JobSubmitted, job_event_decoder
-from sdk.jobs import Job, JobStatus, apply, decide_cancel, decide_report, fold, visible_to
+from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply, decide_cancel, decide_report, fold, visible_to
 from sdk.log import append, decide_and_append, load_job, read_job_events
 from sdk.streaming import assemble
 
@@ -53,6 +55,8 @@ logger = logging.getLogger(__name__)
 PROJECTION_TIMEOUT_S = 6.0
 #: The longest a caller may wait for a job to finish in one request.
 MAX_WAIT_S = 300.0
+#: Chunks waiting for one slow stream reader; beyond this they are dropped (the final text completes it).
+MAX_QUEUED_CHUNKS = 1024
 
 
 def new_id() -> str:
@@ -180,12 +184,25 @@ class JobCommands:
         """A job's text as it is generated, then the finished job (see `sdk.streaming.assemble`).
         Raises `JobNotFound` before anything is streamed."""
         await self._job(job_id, owner)
-        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        # Bounded: a reader slower than its worker loses chunks, never memory; the final text fills the gap.
+        chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=MAX_QUEUED_CHUNKS)
+        reloaded_at = 0.0
 
         async def on_chunk(msg: Msg) -> None:
-            chunks.put_nowait(msg.data)
+            # Only the worker holding the job may add to its text (the subject names the sender, and
+            # NATS lets a worker publish on its own subjects only); anything else is dropped.
+            nonlocal reloaded_at
+            sender = msg.subject.split(".")[1]
+            job = self.feed.get(job_id)
+            if (job is None or job.worker_id != sender) and time.monotonic() - reloaded_at > 1.0:
+                reloaded_at = time.monotonic()  # the feed may lag an assignment; refold, at most once a second
+                job = await load_job(self.js, job_id)
+            if job is None or job.worker_id != sender or job.status not in HELD_BY_WORKER:
+                logger.warning("dropped a stream chunk for job %s from %s, which does not hold it", job_id, sender)
+            elif not chunks.full():
+                chunks.put_nowait(msg.data)
 
-        sub = await self.nc.subscribe(subjects.stream_subject(job_id), cb=on_chunk)
+        sub = await self.nc.subscribe(subjects.stream_subjects_of_job(job_id), cb=on_chunk)
 
         async def pieces() -> AsyncIterator[str | JobView]:
             try:
@@ -199,16 +216,17 @@ class JobCommands:
     async def result(self, req: GetResult, owner: str | None = None) -> tuple[bytes, str]:
         """The bytes and content type of a finished job's stored result `index` (an image)."""
         job = await self._job(req.id, owner)
-        refs = job.result.get("images", []) if isinstance(job.result, dict) else []
-        if job.status is not JobStatus.COMPLETED or not 0 <= req.index < len(refs):
-            raise JobNotFound(f"job {req.id} has no stored result {req.index} ({len(refs)} stored)")
-        ref = refs[req.index]
-        store = await self.js.object_store(subjects.RESULTS_BUCKET)
-        try:
-            obj = await store.get(ref["object"])
-        except ObjectNotFoundError:
-            raise JobNotFound(f"result {req.index} of job {req.id} is no longer stored") from None
-        return obj.data or b"", ref.get("content_type", "application/octet-stream")
+        if job.status is not JobStatus.COMPLETED:
+            raise JobNotFound(f"job {req.id} has no stored result {req.index} (it is {job.status.value})")
+        return await read_result(self.js, job, req.index)
+
+    async def store_result(self, worker_id: str, upload: UploadResult) -> ResultStored:
+        """A worker's upload of a large result of the attempt it holds (`gateway.results`)."""
+        require_connected(self.nc)
+        job = self.feed.get(upload.job_id)
+        if job is None or job.worker_id != worker_id or job.attempt != upload.attempt:
+            job = await load_job(self.js, upload.job_id)  # the feed may lag; the log decides
+        return await store_result(self.js, job, worker_id, upload)
 
     async def _job(self, job_id: str, owner: str | None) -> Job:
         job = await load_job(self.js, job_id)

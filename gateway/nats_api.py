@@ -9,9 +9,10 @@ never take the slots of another (worker reports).
 
 Every request is authenticated before its body is decoded, one way per endpoint:
 - `api.auth.*`: none (the body carries the API key or refresh token);
-- `api.jobs.*`: the access token in the `Authorization` header; a client sees its own jobs only;
+- `api.jobs.*`: the access token in the `Authorization` header; a client sees its own jobs only
+  (`api.jobs.stream` answers several messages: the checked text chunks, then the job);
 - `api.workers.list|get|config.set`: an operator's access token;
-- `api.workers.report|heartbeat|rotate.<worker_id>`: the worker's signature (`sdk.signing`);
+- `api.workers.report|heartbeat|rotate|result.<worker_id>`: the worker's signature (`sdk.signing`);
 - `api.workers.register`: an enrollment token in the body (new worker) or the worker's signature;
 - `api.workers.config.get`: an operator's token, or the signature of the worker it is about.
 """
@@ -28,9 +29,11 @@ from nats.aio.subscription import Subscription
 
 from gateway.access import job_scope, require_client, require_operator
 from gateway.auth import Principal
+from gateway.results import decode_upload
 from gateway.service import Gateway
 from sdk import subjects
 from sdk.api import (
+    MAX_UPLOAD_BODY_BYTES,
     CancelJob,
     GetJob,
     GetResult,
@@ -44,20 +47,23 @@ from sdk.api import (
     RegisterWorker,
     RotateCredentials,
     SetWorkerConfig,
+    StreamChunk,
     SubmitJob,
     WaitJob,
     WorkerReport,
     decode,
 )
 from sdk.connection import encode_error
-from sdk.errors import PlatformError
+from sdk.errors import BadRequest, PlatformError
 from sdk.events import Heartbeat, encoder
 from sdk.placement import ExplainPlacement
-from sdk.signing import SIGNATURE_HEADER, AuthReason, forbidden
+from sdk.signing import MAX_SIGNED_BODY_BYTES, SIGNATURE_HEADER, AuthReason, forbidden
 
 logger = logging.getLogger(__name__)
 
 Handler = Callable[[Msg], Awaitable[Any]]
+#: What a handler returns when it has sent its answers itself (a stream).
+STREAMED = object()
 
 #: Handlers of one endpoint running at once in one gateway.
 MAX_IN_FLIGHT = 256
@@ -87,6 +93,7 @@ class NatsApi:
             subjects.API_JOBS_PLACEMENT: self._as_client(
                 lambda m, p: g.placement(decode(m.data, ExplainPlacement).id, job_scope(p))
             ),
+            subjects.API_JOBS_STREAM: self._as_client(self._stream),
             subjects.API_WORKERS_LIST: self._as_operator(lambda m: g.workers(decode(m.data, ListWorkers))),
             subjects.API_WORKERS_GET: self._as_operator(lambda m: g.worker(decode(m.data, GetWorker).id)),
             subjects.API_WORKERS_REGISTER: self._register,
@@ -99,6 +106,9 @@ class NatsApi:
                 lambda m, worker_id: g.heartbeat(worker_id, decode(m.data, Heartbeat))
             ),
             f"{subjects.API_WORKERS_ROTATE_PREFIX}.*": self._signed(self._rotate),
+            f"{subjects.API_WORKERS_RESULT_PREFIX}.*": self._signed(
+                lambda m, worker_id: g.store_result(worker_id, decode_upload(m.data)), MAX_UPLOAD_BODY_BYTES
+            ),
         }
         for subject, handler in routes.items():
             sub = await g.nc.subscribe(subject, queue=subjects.API_QUEUE, cb=self._spawn(handler))
@@ -131,6 +141,8 @@ class NatsApi:
     async def _answer(self, msg: Msg, handler: Handler) -> None:
         try:
             answer = await handler(msg)
+            if answer is STREAMED:
+                return
             reply = answer if isinstance(answer, bytes) else encoder.encode(answer)
         except PlatformError as exc:
             reply = encode_error(exc.to_reply())
@@ -158,9 +170,11 @@ class NatsApi:
 
         return handler
 
-    def _signed(self, handle: Callable[[Msg, str], Awaitable[Any]]) -> Handler:
+    def _signed(self, handle: Callable[[Msg, str], Awaitable[Any]], max_body_bytes: int = MAX_SIGNED_BODY_BYTES) -> Handler:
         async def handler(msg: Msg) -> Any:
-            worker_id = await self.gateway.credentials.verify_report(msg.subject, msg.data, msg.headers, reply=msg.reply)
+            worker_id = await self.gateway.credentials.verify_report(
+                msg.subject, msg.data, msg.headers, reply=msg.reply, max_body_bytes=max_body_bytes
+            )
             return await handle(msg, worker_id)
 
         return handler
@@ -180,6 +194,22 @@ class NatsApi:
     async def _result(self, msg: Msg, principal: Principal) -> bytes:
         data, _ = await self.gateway.result(decode(msg.data, GetResult), job_scope(principal))
         return data
+
+    async def _stream(self, msg: Msg, principal: Principal) -> Any:
+        """The job's checked text chunks to the requester's inbox, then the job (`STREAM_END_HEADER`)."""
+        req = decode(msg.data, WaitJob)
+        if not msg.reply:
+            raise BadRequest(f"{subjects.API_JOBS_STREAM} needs a reply subject to stream to")
+        pieces = await self.gateway.stream(req.id, job_scope(principal), req.timeout_s)
+        offset = 0
+        async for item in pieces:
+            if isinstance(item, str):
+                await self.gateway.nc.publish(msg.reply, encoder.encode(StreamChunk(offset=offset, text=item)))
+                offset += len(item)
+            else:
+                end = {subjects.STREAM_END_HEADER: "1"}
+                await self.gateway.nc.publish(msg.reply, encoder.encode(item), headers=end)
+        return STREAMED
 
     async def _register(self, msg: Msg) -> Any:
         returning = await self._signed_by(msg)

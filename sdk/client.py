@@ -1,19 +1,20 @@
 """The Python SDK: `Client` speaks NATS request-reply to the gateway; `HttpClient` (sdk.http) speaks
 HTTP. Both have the same methods, return the same typed structs and raise the same typed errors.
 
-    async with await Client.connect("nats://client:<password>@127.0.0.1:4222", api_key="gfk_...") as client:
+    async with await Client.connect("nats://127.0.0.1:4222", api_key="gfk_...") as client:
         job = await client.submit("echo", params={"hello": "world"})
         done = await client.wait(job.id)
         print(done.status, done.result)
 
 Both take an API key (default: `$GF_API_KEY`) and handle its tokens themselves (`sdk.auth`). Over NATS
-the `client` user reaches the job API only; the worker and config queries need an operator's key and
-the HTTP API (or the `platform` user, as operator tools do).
+the key is also the connection's identity (`sdk.bus`): a client reaches the job API and its own inboxes
+only; an operator's key also the worker and config queries.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from types import TracebackType
 from typing import Any
@@ -22,7 +23,7 @@ import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from sdk import subjects
+from sdk import bus, subjects
 from sdk.api import (
     CancelAccepted,
     CancelJob,
@@ -41,6 +42,7 @@ from sdk.api import (
     RefreshTokens,
     RegionPolicy,
     SetWorkerConfig,
+    StreamChunk,
     SubmitJob,
     Submitted,
     TokenPair,
@@ -49,12 +51,11 @@ from sdk.api import (
     WorkerPage,
     WorkerView,
 )
-from sdk.auth import Headers, TokenSession
-from sdk.connection import connect, decode_reply, request
+from sdk.auth import API_KEY_ENV, Headers, TokenSession
+from sdk.connection import connect, decode_reply, nats_url_from_env, request
 from sdk.errors import JobError, Timeout
 from sdk.events import encoder
 from sdk.placement import ExplainPlacement, PlacementView
-from sdk.streaming import assemble
 
 #: The gateway answers a wait within this long; longer waits are several requests.
 WAIT_SLICE_S = 60.0
@@ -75,8 +76,12 @@ class Client:
         cls, url: str | None = None, *, api_key: str | None = None, timeout_s: float = 10.0,
         region: str | None = None, **options: Any,
     ) -> Client:
-        """Connect to NATS (`url` may carry the user and password; `tls=` takes an `ssl.SSLContext`);
-        `region` is where this client's jobs run nearest unless `submit` says otherwise."""
+        """Connect to NATS: as the client the API key (argument or `$GF_API_KEY`) proves (`sdk.bus`), or as
+        the user `url` names (operator tools, as `platform`). `tls=` takes an `ssl.SSLContext`; `region` is
+        where this client's jobs run nearest unless `submit` says otherwise."""
+        api_key = api_key or os.environ.get(API_KEY_ENV) or None
+        if api_key is not None and bus.identity_needed(nats_url_from_env(url)):
+            options = {**bus.client_options(api_key), **options}
         nc = await connect(url, name="sdk-client", **options)
         return cls(nc, api_key=api_key, timeout_s=timeout_s, region=region)
 
@@ -149,19 +154,32 @@ class Client:
 
     async def stream(self, job_id: str, *, timeout_s: float = 300.0) -> AsyncIterator[str]:
         """An LLM job's text as it is generated. The pieces always add up to the final text, also for a
-        reader that subscribes late; raises `JobError` if the job ends without a result."""
-        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        reader that subscribes late; raises `JobError` if the job ends without a result. The gateway
+        sends them to this client's inbox (`api.jobs.stream`), only chunks of the worker holding the job."""
+        messages: asyncio.Queue[Msg] = asyncio.Queue()
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox, cb=messages.put)
+        request = encoder.encode(WaitJob(id=job_id, timeout_s=timeout_s))
 
-        async def on_chunk(msg: Msg) -> None:
-            chunks.put_nowait(msg.data)
+        async def first_message(headers: Headers) -> Msg:
+            await self.nc.publish(subjects.API_JOBS_STREAM, request, reply=inbox, headers=headers)
+            msg = await asyncio.wait_for(messages.get(), timeout_s + self.timeout_s)
+            if msg.data.startswith(b'{"kind":"error"'):
+                decode_reply(msg.data, None)  # raises it; an expired token is renewed and sent again
+            return msg
 
-        sub = await self.nc.subscribe(subjects.stream_subject(job_id), cb=on_chunk)
         try:
-            async for item in assemble(chunks, self.wait(job_id, timeout_s=timeout_s)):
-                if isinstance(item, str):
-                    yield item
-                elif item.status != "completed":
-                    raise JobError(f"job {job_id} {item.status}", {"error": msgspec.to_builtins(item.error)})
+            msg = await self.auth.call(first_message)
+            while True:
+                if (msg.headers or {}).get(subjects.STREAM_END_HEADER):
+                    job = decode_reply(msg.data, JobView)
+                    if job.status != "completed":
+                        raise JobError(f"job {job_id} {job.status}", {"error": msgspec.to_builtins(job.error)})
+                    return
+                yield decode_reply(msg.data, StreamChunk).text
+                msg = await asyncio.wait_for(messages.get(), timeout_s + self.timeout_s)
+        except TimeoutError:
+            raise Timeout(f"job {job_id} is not finished after {timeout_s}s") from None
         finally:
             await sub.unsubscribe()
 

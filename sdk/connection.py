@@ -26,12 +26,15 @@ from nats.aio.msg import Msg
 from nats.errors import BadSubscriptionError, ConnectionClosedError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-from sdk.errors import ErrorReply, Timeout, Unavailable, from_reply
+from sdk import subjects
+from sdk.errors import ErrorReply, Timeout, Unauthorized, Unavailable, from_reply
 from sdk.tls import context_from_env
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+#: How nats-server says it refused a connection's credentials.
+AUTHORIZATION_VIOLATION = "Authorization Violation"
 
 _error_decoder = msgspec.json.Decoder(ErrorReply)
 _encoder = msgspec.json.Encoder()
@@ -92,16 +95,22 @@ async def connect(
     """Connect, waiting up to `wait_s` for the server to come up; reconnects forever afterwards.
     Without `tls`, the context `GF_TLS_CA` / `GF_TLS_VERIFY` ask for (see `sdk.tls`) is used.
     `on_reconnect` runs after each reconnect (the server may have restarted and lost what lived in its
-    memory); it must return quickly, starting a task for anything slow."""
+    memory); it must return quickly, starting a task for anything slow. Inboxes are the platform's
+    (`_INBOX_platform`) unless `inbox_prefix` names the identity's own (`sdk.bus`)."""
+    options.setdefault("inbox_prefix", subjects.PLATFORM_INBOX_PREFIX)
     url = nats_url_from_env(url)
     if tls is None:
         tls = context_from_env()
     servers = [u.strip() for u in url.split(",")]
+    deadline = time.monotonic() + wait_s
     await wait_for_port(servers[0], wait_s)
     nc = NatsClient()
+    failures: list[BaseException] = []
 
     async def error_cb(exc: Exception) -> None:
         logger.warning("%s: NATS error: %s", name, exc)
+        if not nc.is_connected:
+            failures.append(exc)
 
     async def disconnected_cb() -> None:
         if not (nc.is_closed or nc.is_draining):
@@ -112,7 +121,7 @@ async def connect(
         if on_reconnect is not None:
             await on_reconnect()
 
-    await nc.connect(
+    connecting = asyncio.ensure_future(nc.connect(
         servers,
         name=name,
         user=user,
@@ -125,7 +134,19 @@ async def connect(
         reconnect_time_wait=0.25,
         connect_timeout=2,
         **options,
-    )
+    ))
+    # nats-py retries a failed first connect forever. Past `wait_s` (the platform's auth callout may still
+    # be starting), a refusal is the caller's error (bad or revoked credentials), anything else an outage.
+    while not connecting.done():
+        await asyncio.wait({connecting}, timeout=0.1)
+        if failures and not connecting.done() and time.monotonic() > deadline:
+            connecting.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 2)
+            if any(AUTHORIZATION_VIOLATION.lower() in str(failure).lower() for failure in failures):
+                raise Unauthorized(f"NATS refused the credentials of {name}")
+            raise Unavailable(f"{name} could not connect to NATS within {wait_s:.0f}s: {failures[-1]!r}")
+    connecting.result()
     logger.info("%s: connected to NATS at %s", name, redact(nc.connected_url.geturl() if nc.connected_url else url))
     return nc
 

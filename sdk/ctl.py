@@ -31,7 +31,6 @@ from sdk.errors import PlatformError
 from sdk.http import HttpClient
 from sdk.local import (
     DEFAULT_API_URL,
-    NATS_ENV_FILE,
     OPERATOR_KEY_FILE,
     SECRETS_DIR,
     DataDirInUse,
@@ -220,8 +219,8 @@ def enroll_worker(
     with --worker-id only that worker may use it, which re-enrolls a revoked worker)."""
     created = _as_operator(data_dir, url, lambda http: http.create_enrollment_token(ttl_s=ttl_s, worker_id=worker_id))
     console.print(
-        f"enrollment token, one use, valid {ttl_s:.0f}s; the worker connects to NATS as user `worker` "
-        f"(password: GF_WORKER_PASSWORD in {data_dir / SECRETS_DIR / NATS_ENV_FILE}):"
+        f"enrollment token, one use, valid {ttl_s:.0f}s; the worker connects to NATS with it, no password "
+        "(`gpu-worker configure --nats-url nats://<host>:4222 --enrollment-token <token>`):"
     )
     print(created.enrollment_token)
 

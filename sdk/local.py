@@ -10,14 +10,16 @@ first run and reused after:
 
 | file            | what                                                                     |
 | --------------- | ------------------------------------------------------------------------ |
-| `nats.env`      | the NATS users' passwords (`GF_PLATFORM_PASSWORD=...`), for nats-server   |
+| `nats.env`      | the NATS users' passwords (`GF_PLATFORM_PASSWORD=...`) and the auth callout's issuer, for nats-server |
+| `nats-issuer.seed` | the auth callout's signing key (the gateway's; `sdk.broker`)          |
 | `master.key`    | the gateway's master key (every token MAC and worker secret derives from it) |
 | `operator.key`  | an operator API key, made by the gateway at its first start for the person running it |
 
 Operator actions (enrollment tokens for the workers it starts) go through the HTTP admin API with that key.
 
 Children get their NATS URL, credentials included, through the environment (`NATS_URL`), never on
-the command line: services as the `platform` user, workers as `worker`.
+the command line: services as the `platform` user; workers and clients connect with their own
+identity (`sdk.bus`), so their URL carries no password.
 """
 
 from __future__ import annotations
@@ -37,10 +39,9 @@ from typing import IO, TypeVar
 import httpx
 from rich.table import Table
 
-from sdk.broker import EmbeddedNats, free_port, nats_passwords
+from sdk.broker import EmbeddedNats, free_port
 from sdk.connection import redact
 from sdk.http import HttpClient
-from sdk.private_files import write_private
 from sdk.process import Child, stop_all
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SECRETS_DIR = "secrets"
-NATS_ENV_FILE = "nats.env"
 OPERATOR_KEY_FILE = "operator.key"
 #: Held by the stack that runs on a data dir (`DataDirLock`).
 LOCK_FILE = "gpuctl.lock"
@@ -59,15 +59,6 @@ GATEWAY_START_S = 60.0
 WORKER_STOP_TIMEOUT_S = 45.0
 #: Where `gpu-worker start` keeps its credentials in its state dir (`worker.config.LocalConfig`).
 WORKER_CREDENTIALS_FILE = "credentials.json"
-
-
-def load_or_create_nats_env(path: Path) -> dict[str, str]:
-    """The NATS passwords in `path` (`NAME=value` lines), generated on first run."""
-    if not path.exists():
-        write_private(path, "".join(f"{name}={value}\n" for name, value in nats_passwords().items()).encode(), replace=False)
-        logger.info("generated NATS passwords in %s", path)
-    pairs = (line.partition("=") for line in path.read_text(encoding="utf-8").splitlines() if "=" in line)
-    return {name.strip(): value.strip() for name, _, value in pairs}
 
 
 class DataDirInUse(RuntimeError):
@@ -151,13 +142,13 @@ class LocalStack:
         if nats_url is not None:
             self.platform_url = self.worker_url = self.client_url = nats_url
         else:
-            passwords = load_or_create_nats_env(self.secrets_dir / NATS_ENV_FILE)
             self.broker = EmbeddedNats(
-                self.data_dir / "nats", port=nats_port, env=passwords, log_file=self.logs / "nats-server.log"
+                self.data_dir / "nats", port=nats_port, secrets_dir=self.secrets_dir,
+                log_file=self.logs / "nats-server.log",
             )
             self.platform_url = self.broker.url_as("platform")
-            self.worker_url = self.broker.url_as("worker")
-            self.client_url = self.broker.url_as("client")
+            # Workers and clients bring their own identity (`sdk.bus`): their URL carries no password.
+            self.worker_url = self.client_url = self.broker.address
         #: An operator API key (from `secrets/operator.key`, created on the first start).
         self.operator_key: str | None = None
         #: Every process of the stack, broker first: started, restarted and shown in this order.

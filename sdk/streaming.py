@@ -24,8 +24,12 @@ class TextAssembler:
         self.gap = False
 
     def feed(self, data: bytes) -> str | None:
-        """The text to pass on for this chunk, or None (a repeat, or anything after a gap)."""
-        chunk = chunk_decoder.decode(data)
+        """The text to pass on for this chunk, or None (a repeat, anything after a gap, or junk, which
+        is skipped: it must not end the stream)."""
+        try:
+            chunk = chunk_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
         if self.gap or chunk.offset + len(chunk.text) <= self.received_chars:
             return None
         if chunk.offset > self.received_chars:

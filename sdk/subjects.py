@@ -5,6 +5,8 @@ Components share only this contract and NATS; a name that appears anywhere else 
 
 from __future__ import annotations
 
+import hashlib
+
 # --- Streams -------------------------------------------------------------------------------------
 
 #: Every job event, one subject per job: the subject is the aggregate, so
@@ -67,6 +69,9 @@ API_WORKERS_REPORT_PREFIX = "api.workers.report"
 API_WORKERS_HEARTBEAT_PREFIX = "api.workers.heartbeat"
 #: A worker asks for its next credential generation here (signed, like reports).
 API_WORKERS_ROTATE_PREFIX = "api.workers.rotate"
+#: Every job and auth endpoint, for the permissions of client identities.
+API_JOBS_ALL = "api.jobs.>"
+API_AUTH_ALL = "api.auth.>"
 API_AUTH_TOKEN = "api.auth.token"
 API_AUTH_REFRESH = "api.auth.refresh"
 
@@ -80,6 +85,45 @@ PROJ_WORKERS_LIST = "proj.workers.list"
 #: The schedulers' query endpoints (every instance folds the same view, so any may answer).
 SCHED_QUEUE = "scheduler"
 SCHED_PLACEMENT = "sched.placement"
+#: Streams an owned job's text to the requester's inbox: checked chunks, then the job (`STREAM_END_HEADER`).
+API_JOBS_STREAM = "api.jobs.stream"
+#: A worker uploads a large result (an image) of a job it holds; the gateway stores it (signed, capped).
+API_WORKERS_RESULT_PREFIX = "api.workers.result"
+
+# --- Per-principal NATS identities (docs/security.md, "NATS identities") ----------------------------
+
+#: nats-server asks the platform here who a connecting worker or client is (NATS auth callout).
+AUTH_CALLOUT_SUBJECT = "$SYS.REQ.USER.AUTH"
+#: A pseudo-subject, never published: a worker's connect proof is a signature of it (`sdk.signing`),
+#: so a proof cannot be replayed as a report and a report cannot be used to connect.
+NATS_CONNECT_SUBJECT = "nats.connect"
+#: The platform services' inboxes (replies, push and ordered consumers). No identity issued by the
+#: callout may subscribe under it; only the static `platform` user can.
+PLATFORM_INBOX_PREFIX = "_INBOX_platform"
+WORKER_INBOX_ROOT = "_INBOX_worker"
+CLIENT_INBOX_ROOT = "_INBOX_client"
+ENROLL_INBOX_ROOT = "_INBOX_enroll"
+
+
+def worker_inbox_prefix(worker_id: str) -> str:
+    """A worker's inboxes (and its dispatch consumer's deliver subject): its own, by id."""
+    return f"{WORKER_INBOX_ROOT}.{worker_id}"
+
+
+def credential_inbox_prefix(root: str, credential: str) -> str:
+    """The inboxes of a connection that proves itself with a secret (an API key, an enrollment token):
+    named by a hash of the secret, so only its holder can compute them, and the same on reconnects."""
+    return f"{root}.{hashlib.sha256(credential.encode()).hexdigest()[:32]}"
+
+
+def kick_subject(server_id: str) -> str:
+    """The system account's request that closes a client connection of server `server_id`."""
+    return f"$SYS.REQ.SERVER.{server_id}.KICK"
+
+
+def result_upload_subject(worker_id: str) -> str:
+    return f"{API_WORKERS_RESULT_PREFIX}.{worker_id}"
+
 
 # --- Headers -------------------------------------------------------------------------------------
 
@@ -91,6 +135,9 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
 #: Access token on requests from the SDK (and the worker's token on its reports).
 AUTH_HEADER = "Authorization"
+
+#: Marks the last message of an `api.jobs.stream` answer: the finished job, after the text chunks.
+STREAM_END_HEADER = "Gf-Stream-End"
 
 #: JetStream's error code for a failed `Nats-Expected-Last-Subject-Sequence` (10164 on some clusters).
 WRONG_LAST_SEQUENCE_ERR_CODES = frozenset({10071, 10164})
@@ -129,7 +176,14 @@ def rotate_subject(worker_id: str) -> str:
     return f"{API_WORKERS_ROTATE_PREFIX}.{worker_id}"
 
 
-def stream_subject(job_id: str) -> str:
-    """Core pub/sub subject of a running job's token/progress stream (not in the log)."""
-    return f"stream.{job_id}"
+def stream_subject(worker_id: str, job_id: str) -> str:
+    """Core pub/sub subject of a running job's token stream (not in the log). The worker id is in the
+    subject so that NATS itself lets a worker publish only its own chunks; the gateway reads those of
+    the worker that holds the job and drops the rest."""
+    return f"stream.{worker_id}.{job_id}"
+
+
+def stream_subjects_of_job(job_id: str) -> str:
+    """Every worker's chunks for `job_id` (the gateway filters them by sender)."""
+    return f"stream.*.{job_id}"
 

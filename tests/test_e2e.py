@@ -193,7 +193,8 @@ async def test_a_report_about_a_stale_attempt_is_refused(stack: LocalStack, clie
     assert done.worker_id is not None
     other_id = next(w.id for w in await client.workers() if w.name in ("w1", "w2") and w.id != done.worker_id)
     before = await jobs_stream_last_seq(stack.nats_url)
-    nc = await connect(stack.worker_url, name="test-stale-worker")
+    # As the platform's user: reports on both workers' subjects (a worker's own identity reaches only its own).
+    nc = await connect(stack.nats_url, name="test-stale-worker")
 
     async def report(worker_id: str, body: msgspec.Struct) -> Accepted:
         subject = subjects.report_subject(worker_id)

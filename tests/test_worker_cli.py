@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from sdk import subjects
+from sdk import bus, subjects
 from sdk.api import Registered, RegisterWorker, WorkerCredentials
 from sdk.broker import free_port
 from sdk.client import Client
@@ -370,7 +370,7 @@ async def test_models_says_when_none_is_loaded(
 ) -> None:
     # A worker that never ran a model, enrolled just now (w1 and w2 may hold models other tests loaded).
     token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
-    nc = await connect(platform.worker_url, name="test-no-models")
+    nc = await connect(platform.worker_url, name="test-no-models", **bus.enrolling_options(token))
     try:
         req = RegisterWorker(name="no-models", region="cli-none", enrollment_token=token)
         worker_id = (await request(nc, subjects.API_WORKERS_REGISTER, req, Registered)).worker_id

@@ -102,7 +102,10 @@ class JobRunner:
             cb=self._on_dispatch,
             manual_ack=True,
             config=js_api.ConsumerConfig(
-                ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=DISPATCH_ACK_WAIT_S, max_deliver=-1
+                # Named, so the create request carries its filter in the subject: the only form this
+                # worker's NATS identity may send (`gateway/bus/permissions.py`).
+                name=subjects.dispatch_consumer(worker_id),
+                ack_policy=js_api.AckPolicy.EXPLICIT, ack_wait=DISPATCH_ACK_WAIT_S, max_deliver=-1,
             ),
         )
 
@@ -190,7 +193,7 @@ class JobRunner:
             assignment.params,
             emit=partial(self._emit, held),
             progress=progress.offer,
-            store_object=partial(self.link.store_object, assignment.job_id),
+            store_object=partial(self.link.store_object, assignment.job_id, assignment.attempt),
         )
         self._jobs[key] = held
         held.task = asyncio.create_task(self._run(held))

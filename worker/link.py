@@ -1,12 +1,14 @@
 """The worker's one link to the platform: its NATS connection, signed requests, token streams, result objects.
 
 Everything the worker says to the platform goes through `PlatformLink`, so each mechanism has one place:
-- `connect` opens the NATS connection (the only one the worker holds);
+- `connect` opens the NATS connection (the only one the worker holds), as the worker's own NATS identity
+  (`sdk.bus`: a fresh proof signed with its secret at every connect), or, before its enrollment, as a
+  machine holding an enrollment token (which may only register);
 - `send` asks the gateway something: signed with the worker's HMAC secret once it has credentials (a new
   signature and nonce per attempt), and retried with backoff (stamina) while the gateway does not answer;
   a refusal (any other error reply) is raised at once as its typed error;
-- `publish_chunk` streams a running job's output to `stream.<job_id>`;
-- `store_object` puts a large result in the `results` object store.
+- `publish_chunk` streams a running job's output to `stream.<worker_id>.<job_id>`;
+- `store_object` uploads a large result to the gateway, which stores it (`gateway.results`).
 """
 
 from __future__ import annotations
@@ -22,12 +24,10 @@ import msgspec
 import stamina
 from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
-from nats.js import api as js_api
-from nats.js.object_store import ObjectStore
 
-from sdk import subjects
-from sdk.api import Accepted, StreamChunk, WorkerCredentials, WorkerReport
-from sdk.connection import connect, request
+from sdk import bus, subjects
+from sdk.api import Accepted, ResultStored, StreamChunk, UploadResult, WorkerCredentials, WorkerReport
+from sdk.connection import connect, nats_url_from_env, request
 from sdk.errors import Timeout, Unavailable
 from sdk.events import encoder
 from sdk.signing import sign
@@ -64,7 +64,8 @@ class PlatformLink:
     credentials: WorkerCredentials | None = field(default=None, init=False)
     _nc: NatsClient | None = field(default=None, init=False)
     _js: JetStreamContext | None = field(default=None, init=False)
-    _results: ObjectStore | None = field(default=None, init=False)
+    #: Whether the connection is an enrolling machine's (it may only register).
+    enrolling: bool = field(default=False, init=False)
 
     @property
     def connected(self) -> bool:
@@ -75,13 +76,32 @@ class PlatformLink:
         assert self._js is not None, "connect() first"
         return self._js
 
-    async def connect(self) -> None:
-        """Open the worker's NATS connection (waiting up to `connect_wait_s` for the server)."""
+    async def connect(self, enrollment_token: str | None = None) -> None:
+        """Open the worker's NATS connection (waiting up to `connect_wait_s` for the server): as this worker
+        when it has credentials, else as a machine enrolling with `enrollment_token`, or as the user the
+        URL names (a test's platform user). `Unauthorized` when NATS refuses the identity."""
+        identity: dict[str, object] = {}
+        url = nats_url_from_env(self.nats_url)
+        if bus.identity_needed(url) and self.credentials is not None:
+            # Read at each (re)connect: after a rotation the proof is signed with the new secret.
+            identity = bus.worker_options(self.credentials.worker_id, self._current_secret)
+        elif bus.identity_needed(url) and enrollment_token is not None:
+            identity = bus.enrolling_options(enrollment_token)
+        self.enrolling = "token" in identity and self.credentials is None
         self._nc = await connect(
-            self.nats_url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s,
-            on_reconnect=self.on_reconnect,
+            url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s,
+            on_reconnect=self.on_reconnect, **identity,
         )
         self._js = self._nc.jetstream()
+
+    async def reconnect_as_worker(self) -> None:
+        """After the enrollment: the enrolling identity may only register; connect as the worker now."""
+        await self.close()
+        await self.connect()
+
+    def _current_secret(self) -> bytes:
+        assert self.credentials is not None
+        return bytes.fromhex(self.credentials.hmac_secret_hex)
 
     async def close(self) -> None:
         """Close the connection, flushing what is still buffered (the last acks) first; idempotent."""
@@ -142,16 +162,15 @@ class PlatformLink:
     # --- What running jobs send -------------------------------------------------------------------------
 
     async def publish_chunk(self, job_id: str, chunk: StreamChunk) -> None:
-        """Stream a piece of a job's output to `stream.<job_id>` (core NATS: not in the log)."""
-        assert self._nc is not None, "connect() first"
-        await self._nc.publish(subjects.stream_subject(job_id), encoder.encode(chunk))
+        """Stream a piece of a job's output to `stream.<worker_id>.<job_id>` (core NATS: not in the log)."""
+        assert self._nc is not None and self.worker_id is not None, "connect() and register first"
+        await self._nc.publish(subjects.stream_subject(self.worker_id, job_id), encoder.encode(chunk))
 
-    async def store_object(self, job_id: str, name: str, data: bytes, content_type: str) -> str:
-        """Put a large result in the `results` object store as `<job_id>/<name>`; returns that name."""
-        if self._results is None:
-            self._results = await self.js.object_store(subjects.RESULTS_BUCKET)
-        object_name = f"{job_id}/{name}"
-        meta = js_api.ObjectMeta(name=object_name, headers={"Content-Type": [content_type]})
-        await self._results.put(object_name, data, meta=meta)
-        logger.info("stored %s (%d bytes)", object_name, len(data))
-        return object_name
+    async def store_object(self, job_id: str, attempt: int, name: str, data: bytes, content_type: str) -> str:
+        """Upload a large result of the attempt this worker holds; the gateway stores it and answers its
+        object name (`<job_id>/<attempt>.<n>`; `name` is the engine's, for the log)."""
+        assert self.worker_id is not None, "register first"
+        upload = UploadResult(job_id=job_id, attempt=attempt, content_type=content_type, data=data)  # type: ignore[arg-type]
+        stored = await self.send(subjects.result_upload_subject(self.worker_id), upload, ResultStored)
+        logger.info("uploaded %s as %s (%d bytes)", name, stored.object, len(data))
+        return stored.object

@@ -62,6 +62,20 @@ class Registration:
         credentials = self.link.credentials
         return credentials.generation if credentials is not None else None
 
+    async def connect(self) -> None:
+        """Open the link as this worker (its stored credentials), or as a machine enrolling with its token:
+        also when NATS refuses the credentials (revoked, or another installation's) and a token was given."""
+        if self.link.credentials is None:
+            self.link.credentials = self._read_credentials()
+        try:
+            await self.link.connect(self.enrollment_token)
+        except Unauthorized:
+            if self.link.credentials is None or self.enrollment_token is None:
+                raise
+            logger.warning("NATS refused this worker's credentials; enrolling with the token")
+            self.link.credentials = None
+            await self.link.connect(self.enrollment_token)
+
     async def register(self, *, retry_for_s: float) -> None:
         """Register (again): with the stored credentials if there are any, else with the enrollment token.
         Credentials the platform refuses are replaced by a new enrollment when a token was given."""
@@ -103,6 +117,8 @@ class Registration:
         save_identity(self.state_dir, registered.worker_id)
         if registered.credentials is not None:
             self._store_credentials(registered.credentials)
+        if link.enrolling:
+            await link.reconnect_as_worker()
         returning = " (returning)" if previous == registered.worker_id else ""
         logger.info(
             "registered as %s (%s) in region %s%s", registered.worker_id, self.name, registered.region, returning

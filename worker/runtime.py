@@ -240,7 +240,7 @@ class Worker:
             raise RuntimeError("this worker was started already")
         self._started = True
         try:
-            await self._link.connect()
+            await self._registration.connect()
             await self._registration.register(retry_for_s=self._request_retry_s)
             await self._config.start()
             self._heartbeats.start()

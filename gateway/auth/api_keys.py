@@ -13,7 +13,7 @@ from typing import get_args
 from gateway.auth import records
 from gateway.auth.families import TokenFamilies
 from gateway.auth.records import ApiKeyRecord, Revocation, apikey_key, subject_revocation_key
-from gateway.auth.tokens import API_KEY_PREFIX, new_family_id, split_secret_token
+from gateway.auth.tokens import API_KEY_PREFIX, Principal, new_family_id, split_secret_token
 from sdk.api import ApiKeyInfo, ApiKeyRole, TokenPair
 from sdk.errors import BadRequest
 from sdk.signing import AuthReason, refused
@@ -58,6 +58,17 @@ class ApiKeys(TokenFamilies):
         marker = Revocation(at_ms=record.revoked_at_ms, reason="API key revoked")
         await self._mark(subject_revocation_key("client", key_id), marker)
         logger.info("revoked API key %s (%r)", key_id, record.name)
+
+    async def verify_api_key(self, api_key: str) -> Principal:
+        """The principal of a valid, unrevoked API key, issuing nothing (the NATS auth callout checks the
+        key a client connects with); `Unauthorized` with the reason otherwise."""
+        key_id = split_secret_token(api_key, API_KEY_PREFIX, "API key")
+        loaded = await self._bucket.load(apikey_key(key_id), records.apikey_decoder.decode)
+        if loaded is None or not self._secret_matches(api_key, loaded.value.digest):
+            raise refused(AuthReason.UNKNOWN, "unknown API key")
+        if loaded.value.revoked_at_ms is not None:
+            raise refused(AuthReason.REVOKED, "API key revoked")
+        return Principal(subject=key_id, kind="client", role=loaded.value.role, family="")
 
     async def issue_tokens(self, api_key: str) -> TokenPair:
         """Exchange an API key for a new token family's first pair."""

@@ -41,6 +41,7 @@ _WORKER_SUBJECT_PREFIXES = (
     f"{subjects.API_WORKERS_REPORT_PREFIX}.",
     f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.",
     f"{subjects.API_WORKERS_ROTATE_PREFIX}.",
+    f"{subjects.API_WORKERS_RESULT_PREFIX}.",
 )
 
 

@@ -58,6 +58,19 @@ class WorkerEnrollment(TokenFamilies):
         logger.info("created enrollment token %s (ttl %.0f s, worker %s)", token_id, ttl_s, worker_id or "any new")
         return token
 
+    async def check_enrollment(self, token: str) -> str:
+        """The id of an enrollment token that would enroll a worker now, spending nothing (the NATS auth
+        callout lets its holder connect to register); `Unauthorized` with the reason otherwise."""
+        token_id = split_secret_token(token, ENROLLMENT_PREFIX, "enrollment token")
+        loaded = await self._bucket.load(enroll_key(token_id), records.enrollment_decoder.decode)
+        if loaded is None or not self._secret_matches(token, loaded.value.digest):
+            raise refused(AuthReason.UNKNOWN, "unknown enrollment token")
+        if loaded.value.used_at_ms is not None:
+            raise refused(AuthReason.ALREADY_USED, "enrollment token already used")
+        if self._clock() >= loaded.value.expires_at_ms:
+            raise refused(AuthReason.EXPIRED, "enrollment token expired")
+        return token_id
+
     async def enroll(self, token: str, worker_id: str) -> WorkerCredentials:
         """Spend an enrollment token on `worker_id`; returns the worker's credentials, once."""
         worker_id = convert(worker_id, Token)

@@ -33,6 +33,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from gateway.auth import AuthSettings, Credentials, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE
+from gateway.bus import bus_authority
 from gateway.http import geo, jobs, operators
 from gateway.http.openapi import StrictStructSchema
 from gateway.http.params import NO_AUTH, provide_gateway, provide_principal
@@ -122,7 +123,8 @@ def create_app(
             await api.start()
         app.state.gateway = gateway
         try:
-            yield
+            async with bus_authority(nc, credentials, secrets_dir, nats_url):
+                yield
         finally:
             await api.stop()
             await gateway.stop()

@@ -71,6 +71,14 @@ from sdk.api.reports import (
     ReportStarted,
     WorkerReport,
 )
+from sdk.api.results import (
+    MAX_RESULT_BYTES,
+    MAX_RESULTS_PER_ATTEMPT,
+    MAX_UPLOAD_BODY_BYTES,
+    ResultContentType,
+    ResultStored,
+    UploadResult,
+)
 from sdk.api.workers import (
     GetWorker,
     GetWorkerConfig,
@@ -92,6 +100,12 @@ from sdk.api.workers import (
 )
 
 __all__ = [
+    "MAX_RESULT_BYTES",
+    "MAX_RESULTS_PER_ATTEMPT",
+    "MAX_UPLOAD_BODY_BYTES",
+    "ResultContentType",
+    "ResultStored",
+    "UploadResult",
     "Accepted",
     "ApiKey",
     "ApiKeyCreated",

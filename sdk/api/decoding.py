@@ -24,13 +24,13 @@ class Strict(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _decoders: dict[type, msgspec.json.Decoder] = {}
 
 
-def decode(data: bytes, kind: Any) -> Any:
+def decode(data: bytes, kind: Any, *, max_bytes: int = MAX_BODY_BYTES) -> Any:
     """Decode untrusted JSON into `kind`; any mismatch becomes a `BadRequest` naming the field."""
     decoder = _decoders.get(kind)
     if decoder is None:
         decoder = _decoders[kind] = msgspec.json.Decoder(kind)
-    if len(data) > MAX_BODY_BYTES:
-        raise BadRequest(f"body is {len(data)} bytes; the limit is {MAX_BODY_BYTES}")
+    if len(data) > max_bytes:
+        raise BadRequest(f"body is {len(data)} bytes; the limit is {max_bytes}")
     try:
         return decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:

@@ -28,7 +28,7 @@ from rich.table import Table
 from sdk import subjects
 from sdk.api import Registered, RegisterWorker, Token
 from sdk.connection import nats_url_from_env
-from sdk.errors import PlatformError, Unavailable, WorkerNotFound
+from sdk.errors import PlatformError, Unauthorized, Unavailable, WorkerNotFound
 from worker.cli.app import EXIT_BAD_CONFIG, app, fail
 from worker.cli.console import format_value, gpu_table, redacted_url
 from worker.config import (
@@ -137,7 +137,9 @@ async def _enroll(config: LocalConfig, path: Path, console: Console, timeout_s: 
         connect_wait_s=timeout_s, request_timeout_s=timeout_s,
     )
     try:
-        await link.connect()
+        await link.connect(config.enrollment_token)
+    except Unauthorized as exc:  # NATS refused the token: unknown, spent or expired
+        return fail(exc)
     except (Unavailable, NatsError, OSError) as exc:
         message = exc.message if isinstance(exc, PlatformError) else f"{type(exc).__name__}: {exc}"
         console.print(

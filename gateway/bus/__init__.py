@@ -1,0 +1,47 @@
+"""Per-principal NATS identities: the auth callout (`callout`), the permissions of each identity
+(`permissions`) and the JWTs that carry them (`jwt`). docs/security.md, "NATS identities"."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from nats.aio.client import Client as NatsClient
+
+from gateway.auth import Credentials
+from gateway.bus.callout import BusAuthority
+from sdk.broker import NATS_ENV_FILE, load_or_create_issuer, password_variable
+from sdk.connection import connect, nats_url_from_env, with_user
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BusAuthority", "bus_authority"]
+
+
+@asynccontextmanager
+async def bus_authority(
+    nc: NatsClient, credentials: Credentials, secrets_dir: Path, nats_url: str | None
+) -> AsyncIterator[BusAuthority]:
+    """The callout, answering while the context is open. Its issuer seed is in `secrets_dir`; the system
+    account's password (for kicks) is read from `secrets_dir/nats.env` when the server is ours."""
+    system = await _system_connection(secrets_dir, nats_url)
+    authority = BusAuthority(nc, credentials, load_or_create_issuer(secrets_dir), system)
+    await authority.start()
+    try:
+        yield authority
+    finally:
+        await authority.stop()
+        if system is not None:
+            await system.close()
+
+
+async def _system_connection(secrets_dir: Path, nats_url: str | None) -> NatsClient | None:
+    path = secrets_dir / NATS_ENV_FILE
+    pairs = (line.partition("=") for line in path.read_text().splitlines()) if path.exists() else ()
+    password = {name: value for name, _, value in pairs}.get(password_variable("system"))
+    if password is None:
+        logger.warning("no system account password in %s: revoked identities keep their connection until it expires", path)
+        return None
+    return await connect(with_user(nats_url_from_env(nats_url), "system", password), name="gateway-system")
