@@ -8,6 +8,8 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+import httpx
+import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -18,20 +20,28 @@ from nats.js import api as js_api
 from gateway.admin import open_admin
 from sdk import bus, subjects
 from sdk.api import (
+    MAX_RESULT_BYTES,
     CreateApiKey,
     CreateEnrollment,
     JobPage,
     ListJobs,
     Registered,
     RegisterWorker,
+    ResultStored,
+    UploadResult,
     WorkerCredentials,
 )
 from sdk.broker import EmbeddedNats
 from sdk.connection import connect, request
-from sdk.errors import Unauthorized
-from sdk.events import Assignment, encoder
-from sdk.log import ensure_streams, read_subject
+from sdk.errors import BadRequest, JobNotFound, StaleAttempt, Unauthorized
+from sdk.events import Assignment, JobAssigned, JobCompleted, JobSubmitted, encoder
+from sdk.http import HttpClient
+from sdk.log import append, ensure_streams, read_subject
+from sdk.signing import sign
 from tests.conftest import serving_gateway, wait_until
+
+#: The object store's stream (JetStream names an object store bucket's stream `OBJ_<bucket>`).
+RESULTS_STREAM = f"OBJ_{subjects.RESULTS_BUCKET}"
 
 
 class Session:
@@ -63,9 +73,10 @@ class Session:
 class Platform:
     """The server, a gateway answering its callout, and a platform connection."""
 
-    def __init__(self, server: EmbeddedNats, nc: NatsClient) -> None:
+    def __init__(self, server: EmbeddedNats, nc: NatsClient, http_url: str) -> None:
         self.server = server
         self.nc = nc
+        self.http_url = http_url
         self.js = nc.jetstream()
 
     async def connect(self, **identity: object) -> Session:
@@ -109,8 +120,8 @@ async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Pl
     try:
         nc = await connect(server.url, name="test-platform")
         await ensure_streams(nc.jetstream())
-        async with serving_gateway(server.url, server.secrets_dir):
-            yield Platform(server, nc)
+        async with serving_gateway(server.url, server.secrets_dir) as http_url:
+            yield Platform(server, nc, http_url)
         await nc.close()
     finally:
         server.stop()
@@ -152,7 +163,11 @@ async def test_a_worker_reaches_its_own_subjects_only(platform: Platform, sessio
     for subject in ("jobs.forged", "workers.forged", subjects.report_subject(other.worker_id), subjects.rotate_subject(other.worker_id),
                     subjects.heartbeat_request_subject(other.worker_id), subjects.stream_subject(other.worker_id, "j1"),
                     subjects.API_WORKERS_CONFIG_SET, subjects.API_JOBS_SUBMIT, "dispatch.perm.x",
-                    f"$KV.{subjects.WORKER_CONFIG_BUCKET}.{me.worker_id}", f"$JS.API.STREAM.PURGE.{subjects.DISPATCH_STREAM}"):
+                    f"$KV.{subjects.WORKER_CONFIG_BUCKET}.{me.worker_id}", f"$JS.API.STREAM.PURGE.{subjects.DISPATCH_STREAM}",
+                    # The object store: no enumeration by sequence, no metadata overwrite, no chunks.
+                    f"$JS.API.STREAM.MSG.GET.{RESULTS_STREAM}", f"$JS.API.DIRECT.GET.{RESULTS_STREAM}.$O.x",
+                    f"$JS.API.STREAM.INFO.{RESULTS_STREAM}", f"$O.{subjects.RESULTS_BUCKET}.M.x",
+                    f"$O.{subjects.RESULTS_BUCKET}.C.x", f"$JS.API.STREAM.PURGE.{RESULTS_STREAM}"):
         await worker.refused_publish(subject)
     assert await read_subject(platform.js, subjects.JOBS_STREAM, "jobs.forged") == []
 
@@ -264,6 +279,60 @@ async def test_a_revoked_worker_is_disconnected_and_refused(platform: Platform, 
     with pytest.raises(Unauthorized):
         await connect(platform.server.address, name="revoked-again", wait_s=0.5,
                       **bus.worker_options(me.worker_id, lambda: bytes.fromhex(me.hmac_secret_hex)))
+
+
+async def held_by(platform: Platform, worker_id: str) -> str:
+    """A job the log says `worker_id` holds (attempt 1; appended as the platform, as the scheduler would)."""
+    job_id = f"j{time.time_ns()}"
+    await append(platform.js, subjects.job_subject(job_id), JobSubmitted(job_id=job_id, job_type="image"))
+    assigned = JobAssigned(job_id=job_id, worker_id=worker_id, region="perm", attempt=1)
+    await append(platform.js, subjects.job_subject(job_id), assigned)
+    return job_id
+
+
+async def test_results_are_uploaded_through_the_gateway_for_held_jobs_only(platform: Platform) -> None:
+    me, other = await platform.enroll("upload-a"), await platform.enroll("upload-b")
+    mine, theirs = await held_by(platform, me.worker_id), await held_by(platform, other.worker_id)
+    secret = bytes.fromhex(me.hmac_secret_hex)
+    nc = await connect(platform.server.address, name="uploader", **bus.worker_options(me.worker_id, lambda: secret))
+
+    async def upload(job_id: str, attempt: int, data: bytes = b"\x89PNG-1", content_type: str = "image/png") -> str:
+        subject = subjects.result_upload_subject(me.worker_id)
+        body = msgspec.json.encode(UploadResult(job_id=job_id, attempt=attempt, content_type=content_type, data=data))  # type: ignore[arg-type]
+        headers = sign(secret, subject, body, worker_id=me.worker_id)
+        return (await request(nc, subject, body, ResultStored, headers=headers, timeout_s=10)).object
+
+    try:
+        assert await upload(mine, 1) == f"{mine}/1.0"
+        assert await upload(mine, 1, b"\x89PNG-2") == f"{mine}/1.1"  # a second result, never an overwrite
+        with pytest.raises(StaleAttempt):
+            await upload(mine, 2)  # an attempt it does not hold
+        with pytest.raises(StaleAttempt):
+            await upload(theirs, 1)  # another worker's job
+        with pytest.raises(BadRequest):
+            await upload(mine, 1, b"<html>", "text/html")
+        with pytest.raises(BadRequest):
+            await upload(mine, 1, b"\0" * (MAX_RESULT_BYTES + 1))
+    finally:
+        await nc.close()
+    store = await platform.js.object_store(subjects.RESULTS_BUCKET)
+    assert (await store.get(f"{mine}/1.0")).data == b"\x89PNG-1"
+    assert sorted(o.name for o in await store.list() if o.name.startswith((mine, theirs))) == [f"{mine}/1.0", f"{mine}/1.1"]
+
+    # Served only when the object is the job's own, with the content type the gateway stored.
+    images = [{"object": f"{mine}/1.0", "content_type": "text/html"}, {"object": f"{mine}/1.1"}]
+    await append(platform.js, subjects.job_subject(mine), JobCompleted(job_id=mine, worker_id=me.worker_id, attempt=1,
+                                                                       result={"images": images}))
+    stolen = [{"object": f"{mine}/1.0", "content_type": "image/png"}]
+    await append(platform.js, subjects.job_subject(theirs), JobCompleted(job_id=theirs, worker_id=other.worker_id,
+                                                                         attempt=1, result={"images": stolen}))
+    async with HttpClient(platform.http_url, api_key=await platform.api_key("operator")) as http:
+        async with httpx.AsyncClient(base_url=platform.http_url) as raw:
+            response = await raw.get(f"/api/v1/jobs/{mine}/result/0", headers=await http.auth.headers())
+        assert (response.status_code, response.headers["content-type"], response.content) == (200, "image/png", b"\x89PNG-1")
+        assert await http.result(mine, 1) == b"\x89PNG-2"
+        with pytest.raises(JobNotFound):
+            await http.result(theirs, 0)
 
 
 async def test_connect_cost(platform: Platform) -> None:

@@ -48,6 +48,7 @@ from sdk.api import (
     ReportCompleted,
     ReportProgress,
     RotateCredentials,
+    StreamChunk,
     SubmitJob,
     Submitted,
     TokenPair,
@@ -66,6 +67,7 @@ from sdk.events import (
     JobProgress,
     JobRequeued,
     WorkerCredentialsRotated,
+    encoder,
     event_type,
     job_event_decoder,
     worker_event_decoder,
@@ -416,6 +418,53 @@ async def test_a_report_about_another_workers_job_is_refused(
         assert reason(exc) == "already_used"
         assert "job.completed" not in [event_type(e) for e in await job_history(stack, held_job)]
     finally:
+        await http.revoke_worker(intruder.worker_id)
+
+
+async def test_a_forged_or_junk_chunk_never_reaches_a_stream_reader(
+    stack: LocalStack, held_job: str, sec_workers: dict[str, str], http: HttpClient
+) -> None:
+    received: list[str] = []
+
+    async def read() -> None:
+        async for text in http.stream(held_job, timeout_s=120):
+            received.append(text)
+
+    reader = asyncio.create_task(read())
+    # Another enrolled worker, with its own identity: it may publish on its own stream subjects only.
+    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
+    enrolling = await connect(stack.worker_url, name="test-intruder-enroll", **bus.enrolling_options(token))
+    try:
+        req = RegisterWorker(name="intruder-stream", region="sec-none", enrollment_token=token)
+        intruder = (await request(enrolling, subjects.API_WORKERS_REGISTER, req, Registered)).credentials
+    finally:
+        await enrolling.close()
+    assert intruder is not None
+    holder = worker_credentials(stack, "sec1")
+    as_holder, as_intruder = [
+        await connect(stack.worker_url, name=f"test-{c.worker_id}",
+                      **bus.worker_options(c.worker_id, lambda c=c: bytes.fromhex(c.hmac_secret_hex)))
+        for c in (holder, intruder)
+    ]
+    try:
+
+        async def genuine_arrived() -> bool:
+            # Sent until the reader's subscription is in place; repeats of offset 0 add nothing.
+            forged = encoder.encode(StreamChunk(offset=0, text="FORGED"))
+            await as_intruder.publish(subjects.stream_subject(intruder.worker_id, held_job), forged)
+            await as_holder.publish(subjects.stream_subject(holder.worker_id, held_job), b"not a chunk")
+            genuine = encoder.encode(StreamChunk(offset=0, text="genuine"))
+            await as_holder.publish(subjects.stream_subject(holder.worker_id, held_job), genuine)
+            return "genuine" in "".join(received)
+
+        await wait_until(genuine_arrived, 20, "the holder's chunk to reach the reader")
+        assert not reader.done(), "the junk chunk ended the stream"
+        assert "".join(received) == "genuine"
+    finally:
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        await as_holder.close()
+        await as_intruder.close()
         await http.revoke_worker(intruder.worker_id)
 
 

@@ -138,8 +138,8 @@ async def _enroll(config: LocalConfig, path: Path, console: Console, timeout_s: 
     )
     try:
         await link.connect(config.enrollment_token)
-    except Unauthorized as exc:  # NATS refused the token: unknown, spent or expired
-        return fail(exc)
+    except Unauthorized:  # the auth callout says no more than that (the gateway's log says why)
+        return fail(Unauthorized("the platform refused this enrollment token: unknown, already used or expired"))
     except (Unavailable, NatsError, OSError) as exc:
         message = exc.message if isinstance(exc, PlatformError) else f"{type(exc).__name__}: {exc}"
         console.print(
