@@ -13,9 +13,11 @@ import pytest
 from nats.aio.client import Client as NatsClient
 
 from gateway.auth import AuthSettings
+from sdk import bus, subjects
+from sdk.api import Registered, RegisterWorker
 from sdk.broker import EmbeddedNats, free_port
 from sdk.client import Client
-from sdk.connection import connect, port_open
+from sdk.connection import connect, port_open, request
 from sdk.errors import PlatformError
 from sdk.http import HttpClient
 from sdk.local import LocalStack
@@ -71,6 +73,17 @@ def tiny_diffusion(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- The platform as a user runs it: every component a real process ------------------------------
 
 HEARTBEAT_INTERVAL_S = 0.4
+
+
+async def enroll_over_nats(url: str, token: str, name: str, region: str) -> Registered:
+    """Register a new worker as a machine holding only `token` (its NATS identity may only register)."""
+    nc = await connect(url, name=f"test-enroll-{name}", **bus.enrolling_options(token))
+    try:
+        req = RegisterWorker(name=name, region=region, enrollment_token=token)
+        registered: Registered = await request(nc, subjects.API_WORKERS_REGISTER, req, Registered)
+    finally:
+        await nc.close()
+    return registered
 
 
 async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, what: str = "condition") -> None:

@@ -25,8 +25,6 @@ from sdk.api import (
     CreateEnrollment,
     JobPage,
     ListJobs,
-    Registered,
-    RegisterWorker,
     ResultStored,
     UploadResult,
     WorkerCredentials,
@@ -38,7 +36,7 @@ from sdk.events import Assignment, JobAssigned, JobCompleted, JobSubmitted, enco
 from sdk.http import HttpClient
 from sdk.log import append, ensure_streams, read_subject
 from sdk.signing import sign
-from tests.conftest import serving_gateway, wait_until
+from tests.conftest import enroll_over_nats, serving_gateway, wait_until
 
 #: The object store's stream (JetStream names an object store bucket's stream `OBJ_<bucket>`).
 RESULTS_STREAM = f"OBJ_{subjects.RESULTS_BUCKET}"
@@ -98,13 +96,7 @@ class Platform:
 
     async def enroll(self, name: str, token: str | None = None) -> WorkerCredentials:
         """A new worker, enrolled over NATS as a machine holding only its enrollment token."""
-        token = token or await self.enrollment_token()
-        nc = await connect(self.server.address, name=f"enroll-{name}", **bus.enrolling_options(token))
-        try:
-            req = RegisterWorker(name=name, region="perm", enrollment_token=token)
-            registered = await request(nc, subjects.API_WORKERS_REGISTER, req, Registered)
-        finally:
-            await nc.close()
+        registered = await enroll_over_nats(self.server.address, token or await self.enrollment_token(), name, "perm")
         assert registered.credentials is not None
         return registered.credentials
 

@@ -76,7 +76,7 @@ from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import ensure_streams, read_subject
 from sdk.signing import sign
-from tests.conftest import serving_gateway, wait_until
+from tests.conftest import enroll_over_nats, serving_gateway, wait_until
 from worker.engines.echo import EchoEngine
 from worker.runtime import Worker
 
@@ -433,12 +433,7 @@ async def test_a_forged_or_junk_chunk_never_reaches_a_stream_reader(
     reader = asyncio.create_task(read())
     # Another enrolled worker, with its own identity: it may publish on its own stream subjects only.
     token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
-    enrolling = await connect(stack.worker_url, name="test-intruder-enroll", **bus.enrolling_options(token))
-    try:
-        req = RegisterWorker(name="intruder-stream", region="sec-none", enrollment_token=token)
-        intruder = (await request(enrolling, subjects.API_WORKERS_REGISTER, req, Registered)).credentials
-    finally:
-        await enrolling.close()
+    intruder = (await enroll_over_nats(stack.worker_url, token, "intruder-stream", "sec-none")).credentials
     assert intruder is not None
     holder = worker_credentials(stack, "sec1")
     as_holder, as_intruder = [

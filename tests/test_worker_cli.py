@@ -19,15 +19,13 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from sdk import bus, subjects
-from sdk.api import Registered, RegisterWorker, WorkerCredentials
+from sdk.api import WorkerCredentials
 from sdk.broker import free_port
 from sdk.client import Client
-from sdk.connection import connect, request
 from sdk.events import GpuInfo
 from sdk.http import HttpClient
 from sdk.local import LocalStack
-from tests.conftest import wait_until
+from tests.conftest import enroll_over_nats, wait_until
 from worker.cli import app, registered_worker_id
 from worker.cli.console import Phase, ScreenSample, live_view
 from worker.config import load_config
@@ -371,12 +369,7 @@ async def test_models_says_when_none_is_loaded(
 ) -> None:
     # A worker that never ran a model, enrolled just now (w1 and w2 may hold models other tests loaded).
     token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
-    nc = await connect(platform.worker_url, name="test-no-models", **bus.enrolling_options(token))
-    try:
-        req = RegisterWorker(name="no-models", region="cli-none", enrollment_token=token)
-        worker_id = (await request(nc, subjects.API_WORKERS_REGISTER, req, Registered)).worker_id
-    finally:
-        await nc.close()
+    worker_id = (await enroll_over_nats(platform.worker_url, token, "no-models", "cli-none")).worker_id
     try:
         async def known() -> bool:
             return any(w.id == worker_id for w in await http.workers(region="cli-none"))

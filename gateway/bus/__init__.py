@@ -12,7 +12,7 @@ from nats.aio.client import Client as NatsClient
 
 from gateway.auth import Credentials
 from gateway.bus.callout import BusAuthority
-from sdk.broker import NATS_ENV_FILE, load_or_create_issuer, password_variable
+from sdk.broker import NATS_ENV_FILE, load_or_create_issuer, password_variable, read_nats_env
 from sdk.connection import connect, nats_url_from_env, with_user
 
 logger = logging.getLogger(__name__)
@@ -38,10 +38,11 @@ async def bus_authority(
 
 
 async def _system_connection(secrets_dir: Path, nats_url: str | None) -> NatsClient | None:
-    path = secrets_dir / NATS_ENV_FILE
-    pairs = (line.partition("=") for line in path.read_text().splitlines()) if path.exists() else ()
-    password = {name: value for name, _, value in pairs}.get(password_variable("system"))
+    password = read_nats_env(secrets_dir).get(password_variable("system"))
     if password is None:
-        logger.warning("no system account password in %s: revoked identities keep their connection until it expires", path)
+        logger.warning(
+            "no system account password in %s: revoked identities keep their connection until it expires",
+            secrets_dir / NATS_ENV_FILE,
+        )
         return None
     return await connect(with_user(nats_url_from_env(nats_url), "system", password), name="gateway-system")
