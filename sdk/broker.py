@@ -8,6 +8,7 @@ server's environment, its seed `nats-issuer.seed` in the secrets dir, beside `na
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import socket
@@ -33,6 +34,8 @@ NATS_ENV_FILE = "nats.env"
 ISSUER_SEED_FILE = "nats-issuer.seed"
 #: The variable nats.conf reads the auth callout's issuer (an account public key) from.
 ISSUER_VARIABLE = "GF_AUTH_ISSUER"
+#: Where a deployment without a secrets dir of ours hands the gateway the issuer's seed.
+ISSUER_SEED_VARIABLE = "GF_AUTH_ISSUER_SEED"
 
 
 def password_variable(user: str) -> str:
@@ -48,7 +51,10 @@ def nats_passwords() -> dict[str, str]:
 
 
 def load_or_create_issuer(secrets_dir: Path) -> nkeys.KeyPair:
-    """The auth callout's issuer key pair (an account nkey), created on first use (mode 0600)."""
+    """The auth callout's issuer key pair (an account nkey): `$GF_AUTH_ISSUER_SEED` where a deployment
+    sets it (docker compose), else `<secrets_dir>/nats-issuer.seed`, created on first use (mode 0600)."""
+    if seed := os.environ.get(ISSUER_SEED_VARIABLE):
+        return nkeys.from_seed(bytearray(seed.strip().encode()))
     path = Path(secrets_dir) / ISSUER_SEED_FILE
     if not path.exists():
         seed = nkeys.encode_seed(secrets.token_bytes(32), nkeys.PREFIX_BYTE_ACCOUNT)

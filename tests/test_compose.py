@@ -22,7 +22,7 @@ import jsonschema
 import pytest
 import yaml
 
-from sdk.broker import EmbeddedNats, free_port, nats_server_binary
+from sdk.broker import ISSUER_VARIABLE, EmbeddedNats, free_port, nats_server_binary
 from sdk.http import HttpClient
 from sdk.status import parse_metrics
 from tests.conftest import wait_until
@@ -141,9 +141,10 @@ def test_each_nats_node_config_is_valid(node: str, tmp_path: Path) -> None:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    """The cluster's stand-in: one nats-server with the platform's nats.conf and `.env.example`'s passwords."""
-    passwords = {k: v for k, v in env_example().items() if k.endswith("_PASSWORD")}
-    server = EmbeddedNats(tmp_path / "nats", env=passwords)
+    """The cluster's stand-in: one nats-server with the platform's nats.conf and `.env.example`'s passwords
+    and auth callout issuer."""
+    variables = {k: v for k, v in env_example().items() if k.endswith("_PASSWORD") or k == ISSUER_VARIABLE}
+    server = EmbeddedNats(tmp_path / "nats", env=variables)
     server.start()
     yield server
     server.stop()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -24,8 +25,9 @@ __all__ = ["BusAuthority", "bus_authority"]
 async def bus_authority(
     nc: NatsClient, credentials: Credentials, secrets_dir: Path, nats_url: str | None
 ) -> AsyncIterator[BusAuthority]:
-    """The callout, answering while the context is open. Its issuer seed is in `secrets_dir`; the system
-    account's password (for kicks) is read from `secrets_dir/nats.env` when the server is ours."""
+    """The callout, answering while the context is open. Its issuer seed is in `secrets_dir` (or
+    `$GF_AUTH_ISSUER_SEED`); the system account's password (for kicks) is read from `secrets_dir/nats.env`
+    when the server is ours, else from `$GF_SYSTEM_PASSWORD`."""
     system = await _system_connection(secrets_dir, nats_url)
     authority = BusAuthority(nc, credentials, load_or_create_issuer(secrets_dir), system)
     await authority.start()
@@ -38,7 +40,8 @@ async def bus_authority(
 
 
 async def _system_connection(secrets_dir: Path, nats_url: str | None) -> NatsClient | None:
-    password = read_nats_env(secrets_dir).get(password_variable("system"))
+    variable = password_variable("system")
+    password = read_nats_env(secrets_dir).get(variable) or os.environ.get(variable)
     if password is None:
         logger.warning(
             "no system account password in %s: revoked identities keep their connection until it expires",
