@@ -134,13 +134,16 @@ async def nvml_matches_torch(env: Env) -> str:
     gpus = gpu_snapshot()
     assert gpus, "NVML reports no GPU"
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    torch_bus = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}".lower()
+    if not hasattr(props, "pci_bus_id"):
+        raise Skip("this torch does not report its device's PCI bus id")
+    # NVML writes `00000000:17:00.0`; torch gives the bus and device numbers.
+    torch_bus = f"{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
     buses = []
     for gpu in gpus:
         info = pynvml.nvmlDeviceGetPciInfo(pynvml.nvmlDeviceGetHandleByIndex(gpu.index))
         bus = info.busId.decode() if isinstance(info.busId, bytes) else info.busId
         buses.append(bus.lower())
-    assert any(bus.endswith(torch_bus[-7:]) for bus in buses), f"torch uses {torch_bus}; NVML lists {buses}"
+    assert any(bus.rsplit(".", 1)[0].endswith(torch_bus) for bus in buses), f"torch uses {torch_bus}; NVML lists {buses}"
     return f"torch's device is at {torch_bus}, which NVML lists"
 
 

@@ -75,9 +75,10 @@ class MemoryProbe:
         """None when it cannot be measured."""
         if not self.on_gpu:
             return memory_free_bytes()
-        if _torch_sees_cuda():
+        if "torch" in sys.modules and _torch_sees_cuda():
             return _torch_free_bytes()
-        # A worker without torch loads no models: NVML's figure is only reported.
+        # A worker that never imported torch (echo only) loads no models: NVML's figure is only reported,
+        # and importing torch here would cost it seconds and a CUDA context.
         gpus = gpu_snapshot(self.gpu_indices[:1] if self.gpu_indices else [0])
         return gpus[0].memory_free_bytes if gpus else None
 
