@@ -14,6 +14,7 @@ from httpx_sse import aconnect_sse
 
 from sdk.http import HttpClient
 from sdk.local import LocalStack
+from tests.conftest import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -53,17 +54,20 @@ async def test_a_client_sees_its_own_jobs_and_an_operator_sees_everything(stack:
         def job_events(who: str, job_id: str) -> list[str]:
             return [data["event"]["type"] for event, data in seen[who] if event == "job" and data["job_id"] == job_id]
 
-        for _ in range(100):
-            if job_events("client", clients_job.id)[-1:] == ["job.completed"] and job_events(
-                "operator", operators_job.id
-            )[-1:] == ["job.completed"]:
-                break
-            await asyncio.sleep(0.1)
+        async def both_completed() -> bool:
+            return job_events("client", clients_job.id)[-1:] == job_events("operator", operators_job.id)[-1:] == [
+                "job.completed"
+            ]
+
+        async def a_heartbeat() -> bool:
+            return any(event == "heartbeat" for event, _ in seen["operator"])
+
+        await wait_until(both_completed, 15, "both jobs' completion on the feeds")
+        # Only an operator gets the fleet's telemetry (the stack's workers beat every 0.4 s).
+        await wait_until(a_heartbeat, 15, "a heartbeat on the operator's feed")
         assert job_events("client", clients_job.id) == ["job.submitted", "job.assigned", "job.started", "job.completed"]
         assert job_events("client", operators_job.id) == []  # another owner's job never shows
         assert {"job.submitted", "job.completed"} <= set(job_events("operator", clients_job.id))
-        # Only an operator gets the fleet's telemetry (the stack's workers beat every 0.4 s).
-        assert any(event == "heartbeat" for event, _ in seen["operator"])
         assert not any(event in ("heartbeat", "worker") for event, _ in seen["client"])
     finally:
         for task in tasks:
