@@ -1,11 +1,9 @@
 """The gateway's NATS endpoints (`api.>`), for the SDK and for workers.
 
-Each request is decoded into its struct, handled in its own task (a subscription's callbacks run one
-at a time, and one slow request must not hold up the others), and always answered: a reply struct or
-a structured `ErrorReply`, never silence. Each endpoint runs at most `max_in_flight` handlers at once;
-more requests wait in the subscription's queue (nats-py's pending limits bound that), so a flood costs
-memory in proportion to the bound, not to the flood, and long polls on one endpoint (`api.jobs.wait`)
-never take the slots of another (worker reports).
+Each request is decoded into its struct and handled by `sdk.endpoints.Endpoints`: in a task of its own,
+always answered (a reply struct or a structured `ErrorReply`, never silence), at most `max_in_flight`
+handlers of one endpoint at once, so a flood costs memory in proportion to the bound, not to the flood,
+and long polls on one endpoint (`api.jobs.wait`) never take the slots of another (worker reports).
 
 Every request is authenticated before its body is decoded, one way per endpoint:
 - `api.auth.*`: none (the body carries the API key or refresh token);
@@ -19,13 +17,11 @@ Every request is authenticated before its body is decoded, one way per endpoint:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from gateway.access import job_scope, require_client, require_operator
 from gateway.auth import Principal
@@ -53,28 +49,18 @@ from sdk.api import (
     WorkerReport,
     decode,
 )
-from sdk.connection import encode_error
-from sdk.errors import BadRequest, PlatformError
+from sdk.endpoints import MAX_IN_FLIGHT, STREAMED, Endpoints, Handler
+from sdk.errors import BadRequest
 from sdk.events import Heartbeat, encoder
 from sdk.placement import ExplainPlacement
 from sdk.signing import MAX_SIGNED_BODY_BYTES, SIGNATURE_HEADER, AuthReason, forbidden
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Msg], Awaitable[Any]]
-#: What a handler returns when it has sent its answers itself (a stream).
-STREAMED = object()
-
-#: Handlers of one endpoint running at once in one gateway.
-MAX_IN_FLIGHT = 256
-
-
 class NatsApi:
     def __init__(self, gateway: Gateway, *, max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.gateway = gateway
-        self.max_in_flight = max_in_flight
-        self._subs: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._endpoints = Endpoints(gateway.nc, queue=subjects.API_QUEUE, name="gateway", max_in_flight=max_in_flight)
 
     async def start(self) -> None:
         g = self.gateway
@@ -110,47 +96,11 @@ class NatsApi:
                 lambda m, worker_id: g.store_result(worker_id, decode_upload(m.data)), MAX_UPLOAD_BODY_BYTES
             ),
         }
-        for subject, handler in routes.items():
-            sub = await g.nc.subscribe(subject, queue=subjects.API_QUEUE, cb=self._spawn(handler))
-            self._subs.append(sub)
-        logger.info("gateway answering %d NATS endpoints", len(routes))
+        await self._endpoints.serve(routes)
 
     async def stop(self) -> None:
-        for sub in self._subs:
-            await sub.unsubscribe()
-        self._subs.clear()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5)
-
-    def _spawn(self, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
-        slots = asyncio.Semaphore(self.max_in_flight)
-
-        def done(task: asyncio.Task[None]) -> None:
-            self._tasks.discard(task)
-            slots.release()
-
-        async def on_msg(msg: Msg) -> None:
-            # Waiting here holds back this endpoint's subscription only; its next message stays queued.
-            await slots.acquire()
-            task = asyncio.get_running_loop().create_task(self._answer(msg, handler))
-            self._tasks.add(task)
-            task.add_done_callback(done)
-
-        return on_msg
-
-    async def _answer(self, msg: Msg, handler: Handler) -> None:
-        try:
-            answer = await handler(msg)
-            if answer is STREAMED:
-                return
-            reply = answer if isinstance(answer, bytes) else encoder.encode(answer)
-        except PlatformError as exc:
-            reply = encode_error(exc.to_reply())
-        except Exception as exc:
-            logger.exception("%s failed", msg.subject)
-            reply = encode_error(PlatformError(f"internal error: {type(exc).__name__}").to_reply())
-        if msg.reply:
-            await msg.respond(reply)
+        """Take no more requests; those in flight get 5 s (a wait is answered at once on shutdown)."""
+        await self._endpoints.stop(grace_s=5)
 
     # --- Authentication, once per request, before the body is decoded -----------------------------
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,9 @@ from sdk.api import (
     decode,
     job_view,
 )
-from sdk.connection import connect, encode_error
-from sdk.errors import BadRequest, JobNotFound, PlatformError, Unavailable, WorkerNotFound
+from sdk.connection import connect
+from sdk.endpoints import Endpoints
+from sdk.errors import BadRequest, JobNotFound, Unavailable, WorkerNotFound
 from sdk.jobs import JobStatus, visible_to
 from sdk.log import ensure_streams
 
@@ -67,8 +67,7 @@ class Projections:
         self._writing = asyncio.Lock()
         self._applier: asyncio.Task[None] | None = None
         self._consumers: list[Subscription] = []
-        self._endpoints: list[Subscription] = []
-        self._requests: set[asyncio.Task[None]] = set()
+        self._endpoints = Endpoints(nc, queue=subjects.PROJ_QUEUE, name="projections")
 
     async def start(self) -> None:
         self._store = store = await Store.open(self._db_path)
@@ -77,28 +76,22 @@ class Projections:
         js = self._nc.jetstream()
         for stream in FOLDED_STREAMS:
             self._consumers.append(await follow(js, stream, store.positions.get(stream, 0), self._queue))
-        routes: dict[str, Callable[[bytes], Awaitable[Any]]] = {
+        routes = {
             subjects.PROJ_JOBS_GET: self._get_job,
             subjects.PROJ_JOBS_LIST: self._list_jobs,
             subjects.PROJ_WORKERS_GET: self._get_worker,
             subjects.PROJ_WORKERS_LIST: self._list_workers,
         }
-        for subject, handle in routes.items():
-            self._endpoints.append(
-                await self._nc.subscribe(subject, queue=subjects.PROJ_QUEUE, cb=self._answerer(handle))
-            )
+        await self._endpoints.serve(routes)
         logger.info("projections serving %s from %s", ", ".join(routes), self._db_path)
 
     async def stop(self) -> None:
         """Stop answering, stop reading, let the batch in progress commit, close the database. Idempotent."""
-        for sub in [*self._endpoints, *self._consumers]:
+        await self._endpoints.stop()  # reads still waiting for `min_seq` are answered `unavailable`
+        for sub in self._consumers:
             with contextlib.suppress(nats.errors.Error):
                 await sub.unsubscribe()
-        self._endpoints.clear()
         self._consumers.clear()
-        for task in list(self._requests):
-            task.cancel()
-        await asyncio.gather(*self._requests, return_exceptions=True)
         if self._applier is not None:
             async with self._writing:
                 self._applier.cancel()
@@ -147,30 +140,6 @@ class Projections:
 
     # --- Queries ---
 
-    def _answerer(self, handle: Callable[[bytes], Awaitable[Any]]) -> Callable[[Msg], Awaitable[None]]:
-        async def answer(msg: Msg) -> None:
-            try:
-                reply = _encoder.encode(await handle(msg.data))
-            except PlatformError as exc:
-                reply = encode_error(exc.to_reply())
-            except Exception:
-                logger.exception("%s failed", msg.subject)
-                reply = encode_error(PlatformError("the read model failed to answer").to_reply())
-            if not msg.reply:
-                return
-            try:
-                await msg.respond(reply)
-            except nats.errors.Error as exc:
-                logger.warning("could not answer %s: %s", msg.subject, exc)
-
-        async def spawn(msg: Msg) -> None:
-            # A task per request, so a read waiting for `min_seq` does not hold up the ones behind it.
-            task = asyncio.create_task(answer(msg))
-            self._requests.add(task)
-            task.add_done_callback(self._requests.discard)
-
-        return spawn
-
     @property
     def _reads(self) -> Store:
         if self._store is None:
@@ -194,16 +163,16 @@ class Projections:
             )
         await self.wait_for(subjects.JOBS_STREAM, min_seq, self._min_seq_wait_s)
 
-    async def _get_job(self, data: bytes) -> JobView:
-        request: OwnedGetJob = decode(data, OwnedGetJob)
+    async def _get_job(self, msg: Msg) -> JobView:
+        request: OwnedGetJob = decode(msg.data, OwnedGetJob)
         await self._read_after(request.min_seq)
         job = await self._reads.get_job(request.id)
         if job is None or not visible_to(job, request.owner):
             raise JobNotFound(f"job {request.id} not found", {"id": request.id})
         return job_view(job)
 
-    async def _list_jobs(self, data: bytes) -> JobPage:
-        request: OwnedListJobs = decode(data, OwnedListJobs)
+    async def _list_jobs(self, msg: Msg) -> JobPage:
+        request: OwnedListJobs = decode(msg.data, OwnedListJobs)
         status = _parse_enum(JobStatus, request.status)
         if request.cursor is not None and not _CURSOR.fullmatch(request.cursor):
             raise BadRequest(f"cursor {request.cursor!r} is not one this endpoint returned")
@@ -221,15 +190,15 @@ class Projections:
         more = len(jobs) > request.limit
         return JobPage(items=[job_view(job) for job in page], next_cursor=str(page[-1].submitted_seq) if more else None)
 
-    async def _get_worker(self, data: bytes) -> WorkerView:
-        request: GetWorker = decode(data, GetWorker)
+    async def _get_worker(self, msg: Msg) -> WorkerView:
+        request: GetWorker = decode(msg.data, GetWorker)
         worker = await self._reads.get_worker(request.id)
         if worker is None:
             raise WorkerNotFound(f"worker {request.id} not found", {"id": request.id})
         return worker_view(worker, await self._reads.jobs_held_by(worker.id))
 
-    async def _list_workers(self, data: bytes) -> WorkerPage:
-        request: ListWorkers = decode(data, ListWorkers)
+    async def _list_workers(self, msg: Msg) -> WorkerPage:
+        request: ListWorkers = decode(msg.data, ListWorkers)
         status = _parse_enum(WorkerStatus, request.status)
         workers = await self._reads.list_workers(region=request.region, status=status)
         return WorkerPage(items=[worker_view(w, await self._reads.jobs_held_by(w.id)) for w in workers])

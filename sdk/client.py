@@ -54,7 +54,6 @@ from sdk.api import (
 from sdk.auth import API_KEY_ENV, Headers, TokenSession
 from sdk.connection import connect, decode_reply, nats_url_from_env, request
 from sdk.errors import JobError, Timeout
-from sdk.events import encoder
 from sdk.placement import ExplainPlacement, PlacementView
 
 #: The gateway answers a wait within this long; longer waits are several requests.
@@ -164,19 +163,19 @@ class Client:
         async def first_message(headers: Headers) -> Msg:
             await self.nc.publish(subjects.API_JOBS_STREAM, request, reply=inbox, headers=headers)
             msg = await asyncio.wait_for(messages.get(), timeout_s + self.timeout_s)
-            if msg.data.startswith(b'{"kind":"error"'):
-                decode_reply(msg.data, None)  # raises it; an expired token is renewed and sent again
+            if (msg.headers or {}).get(subjects.ERROR_CODE_HEADER):
+                decode_reply(msg, bytes)  # raises it; an expired token is renewed and sent again
             return msg
 
         try:
             msg = await self.auth.call(first_message)
             while True:
                 if (msg.headers or {}).get(subjects.STREAM_END_HEADER):
-                    job = decode_reply(msg.data, JobView)
+                    job = decode_reply(msg, JobView)
                     if job.status != "completed":
                         raise JobError(f"job {job_id} {job.status}", {"error": msgspec.to_builtins(job.error)})
                     return
-                yield decode_reply(msg.data, StreamChunk).text
+                yield decode_reply(msg, StreamChunk).text
                 msg = await asyncio.wait_for(messages.get(), timeout_s + self.timeout_s)
         except TimeoutError:
             raise Timeout(f"job {job_id} is not finished after {timeout_s}s") from None
@@ -185,15 +184,7 @@ class Client:
 
     async def result(self, job_id: str, index: int = 0) -> bytes:
         """The bytes of a job's stored result `index` (an image job's PNGs)."""
-        payload = encoder.encode(GetResult(id=job_id, index=index))
-
-        async def send(headers: Headers) -> bytes:
-            msg = await self.nc.request(subjects.API_JOBS_RESULT, payload, timeout=self.timeout_s, headers=headers)
-            if msg.data.startswith(b'{"kind":"error"'):
-                decode_reply(msg.data, None)
-            return msg.data
-
-        return await self.auth.call(send)
+        return await self._call(subjects.API_JOBS_RESULT, GetResult(id=job_id, index=index), bytes)
 
     async def cancel(self, job_id: str, *, reason: str | None = None) -> CancelAccepted:
         return await self._call(subjects.API_JOBS_CANCEL, CancelJob(id=job_id, reason=reason), CancelAccepted)

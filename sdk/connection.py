@@ -1,4 +1,4 @@
-"""Connecting to NATS, and request-reply with typed errors.
+"""Connecting to NATS, and request-reply with typed replies and errors.
 
 A refused first connect in nats-py prints a traceback and waits seconds, so we poll the server's port
 first and pass our own callbacks; after that nats-py reconnects by itself, forever.
@@ -17,7 +17,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 import msgspec
@@ -27,7 +27,7 @@ from nats.errors import BadSubscriptionError, ConnectionClosedError, NoResponder
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from sdk import subjects
-from sdk.errors import ErrorReply, Timeout, Unauthorized, Unavailable, from_reply
+from sdk.errors import HTTP_STATUS, ErrorReply, PlatformError, Timeout, Unauthorized, Unavailable, from_reply
 from sdk.tls import context_from_env
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 #: How nats-server says it refused a connection's credentials.
 AUTHORIZATION_VIOLATION = "Authorization Violation"
 
-_error_decoder = msgspec.json.Decoder(ErrorReply)
 _encoder = msgspec.json.Encoder()
+T = TypeVar("T")
 
 
 def nats_url_from_env(url: str | None = None) -> str:
@@ -155,15 +155,15 @@ async def request(
     nc: NatsClient,
     subject: str,
     payload: Any,
-    reply_type: Any,
+    reply_type: type[T],
     *,
     timeout_s: float = 5.0,
     headers: dict[str, str] | None = None,
     sign_reply: Callable[[str], dict[str, str]] | None = None,
-) -> Any:
-    """Send a request; return the decoded reply, or raise the typed error the other side answered.
-    `sign_reply` makes the headers from the reply subject (a signature that covers where the answer
-    goes): the request then gets an inbox of its own, known before it is sent."""
+) -> T:
+    """Send a request; return the reply as `reply_type` (`bytes`: as it came), or raise the typed error
+    the other side answered. `sign_reply` makes the headers from the reply subject (a signature that
+    covers where the answer goes): the request then gets an inbox of its own, known before it is sent."""
     data = payload if isinstance(payload, bytes) else _encoder.encode(payload)
     try:
         if sign_reply is None:
@@ -176,7 +176,7 @@ async def request(
         if not nc.is_connected:
             raise Unavailable(f"NATS is unreachable; {subject} got no reply") from None
         raise Timeout(f"no reply on {subject} within {timeout_s}s") from None
-    return decode_reply(msg.data, reply_type)
+    return decode_reply(msg, reply_type)
 
 
 async def _request_on_own_inbox(
@@ -195,11 +195,32 @@ async def _request_on_own_inbox(
     return msg
 
 
-def decode_reply(data: bytes, reply_type: Any) -> Any:
-    if data.startswith(b'{"kind":"error"'):
-        raise from_reply(_error_decoder.decode(data))
-    return msgspec.json.decode(data, type=reply_type)
+# A reply is `T | ErrorReply`. msgspec decodes a union of structs only when every member is tagged, which
+# would put a tag into every reply (and every HTTP response, the same structs); so an error reply says
+# what it is in its headers (the `nats.micro` convention), and the body goes to the one decoder of its type.
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+_error_decoder = msgspec.json.Decoder(ErrorReply)
 
 
-def encode_error(reply: ErrorReply) -> bytes:
-    return _encoder.encode(reply)
+def reply_decoder(reply_type: type[T]) -> msgspec.json.Decoder[T]:
+    """The decoder of `reply_type`, built once."""
+    decoder = _decoders.get(reply_type)
+    if decoder is None:
+        decoder = _decoders[reply_type] = msgspec.json.Decoder(reply_type)
+    return decoder
+
+
+def decode_reply(msg: Msg, reply_type: type[T]) -> T:
+    """`msg` as `reply_type`; the typed error (`sdk.errors`) when it is an error reply."""
+    if msg.headers and subjects.ERROR_CODE_HEADER in msg.headers:
+        raise from_reply(_error_decoder.decode(msg.data))
+    if reply_type is bytes:
+        return msg.data  # type: ignore[return-value]
+    return reply_decoder(reply_type).decode(msg.data)
+
+
+def error_reply(exc: PlatformError) -> tuple[bytes, dict[str, str]]:
+    """The body and headers that answer a request with `exc`: an `ErrorReply`, marked as an error by its
+    code and the HTTP status the gateway would give it."""
+    headers = {subjects.ERROR_HEADER: exc.code, subjects.ERROR_CODE_HEADER: str(HTTP_STATUS.get(exc.code, 500))}
+    return _encoder.encode(exc.to_reply()), headers

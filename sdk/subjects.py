@@ -135,6 +135,10 @@ MSG_ID_HEADER = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ_HEADER = "Nats-Expected-Last-Subject-Sequence"
 #: Access token on requests from the SDK (and the worker's token on its reports).
 AUTH_HEADER = "Authorization"
+#: An error reply on `api.>` / `proj.>` carries these (the `nats.micro` convention): our error code and
+#: the HTTP status it maps to. The body is the `ErrorReply`.
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
 #: Marks the last message of an `api.jobs.stream` answer: the finished job, after the text chunks.
 STREAM_END_HEADER = "Gf-Stream-End"
