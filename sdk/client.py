@@ -1,32 +1,40 @@
-"""The Python SDK: `Client` speaks NATS request-reply to the gateway; `HttpClient` (sdk.http) speaks
-HTTP. Both have the same methods, return the same typed structs and raise the same typed errors.
+"""The Python SDK: one `Client`, over NATS request-reply (`Client.connect`) or the HTTP gateway
+(`sdk.http.HttpClient`). Each method is written once, over a transport (`sdk.transport`): the same
+methods, the same typed structs and the same typed errors on both.
 
     async with await Client.connect("nats://127.0.0.1:4222", api_key="gfk_...") as client:
         job = await client.submit("echo", params={"hello": "world"})
         done = await client.wait(job.id)
         print(done.status, done.result)
 
-Both take an API key (default: `$GF_API_KEY`) and handle its tokens themselves (`sdk.auth`). Over NATS
-the key is also the connection's identity (`sdk.bus`): a client reaches the job API and its own inboxes
-only; an operator's key also the worker and config queries.
+It takes an API key (default: `$GF_API_KEY`) and handles its tokens itself (`sdk.auth`). Over NATS the
+key is also the connection's identity (`sdk.bus`): a client reaches the job API and its own inboxes
+only; an operator's key also the worker and config queries. The admin calls, the defaults, regions,
+limits, health and metrics are offered over HTTP only.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
 
-from sdk import bus, subjects
+from sdk import bus
+from sdk import transport as routes
 from sdk.api import (
+    ApiKeyCreated,
+    ApiKeyInfo,
+    ApiKeyList,
+    ApiKeyRole,
     CancelAccepted,
     CancelJob,
+    CreateApiKey,
+    CreateEnrollment,
+    EnrollmentCreated,
     EventRecord,
     GetJob,
     GetResult,
@@ -42,29 +50,43 @@ from sdk.api import (
     RefreshTokens,
     RegionPolicy,
     SetWorkerConfig,
-    StreamChunk,
     SubmitJob,
     Submitted,
     TokenPair,
     WaitJob,
+    WorkerAction,
     WorkerConfigView,
     WorkerPage,
     WorkerView,
 )
 from sdk.auth import API_KEY_ENV, Headers, TokenSession
-from sdk.connection import connect, decode_reply, nats_url_from_env, request
+from sdk.connection import connect, nats_url_from_env
 from sdk.errors import JobError, Timeout
+from sdk.jobs import JobStatus
 from sdk.placement import ExplainPlacement, PlacementView
+from sdk.platform_config import QueueLimits
+from sdk.regions import RegionLatencies
+from sdk.transport import NatsTransport, Route, Transport
 
 #: The gateway answers a wait within this long; longer waits are several requests.
 WAIT_SLICE_S = 60.0
 
+T = TypeVar("T")
+
 
 class Client:
     def __init__(
-        self, nc: NatsClient, *, api_key: str | None = None, timeout_s: float = 10.0, region: str | None = None
+        self,
+        transport: Transport | NatsClient,
+        *,
+        api_key: str | None = None,
+        timeout_s: float = 10.0,
+        region: str | None = None,
     ) -> None:
-        self.nc = nc
+        """`transport`: an `sdk.transport.Transport`, or a connected NATS client to request over."""
+        if isinstance(transport, NatsClient):
+            transport = NatsTransport(transport, timeout_s=timeout_s)
+        self.transport: Transport = transport
         self.timeout_s = timeout_s
         #: The region a job runs near when `submit` names none.
         self.region = region
@@ -84,8 +106,14 @@ class Client:
         nc = await connect(url, name="sdk-client", **options)
         return cls(nc, api_key=api_key, timeout_s=timeout_s, region=region)
 
+    @property
+    def nc(self) -> NatsClient:
+        """The NATS connection of a client over NATS."""
+        assert isinstance(self.transport, NatsTransport), "this client speaks HTTP"
+        return self.transport.nc
+
     async def close(self) -> None:
-        await self.nc.drain()
+        await self.transport.close()
 
     async def __aenter__(self) -> Client:
         return self
@@ -93,20 +121,21 @@ class Client:
     async def __aexit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         await self.close()
 
-    async def _call(self, subject: str, payload: Any, reply_type: Any, timeout_s: float | None = None) -> Any:
-        async def send(headers: Headers) -> Any:
-            return await request(
-                self.nc, subject, payload, reply_type, timeout_s=timeout_s or self.timeout_s, headers=headers
+    async def _call(self, route: Route, req: Any, reply_type: type[T], timeout_s: float | None = None) -> T:
+        async def send(headers: Headers) -> T:
+            return await self.transport.call(
+                route, req, reply_type, headers=headers, timeout_s=timeout_s or self.timeout_s
             )
 
-        return await self.auth.call(send)
+        return await self.auth.call(send) if route.auth else await send(None)
 
     async def _issue(self, api_key: str) -> TokenPair:
-        return await request(self.nc, subjects.API_AUTH_TOKEN, IssueTokens(api_key=api_key), TokenPair)
+        return await self._call(routes.ISSUE_TOKENS, IssueTokens(api_key=api_key), TokenPair)
 
     async def _refresh(self, refresh_token: str) -> TokenPair:
-        req = RefreshTokens(refresh_token=refresh_token)
-        return await request(self.nc, subjects.API_AUTH_REFRESH, req, TokenPair)
+        return await self._call(routes.REFRESH_TOKENS, RefreshTokens(refresh_token=refresh_token), TokenPair)
+
+    # --- Jobs --------------------------------------------------------------------------------------
 
     async def submit(
         self,
@@ -125,69 +154,50 @@ class Client:
         """Submit a job; `region` defaults to the client's (`region=` when it was made). Past a queue
         limit raises `QueueFull`, whose `retry_after_s` says when to try again."""
         req = SubmitJob(
-            type=type, model=model, params=params or {}, region=region or self.region, priority=priority,
-            max_attempts=max_attempts, timeout_s=timeout_s, idempotency_key=idempotency_key,
+            type=type, model=model, params=params or {}, region=region or self.region,  # type: ignore[arg-type]
+            priority=priority, max_attempts=max_attempts, timeout_s=timeout_s, idempotency_key=idempotency_key,
             region_policy=region_policy, max_latency_ms=max_latency_ms,
         )
-        return await self._call(subjects.API_JOBS_SUBMIT, req, Submitted)
+        return await self._call(routes.SUBMIT, req, Submitted)
 
     async def get(self, job_id: str, *, min_seq: int | None = None) -> JobView:
-        return await self._call(subjects.API_JOBS_GET, GetJob(id=job_id, min_seq=min_seq), JobView)
+        return await self._call(routes.GET_JOB, GetJob(id=job_id, min_seq=min_seq), JobView)
 
     async def wait(self, job_id: str, *, timeout_s: float = 300.0) -> JobView:
         """The job once it is completed, failed, cancelled or expired; raises `Timeout` after `timeout_s`.
 
-        The gateway watches the job's subject and answers when the ending event lands (no polling).
+        The gateway watches the job's subject and answers when the ending event lands (no polling); a
+        slice that runs out is a `Timeout` over NATS, the unfinished job (202) over HTTP.
         """
         remaining = timeout_s
         while True:
             slice_s = min(remaining, WAIT_SLICE_S)
             try:
-                return await self._call(
-                    subjects.API_JOBS_WAIT, WaitJob(id=job_id, timeout_s=slice_s), JobView, timeout_s=slice_s + 5
-                )
+                job = await self._call(routes.WAIT, WaitJob(id=job_id, timeout_s=slice_s), JobView, slice_s + 5)
+                if JobStatus(job.status).terminal:
+                    return job
             except Timeout:
-                remaining -= slice_s
-                if remaining <= 0:
-                    raise
+                pass
+            remaining -= slice_s
+            if remaining <= 0:
+                raise Timeout(f"job {job_id} is not finished after {timeout_s:g}s")
 
     async def stream(self, job_id: str, *, timeout_s: float = 300.0) -> AsyncIterator[str]:
         """An LLM job's text as it is generated. The pieces always add up to the final text, also for a
-        reader that subscribes late; raises `JobError` if the job ends without a result. The gateway
-        sends them to this client's inbox (`api.jobs.stream`), only chunks of the worker holding the job."""
-        messages: asyncio.Queue[Msg] = asyncio.Queue()
-        inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox, cb=messages.put)
-        request = encoder.encode(WaitJob(id=job_id, timeout_s=timeout_s))
-
-        async def first_message(headers: Headers) -> Msg:
-            await self.nc.publish(subjects.API_JOBS_STREAM, request, reply=inbox, headers=headers)
-            msg = await asyncio.wait_for(messages.get(), timeout_s + self.timeout_s)
-            if (msg.headers or {}).get(subjects.ERROR_CODE_HEADER):
-                decode_reply(msg, bytes)  # raises it; an expired token is renewed and sent again
-            return msg
-
-        try:
-            msg = await self.auth.call(first_message)
-            while True:
-                if (msg.headers or {}).get(subjects.STREAM_END_HEADER):
-                    job = decode_reply(msg, JobView)
-                    if job.status != "completed":
-                        raise JobError(f"job {job_id} {job.status}", {"error": msgspec.to_builtins(job.error)})
-                    return
-                yield decode_reply(msg, StreamChunk).text
-                msg = await asyncio.wait_for(messages.get(), timeout_s + self.timeout_s)
-        except TimeoutError:
-            raise Timeout(f"job {job_id} is not finished after {timeout_s}s") from None
-        finally:
-            await sub.unsubscribe()
+        reader that connects late; raises `JobError` if the job ends without a result."""
+        pieces = self.transport.stream(job_id, self.auth, timeout_s, lambda: self.wait(job_id, timeout_s=timeout_s))
+        async for item in pieces:
+            if isinstance(item, str):
+                yield item
+            elif item.status != "completed":
+                raise JobError(f"job {job_id} {item.status}", {"error": msgspec.to_builtins(item.error)})
 
     async def result(self, job_id: str, index: int = 0) -> bytes:
         """The bytes of a job's stored result `index` (an image job's PNGs)."""
-        return await self._call(subjects.API_JOBS_RESULT, GetResult(id=job_id, index=index), bytes)
+        return await self._call(routes.RESULT, GetResult(id=job_id, index=index), bytes)
 
     async def cancel(self, job_id: str, *, reason: str | None = None) -> CancelAccepted:
-        return await self._call(subjects.API_JOBS_CANCEL, CancelJob(id=job_id, reason=reason), CancelAccepted)
+        return await self._call(routes.CANCEL, CancelJob(id=job_id, reason=reason), CancelAccepted)
 
     async def list(
         self,
@@ -199,27 +209,84 @@ class Client:
         cursor: str | None = None,
     ) -> JobPage:
         req = ListJobs(status=status, type=type, worker_id=worker_id, limit=limit, cursor=cursor)
-        return await self._call(subjects.API_JOBS_LIST, req, JobPage)
+        return await self._call(routes.LIST_JOBS, req, JobPage)
 
     async def placement(self, job_id: str) -> PlacementView:
         """Where the job runs and why that worker won, or, while it is queued, why no worker takes it."""
-        return await self._call(subjects.API_JOBS_PLACEMENT, ExplainPlacement(id=job_id), PlacementView)
+        return await self._call(routes.PLACEMENT, ExplainPlacement(id=job_id), PlacementView)
 
     async def events(self, job_id: str) -> list[EventRecord]:
-        page: JobEvents = await self._call(subjects.API_JOBS_EVENTS, JobEventsRequest(id=job_id), JobEvents)
+        page = await self._call(routes.EVENTS, JobEventsRequest(id=job_id), JobEvents)
         return page.items
 
+    # --- Workers and their configuration (an operator's key) ---------------------------------------
+
     async def workers(self, *, region: str | None = None, status: str | None = None) -> list[WorkerView]:
-        page: WorkerPage = await self._call(subjects.API_WORKERS_LIST, ListWorkers(region=region, status=status), WorkerPage)
+        page = await self._call(routes.LIST_WORKERS, ListWorkers(region=region, status=status), WorkerPage)
         return page.items
 
     async def worker(self, worker_id: str) -> WorkerView:
-        return await self._call(subjects.API_WORKERS_GET, GetWorker(id=worker_id), WorkerView)
+        return await self._call(routes.GET_WORKER, GetWorker(id=worker_id), WorkerView)
 
     async def worker_config(self, worker_id: str) -> WorkerConfigView:
-        return await self._call(subjects.API_WORKERS_CONFIG_GET, GetWorkerConfig(id=worker_id), WorkerConfigView)
+        return await self._call(routes.GET_WORKER_CONFIG, GetWorkerConfig(id=worker_id), WorkerConfigView)
 
     async def set_worker_config(self, worker_id: str, changes: dict[str, Any]) -> WorkerConfigView:
         """Merge `changes` (nested keys allowed) into the worker's runtime config; refused whole if any is bad."""
-        req = SetWorkerConfig(id=worker_id, changes=changes)
-        return await self._call(subjects.API_WORKERS_CONFIG_SET, req, WorkerConfigView)
+        req = SetWorkerConfig(id=worker_id, changes=changes)  # type: ignore[arg-type]  # the server checks
+        return await self._call(routes.SET_WORKER_CONFIG, req, WorkerConfigView)
+
+    async def set_config_defaults(self, changes: dict[str, Any]) -> dict[str, Any]:
+        """Merge `changes` into the runtime config every worker inherits (HTTP only)."""
+        return await self._call(routes.SET_DEFAULTS, changes, dict[str, Any])
+
+    async def regions(self) -> RegionLatencies:
+        """The latency table between regions (HTTP only)."""
+        return await self._call(routes.GET_REGIONS, None, RegionLatencies)
+
+    async def set_regions(self, latency_ms: dict[str, dict[str, float]]) -> RegionLatencies:
+        """Replace the latency table between regions (a pair given once counts both ways; HTTP only)."""
+        return await self._call(routes.SET_REGIONS, {"latency_ms": latency_ms}, RegionLatencies)
+
+    async def limits(self) -> QueueLimits:
+        """The queue limits (HTTP only)."""
+        return await self._call(routes.GET_LIMITS, None, QueueLimits)
+
+    async def set_limits(self, limits: QueueLimits) -> QueueLimits:
+        """Replace the queue limits past which submissions are refused with `QueueFull` (HTTP only)."""
+        return await self._call(routes.SET_LIMITS, limits, QueueLimits)
+
+    async def health(self) -> dict[str, str]:
+        """The gateway's view of its dependencies; raises `Unavailable` while NATS is unreachable.
+        Needs no credentials (HTTP only)."""
+        return await self._call(routes.HEALTH, None, dict[str, str])
+
+    async def metrics_text(self) -> str:
+        """The gateway's Prometheus metrics (text format). Needs no credentials (HTTP only)."""
+        return await self._call(routes.METRICS, None, str)
+
+    # --- Admin (an operator's API key; HTTP only) --------------------------------------------------
+
+    async def create_api_key(self, name: str, role: ApiKeyRole = "client") -> ApiKeyCreated:
+        """A new API key; `api_key` in the reply is shown this once."""
+        return await self._call(routes.CREATE_API_KEY, CreateApiKey(name=name, role=role), ApiKeyCreated)
+
+    async def list_api_keys(self) -> list[ApiKeyInfo]:
+        page = await self._call(routes.LIST_API_KEYS, None, ApiKeyList)
+        return page.items
+
+    async def revoke_api_key(self, key_id: str) -> None:
+        await self._call(routes.REVOKE_API_KEY, {"key_id": key_id}, type(None))
+
+    async def create_enrollment_token(self, *, ttl_s: float = 3600.0, worker_id: str | None = None) -> EnrollmentCreated:
+        """A one-use token for `gpu-worker configure` (bound to `worker_id` when given)."""
+        return await self._call(routes.ENROLL, CreateEnrollment(ttl_s=ttl_s, worker_id=worker_id), EnrollmentCreated)
+
+    async def rotate_worker(self, worker_id: str) -> WorkerAction:
+        """The worker switches to new credentials at its next heartbeat."""
+        return await self._call(routes.ROTATE_WORKER, {"worker_id": worker_id}, WorkerAction)
+
+    async def revoke_worker(self, worker_id: str) -> WorkerAction:
+        """The worker's requests are refused from now on; its jobs are requeued."""
+        return await self._call(routes.REVOKE_WORKER, {"worker_id": worker_id}, WorkerAction)
+
