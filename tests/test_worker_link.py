@@ -16,8 +16,8 @@ from nats.aio.msg import Msg
 from sdk import subjects
 from sdk.api import Accepted, ReportDraining, ReportStarted
 from sdk.broker import EmbeddedNats
-from sdk.connection import connect
-from sdk.errors import ErrorReply, StaleAttempt
+from sdk.connection import connect, error_reply
+from sdk.errors import StaleAttempt
 from worker.link import PlatformLink
 
 
@@ -71,7 +71,9 @@ async def test_a_refused_report_is_raised_at_once_and_never_retried(
 
     async def refuse(msg: Msg) -> None:
         received.append(msg.data)
-        await msg.respond(msgspec.json.encode(ErrorReply(code="stale_attempt", message="attempt 1 is not current")))
+        # As the gateway answers (sdk.endpoints): the ErrorReply body, marked as an error by its headers.
+        body, headers = error_reply(StaleAttempt("attempt 1 is not current"))
+        await gateway.publish(msg.reply, body, headers=headers)
 
     await gateway.subscribe(subjects.report_subject(link.worker_id), cb=refuse)
     await gateway.flush()
