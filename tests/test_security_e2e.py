@@ -624,7 +624,7 @@ async def exchange(nc: NatsClient, subject: str, body: bytes, headers: dict[str,
     sub = await nc.subscribe(inbox, max_msgs=1)
     await nc.publish(subject, body, reply=inbox, headers=headers)
     msg = await sub.next_msg(timeout=10)
-    return decode_reply(msg.data, reply_type)
+    return decode_reply(msg, reply_type)
 
 
 async def test_a_lost_rotate_reply_recovers_and_a_replay_is_refused_by_every_gateway_and_after_a_restart(
