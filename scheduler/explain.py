@@ -14,15 +14,13 @@ from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from scheduler.placement import explain
 from scheduler.view import SchedulerView
 from sdk import subjects
 from sdk.api import decode
-from sdk.connection import encode_error
-from sdk.errors import JobNotFound, PlatformError, Unavailable
-from sdk.events import encoder
+from sdk.endpoints import Endpoints
+from sdk.errors import JobNotFound, Unavailable
 from sdk.jobs import JobStatus
 from sdk.placement import ExplainPlacement, PlacementView
 from sdk.regions import LatencyTable, effective_policy
@@ -57,33 +55,25 @@ def explain_job(view: SchedulerView, job_id: str, latencies: LatencyTable) -> Pl
 
 
 class PlacementQueries:
-    """Answers `sched.placement` requests from a scheduler's view."""
+    """Answers `sched.placement` requests from a scheduler's view (`sdk.endpoints`)."""
 
     def __init__(
         self, nc: NatsClient, view: SchedulerView, latencies: Callable[[], LatencyTable], ready: Callable[[], bool]
     ) -> None:
-        self._nc = nc
         self._view = view
         self._latencies = latencies
         self._ready = ready
-        self._sub: Subscription | None = None
+        self._endpoints = Endpoints(nc, queue=subjects.SCHED_QUEUE, name="scheduler")
 
     async def start(self) -> None:
-        self._sub = await self._nc.subscribe(subjects.SCHED_PLACEMENT, queue=subjects.SCHED_QUEUE, cb=self._on_request)
+        await self._endpoints.serve({subjects.SCHED_PLACEMENT: self._explain})
 
     async def stop(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
+        await self._endpoints.stop()
 
-    async def _on_request(self, msg: Msg) -> None:
-        try:
-            if not self._ready():
-                raise Unavailable("the scheduler is still reading the streams; retry", {"retry_after_s": 1})
-            req = decode(msg.data, ExplainPlacement)
-            # Synchronous on purpose: the view must not change while one explanation reads it.
-            reply = encoder.encode(explain_job(self._view, req.id, self._latencies()))
-        except PlatformError as exc:
-            reply = encode_error(exc.to_reply())
-        if msg.reply:
-            await msg.respond(reply)
+    async def _explain(self, msg: Msg) -> PlacementView:
+        if not self._ready():
+            raise Unavailable("the scheduler is still reading the streams; retry", {"retry_after_s": 1})
+        req = decode(msg.data, ExplainPlacement)
+        # Synchronous on purpose: the view must not change while one explanation reads it.
+        return explain_job(self._view, req.id, self._latencies())
