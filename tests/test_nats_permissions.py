@@ -273,6 +273,22 @@ async def test_a_revoked_worker_is_disconnected_and_refused(platform: Platform, 
                       **bus.worker_options(me.worker_id, lambda: bytes.fromhex(me.hmac_secret_hex)))
 
 
+async def test_a_revoked_api_key_is_disconnected_and_refused(platform: Platform, sessions: list[Session]) -> None:
+    async with open_admin(platform.server.url, platform.server.secrets_dir) as admin:
+        created = await admin.create_api_key(CreateApiKey(name="perm-revoked", role="client"))
+    client = await platform.connect(**bus.client_options(created.api_key))
+    sessions.append(client)
+    async with open_admin(platform.server.url, platform.server.secrets_dir) as admin:
+        await admin.revoke_api_key(created.key_id)
+
+    async def closed() -> bool:
+        return not client.nc.is_connected
+
+    await wait_until(closed, 10, "the revoked key's connection to be closed")
+    with pytest.raises(Unauthorized):
+        await connect(platform.server.address, name="revoked-key", wait_s=0.5, **bus.client_options(created.api_key))
+
+
 async def held_by(platform: Platform, worker_id: str) -> str:
     """A job the log says `worker_id` holds (attempt 1; appended as the platform, as the scheduler would)."""
     job_id = f"j{time.time_ns()}"

@@ -284,6 +284,16 @@ async def test_set_acceptance_rate_reaches_the_running_worker_and_get_prints_it(
         await client.set_worker_config(worker_id, {"load_control": before.overrides.get("load_control")})
 
 
+async def test_get_with_an_operators_key_needs_no_nats_password(
+    platform: LocalStack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The URL names no user: the operator's key (GF_API_KEY) is the connection's NATS identity too.
+    flags = ["--nats-url", platform.worker_url, "--state-dir", str(platform.data_dir / "workers" / "w1")]
+    run = await gpu_worker(capsys, "get", "max_concurrency", *flags)
+    assert run.code == 0, run.err
+    assert run.out.strip().isdigit()
+
+
 @pytest.mark.slow
 async def test_set_max_concurrency_changes_the_capacity_and_null_brings_the_default_back(
     platform: LocalStack, client: Client, capsys: pytest.CaptureFixture[str]

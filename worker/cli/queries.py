@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ from nats.errors import Error as NatsError
 from rich.console import Console
 from rich.markup import escape
 
-from sdk import subjects
+from sdk import bus, subjects
+from sdk.auth import API_KEY_ENV
 from sdk.client import Client
 from sdk.connection import connect
 from sdk.errors import BadRequest, InvalidTransition, PlatformError, Unavailable, WorkerNotFound
@@ -193,7 +195,12 @@ async def _platform(target: Target) -> AsyncIterator[_Session]:
         overrides={"nats_url": target.nats_url, "state_dir": str(target.state_dir) if target.state_dir else None},
     )
     worker_id = target.worker_id or registered_worker_id(local.state_dir)
-    nc = await connect(local.nats_url, name="gpu-worker-cli", tls=local.tls.ssl_context(), wait_s=target.timeout_s)
+    # Without a user in the URL, the operator's API key is the connection's NATS identity too (`sdk.bus`).
+    api_key = os.environ.get(API_KEY_ENV)
+    identity = bus.client_options(api_key) if api_key and bus.identity_needed(local.nats_url) else {}
+    nc = await connect(
+        local.nats_url, name="gpu-worker-cli", tls=local.tls.ssl_context(), wait_s=target.timeout_s, **identity
+    )
     try:
         yield _Session(Client(nc, timeout_s=target.timeout_s), worker_id, local, Console(highlight=False))
     finally:
