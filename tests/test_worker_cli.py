@@ -182,7 +182,7 @@ async def test_configure_enrolls_and_the_started_worker_comes_back_as_that_worke
 async def test_start_refuses_an_unknown_engine_naming_the_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     run = await gpu_worker(capsys, "start", "--engines", "echo,gpu")
     assert run.code == 2
-    assert "--engines 'echo,gpu': unknown engine 'gpu'; valid: echo, llm, image" in run.err
+    assert "--engines 'echo,gpu': unknown engine 'gpu'; valid: echo, llm, image, embedding" in run.err
 
 
 @pytest.mark.slow

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
+    BertConfig,
+    BertModel,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
@@ -57,6 +59,31 @@ def build_tiny_gpt2(path: Path, *, chat_template: bool = True) -> Path:
         # best of the others, so greedy output always runs to `max_new_tokens`.
         model.transformer.wte.weight[eos_id].zero_()
     model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_encoder(path: Path) -> Path:
+    """A 2-layer BERT encoder with a WordPiece vocabulary trained on `SENTENCES` (for embeddings)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    wordpiece.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    wordpiece.decoder = decoders.WordPiece()
+    wordpiece.train_from_iterator(SENTENCES, trainers.WordPieceTrainer(vocab_size=200, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=wordpiece, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        model_max_length=64,
+    )
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    BertModel(config, add_pooling_layer=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -13,9 +13,9 @@ from sdk.events import ErrorInfo, JobEvent
 if TYPE_CHECKING:  # sdk.jobs decides on these requests, so it imports this module at run time
     from sdk.jobs import Job
 
-JobType = Literal["echo", "llm", "image"]
+JobType = Literal["echo", "llm", "image", "embedding"]
 #: Job types that run a model, so a submission must name one.
-NEEDS_MODEL: tuple[JobType, ...] = ("llm", "image")
+NEEDS_MODEL: tuple[JobType, ...] = ("llm", "image", "embedding")
 #: The largest stream sequence a request may name: the largest integer every JSON reader keeps exactly
 #: (a float64's 2**53), far beyond what a log reaches.
 MAX_SEQ = 2**53 - 1

@@ -65,7 +65,7 @@ def start(
     state_dir
         Where the worker keeps its identity between runs (default: ~/.local/state/gpu-worker).
     engines
-        The engines to run, comma-separated: echo, llm, image (default: echo plus each model engine
+        The engines to run, comma-separated: echo, llm, image, embedding (default: echo plus each model engine
         this install can import). `echo` alone starts in a second: it never imports torch.
     """
     flags = {"nats_url": nats_url, "name": name, "region": region, "state_dir": str(state_dir) if state_dir else None}

@@ -1,6 +1,6 @@
 """The engines this install can run: echo always, the model engines when their packages import.
 
-`echo` needs nothing beyond the worker itself. `llm` and `image` need the heavy `engines` extra (torch,
+`echo` needs nothing beyond the worker itself. `llm`, `image` and `embedding` need the heavy `engines` extra (torch,
 transformers, diffusers); their modules are imported only when asked for, so an echo-only worker never
 imports torch.
 """
@@ -22,7 +22,11 @@ from worker.engines.echo import EchoEngine
 logger = logging.getLogger(__name__)
 
 #: Engines that need the heavy `engines` extra (torch), by job type; a worker without it still runs echo jobs.
-MODEL_ENGINE_MODULES = {"llm": "worker.engines.llm", "image": "worker.engines.image"}
+MODEL_ENGINE_MODULES = {
+    "llm": "worker.engines.llm",
+    "image": "worker.engines.image",
+    "embedding": "worker.engines.embedding",
+}
 
 
 def available_engines(job_types: Collection[str] | None = None) -> dict[str, BaseEngine]:
