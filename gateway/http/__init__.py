@@ -39,6 +39,7 @@ from gateway.http.openapi import StrictStructSchema
 from gateway.http.params import NO_AUTH, provide_gateway, provide_principal
 from gateway.metrics import Operability
 from gateway.nats_api import NatsApi
+from gateway.openai import router as openai_router
 from gateway.service import Gateway
 from sdk.api import MAX_BODY_BYTES
 from sdk.connection import connect
@@ -132,7 +133,7 @@ def create_app(
             await nc.drain()
 
     return Litestar(
-        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health],
+        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health, openai_router],
         dependencies={"gateway": Provide(provide_gateway), "principal": Provide(provide_principal)},
         lifespan=[lifespan],
         exception_handlers={
