@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 from gateway.backpressure import Backpressure
 from gateway.feed import JobFeed
 from gateway.results import read_result, store_result
+from gateway.webhooks import WebhookSettings, check_target
 from sdk import subjects
 from sdk.api import (
     Accepted,
@@ -87,6 +88,8 @@ class JobCommands:
         Past a queue limit, `QueueFull` (429) and nothing is appended (`gateway.backpressure`)."""
         require_connected(self.nc)
         self.backpressure.admit(owner)
+        if req.webhook_url is not None:
+            await check_target(req.webhook_url, WebhookSettings.from_env().allow_private)
         job_id = new_id()
         event = JobSubmitted(
             job_id=job_id,
@@ -101,6 +104,7 @@ class JobCommands:
             owner=owner,
             region_policy=req.region_policy,
             max_latency_ms=req.max_latency_ms,
+            webhook_url=req.webhook_url,
         )
         msg_id = f"{owner or '-'}:{req.idempotency_key}" if req.idempotency_key else None
         ack = await append(self.js, subjects.job_subject(job_id), event, msg_id=msg_id)

@@ -150,13 +150,14 @@ class Client:
         idempotency_key: str | None = None,
         region_policy: RegionPolicy | None = None,
         max_latency_ms: float | None = None,
+        webhook_url: str | None = None,
     ) -> Submitted:
         """Submit a job; `region` defaults to the client's (`region=` when it was made). Past a queue
         limit raises `QueueFull`, whose `retry_after_s` says when to try again."""
         req = SubmitJob(
             type=type, model=model, params=params or {}, region=region or self.region,  # type: ignore[arg-type]
             priority=priority, max_attempts=max_attempts, timeout_s=timeout_s, idempotency_key=idempotency_key,
-            region_policy=region_policy, max_latency_ms=max_latency_ms,
+            region_policy=region_policy, max_latency_ms=max_latency_ms, webhook_url=webhook_url,
         )
         return await self._call(routes.SUBMIT, req, Submitted)
 

@@ -50,6 +50,8 @@ class JobSubmitted(Event, frozen=True, tag="job.submitted"):
     region_policy: str | None = None
     #: With `nearest`: the farthest the job may run from `region`, by the operator's latency table.
     max_latency_ms: float | None = None
+    #: Where the platform POSTs the job's view, signed, once the job ends.
+    webhook_url: str | None = None
 
 
 class JobAssigned(Event, frozen=True, tag="job.assigned"):
@@ -112,6 +114,32 @@ class JobExpired(Event, frozen=True, tag="job.expired"):
     job_id: str
 
 
+class JobWebhookDelivered(Event, frozen=True, tag="job.webhook_delivered"):
+    """The job's webhook was answered with a 2xx."""
+
+    job_id: str
+    url: str
+    #: 1 for the first try after the job ended (or after a redelivery was asked for), + 1 per retry.
+    attempt: int
+    status_code: int
+    duration_ms: float
+
+
+class JobWebhookFailed(Event, frozen=True, tag="job.webhook_failed"):
+    job_id: str
+    url: str
+    attempt: int
+    reason: str
+    status_code: int | None = None
+    duration_ms: float | None = None
+    #: When the next try is due; None when there is none (gave up, or the target is refused).
+    retry_in_s: float | None = None
+
+
+class JobWebhookRedeliveryRequested(Event, frozen=True, tag="job.webhook_redelivery_requested"):
+    job_id: str
+
+
 JobEvent = (
     JobSubmitted
     | JobAssigned
@@ -123,6 +151,9 @@ JobEvent = (
     | JobCancelRequested
     | JobCancelled
     | JobExpired
+    | JobWebhookDelivered
+    | JobWebhookFailed
+    | JobWebhookRedeliveryRequested
 )
 
 # --- Worker events (subject `workers.<worker_id>`) -----------------------------------------------

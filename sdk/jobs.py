@@ -37,6 +37,9 @@ from sdk.events import (
     JobRequeued,
     JobStarted,
     JobSubmitted,
+    JobWebhookDelivered,
+    JobWebhookFailed,
+    JobWebhookRedeliveryRequested,
 )
 
 
@@ -189,6 +192,9 @@ def apply(job: Job | None, event: JobEvent, seq: int = 0) -> Job:
         case JobExpired():
             old = _require(job, event, frozenset({JobStatus.QUEUED}))
             new = msgspec.structs.replace(old, status=JobStatus.EXPIRED, finished_at_ms=event.at_ms)
+        case JobWebhookDelivered() | JobWebhookFailed() | JobWebhookRedeliveryRequested():
+            # Facts about telling the user, after the job ended: they change nothing of the job itself.
+            new = msgspec.structs.replace(_require(job, event, TERMINAL))
     new.seq = seq
     return new
 

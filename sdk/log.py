@@ -84,6 +84,7 @@ async def ensure_streams(js: JetStreamContext) -> None:
     await _ensure_kv(js, subjects.SCHEDULER_LEASE_BUCKET, ttl=LEASE_TTL_S)
     await _ensure_kv(js, subjects.AUTH_BUCKET, history=1)
     await _ensure_kv(js, subjects.PLATFORM_CONFIG_BUCKET, history=10)
+    await _ensure_kv(js, subjects.WEBHOOKS_BUCKET, history=1)
     try:
         await js.object_store(subjects.RESULTS_BUCKET)
     except BucketNotFoundError:

@@ -48,6 +48,11 @@ RESULTS_BUCKET = "results"
 #: Credentials (API keys, token families, worker secrets), stored hashed or encrypted.
 AUTH_BUCKET = "auth"
 
+#: Each API key's webhook secret generation (the secret itself is derived from the master key, never stored).
+WEBHOOKS_BUCKET = "webhooks"
+#: The gateways' durable consumer of job events that delivers webhooks (shared: any gateway may deliver).
+WEBHOOK_CONSUMER = "webhooks"
+
 # --- Request-reply endpoints ---------------------------------------------------------------------
 
 #: The gateway's endpoints, answered by a queue group so any number of gateways can serve them.
@@ -139,6 +144,8 @@ AUTH_HEADER = "Authorization"
 #: the HTTP status it maps to. The body is the `ErrorReply`.
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+#: On a webhook the platform sends: `t=<unix seconds>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>`.
+WEBHOOK_SIGNATURE_HEADER = "Gf-Signature"
 
 #: Marks the last message of an `api.jobs.stream` answer: the finished job, after the text chunks.
 STREAM_END_HEADER = "Gf-Stream-End"

@@ -64,6 +64,9 @@ JOB_EVENTS: dict[str, ev.JobEvent] = {
     "cancel_requested": ev.JobCancelRequested(job_id=J),
     "cancelled": ev.JobCancelled(job_id=J),
     "expired": ev.JobExpired(job_id=J),
+    "webhook_delivered": ev.JobWebhookDelivered(job_id=J, url="https://x.example/h", attempt=1, status_code=200, duration_ms=3.0),
+    "webhook_failed": ev.JobWebhookFailed(job_id=J, url="https://x.example/h", attempt=1, reason="answered 500"),
+    "webhook_redelivery_requested": ev.JobWebhookRedeliveryRequested(job_id=J),
 }
 
 Q, A, R = JobStatus.QUEUED, JobStatus.ASSIGNED, JobStatus.RUNNING
@@ -80,6 +83,11 @@ JOB_TRANSITIONS: dict[str, dict[JobStatus | None, JobStatus]] = {
     "cancel_requested": {A: A, R: R},
     "cancelled": {Q: JobStatus.CANCELLED, A: JobStatus.CANCELLED, R: JobStatus.CANCELLED},
     "expired": {Q: JobStatus.EXPIRED},
+    # Webhook deliveries are recorded on a finished job and change nothing of it.
+    **{
+        f"webhook_{kind}": {s: s for s in JobStatus if s.terminal}
+        for kind in ("delivered", "failed", "redelivery_requested")
+    },
 }
 JOB_STATUSES: list[JobStatus | None] = [None, *JobStatus]
 

@@ -41,6 +41,8 @@ from gateway.metrics import Operability
 from gateway.nats_api import NatsApi
 from gateway.openai import router as openai_router
 from gateway.service import Gateway
+from gateway.webhooks import WebhookDeliverer, WebhookSecrets, WebhookSettings
+from gateway.webhooks import routes as webhook_routes
 from sdk.api import MAX_BODY_BYTES
 from sdk.connection import connect
 from sdk.errors import HTTP_STATUS, ErrorBody, PlatformError
@@ -123,17 +125,21 @@ def create_app(
         if serve_nats_api:
             await api.start()
         app.state.gateway = gateway
+        app.state.webhook_secrets = WebhookSecrets(gateway.js, master_key)
+        webhooks = WebhookDeliverer(gateway.js, app.state.webhook_secrets, WebhookSettings.from_env())
+        await webhooks.start()
         try:
             async with bus_authority(nc, credentials, secrets_dir, nats_url):
                 yield
         finally:
+            await webhooks.stop()
             await api.stop()
             await gateway.stop()
             await credentials.close()
             await nc.drain()
 
     return Litestar(
-        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health, openai_router],
+        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health, openai_router, *webhook_routes],
         dependencies={"gateway": Provide(provide_gateway), "principal": Provide(provide_principal)},
         lifespan=[lifespan],
         exception_handlers={

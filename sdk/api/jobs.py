@@ -39,6 +39,8 @@ class SubmitJob(Strict):
     region_policy: RegionPolicy | None = None
     #: With `nearest`: never run farther than this from `region` (by the operator's latency table).
     max_latency_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
+    #: POSTed the job's view, signed, when the job ends (see docs/webhooks.md).
+    webhook_url: Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = None
 
     def __post_init__(self) -> None:
         if self.type in NEEDS_MODEL and self.model is None:

@@ -1,0 +1,337 @@
+"""Webhooks: when a job that carries `webhook_url` ends, the platform POSTs its view there, signed.
+
+The story of one delivery:
+1. The gateways share a durable JetStream consumer (`webhooks`) of the `JOBS` stream. An event that ends
+   a job (completed, failed, cancelled, expired), or a `JobWebhookRedeliveryRequested`, is a trigger;
+   every other event is acknowledged at once.
+2. For a trigger whose job has a `webhook_url`, a gateway folds the job, signs its view with the owner's
+   secret (`sdk.webhooks.signature`) and POSTs it. Each try is an event on the job's subject
+   (`JobWebhookDelivered` with status and duration, or `JobWebhookFailed` with the reason), so the job's
+   history shows it.
+3. A 2xx acknowledges the trigger. Anything else naks it with a delay, exponential with jitter
+   (`backoff_s`); JetStream redelivers it then, to whichever gateway is up, so a restart of any component
+   loses no delivery. After `retry_for_s` (24 h by default) from the trigger the platform gives up.
+
+A webhook is a request the platform makes on a user's behalf, so targets are checked (`check_target`) at
+submission and again at each try: private, loopback, link-local and other non-public addresses are refused
+unless `GF_ENV` is `dev` or `test`. Redirects are not followed (they could lead anywhere).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import random
+import re
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import msgspec
+from litestar import post
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+
+from gateway.access import job_scope, require_client
+from gateway.auth import Principal
+from gateway.auth.master_key import derive_key
+from sdk import subjects
+from sdk.api import Accepted, job_view
+from sdk.errors import BadRequest, Conflict, InvalidTransition, JobNotFound
+from sdk.events import (
+    JobSubmitted,
+    JobWebhookDelivered,
+    JobWebhookFailed,
+    JobWebhookRedeliveryRequested,
+    job_event_decoder,
+    now_ms,
+)
+from sdk.jobs import fold, visible_to
+from sdk.log import append, read_job_events
+from sdk.tls import ENV_NAME_ENV, INSECURE_ENVIRONMENTS
+from sdk.webhooks import SECRET_PREFIX, WebhookSecret, WebhookSecretRequest, signature
+
+logger = logging.getLogger(__name__)
+
+#: Event types that start a delivery: the four ends of a job, and a redelivery asked for by hand.
+TRIGGERS = frozenset(
+    {"job.completed", "job.failed", "job.cancelled", "job.expired", "job.webhook_redelivery_requested"}
+)
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: Deliveries in flight per gateway; a slow receiver holds one slot, not the whole consumer.
+MAX_IN_FLIGHT = 32
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True):
+    #: How long after the job ended the platform keeps trying.
+    retry_for_s: float = 86400.0
+    #: The delay before the second try; each later one doubles, up to `max_delay_s`, times 0.5-1.5 (jitter).
+    first_delay_s: float = 5.0
+    max_delay_s: float = 3600.0
+    #: How long one try may take.
+    timeout_s: float = 10.0
+    #: Private, loopback and link-local targets are allowed (dev and test environments only).
+    allow_private: bool = False
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> WebhookSettings:
+        """`GF_WEBHOOK_RETRY_FOR_S`, `GF_WEBHOOK_FIRST_DELAY_S`, `GF_WEBHOOK_MAX_DELAY_S`,
+        `GF_WEBHOOK_TIMEOUT_S`; private targets follow `GF_ENV`."""
+        env = dict(os.environ if env is None else env)
+        numbers = {
+            name: float(env[f"GF_WEBHOOK_{name.upper()}"])
+            for name in ("retry_for_s", "first_delay_s", "max_delay_s", "timeout_s")
+            if f"GF_WEBHOOK_{name.upper()}" in env
+        }
+        return cls(**numbers, allow_private=env.get(ENV_NAME_ENV) in INSECURE_ENVIRONMENTS)
+
+
+def backoff_s(attempt: int, settings: WebhookSettings, draw: float) -> float:
+    """The delay after failed try `attempt` (1-based); `draw` in [0, 1) spreads retries of many jobs."""
+    base = min(settings.first_delay_s * 2 ** (attempt - 1), settings.max_delay_s)
+    return base * (0.5 + draw)
+
+
+async def check_target(url: str, allow_private: bool) -> None:
+    """`BadRequest` unless `url` is http(s) to a host whose every address is public (or `allow_private`)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest(f"webhook_url must be an http(s) URL with a host, not {url!r}", {"param": "webhook_url"})
+    if allow_private:
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port)
+    except (OSError, ValueError) as exc:
+        raise BadRequest(f"webhook_url host {parts.hostname!r} does not resolve: {exc}", {"param": "webhook_url"}) from None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            raise BadRequest(
+                f"webhook_url {parts.hostname!r} resolves to {address}, which is not a public address",
+                {"param": "webhook_url", "reason": "private_target"},
+            )
+
+
+class SecretRecord(msgspec.Struct, kw_only=True):
+    generation: int
+
+
+class WebhookSecrets:
+    """Each API key's secret: derived from the master key and a generation, so only the number is stored."""
+
+    def __init__(self, js: JetStreamContext, master_key: bytes) -> None:
+        self.js = js
+        self.master_key = master_key
+
+    async def get(self, owner: str, *, rotate: bool = False) -> WebhookSecret:
+        """The owner's secret, created on first use; `rotate` moves to the next generation."""
+        kv = await self.js.key_value(subjects.WEBHOOKS_BUCKET)
+        for _ in range(5):
+            try:
+                entry = await kv.get(owner)
+                generation, revision = msgspec.json.decode(entry.value or b"", type=SecretRecord).generation, entry.revision
+            except KeyNotFoundError:
+                generation, revision = 0, None
+            if generation and not rotate:
+                return self._secret(owner, generation)
+            record = msgspec.json.encode(SecretRecord(generation=generation + 1))
+            try:
+                if revision is None:
+                    await kv.create(owner, record)
+                else:
+                    await kv.update(owner, record, last=revision)
+            except KeyWrongLastSequenceError:
+                continue  # another gateway wrote first: decide again on its value
+            logger.info("webhook secret of %s is at generation %d", owner, generation + 1)
+            return self._secret(owner, generation + 1)
+        raise Conflict(f"the webhook secret of {owner} kept changing")
+
+    def _secret(self, owner: str, generation: int) -> WebhookSecret:
+        key = derive_key(self.master_key, f"webhook:{owner}:{generation}")
+        return WebhookSecret(secret=SECRET_PREFIX + key.hex(), generation=generation)
+
+
+class WebhookDeliverer:
+    """The gateway's part of the shared `webhooks` consumer: fetches triggers and delivers them."""
+
+    def __init__(self, js: JetStreamContext, secrets: WebhookSecrets, settings: WebhookSettings) -> None:
+        self.js = js
+        self.secrets = secrets
+        self.settings = settings
+        self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.Task[None] | None = None
+        self._http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
+
+    async def start(self) -> None:
+        config = ConsumerConfig(
+            durable_name=subjects.WEBHOOK_CONSUMER,
+            # Created once; from then on the consumer remembers its place across restarts.
+            deliver_policy=DeliverPolicy.NEW,
+            ack_policy=AckPolicy.EXPLICIT,
+            # A gateway that dies mid-try gives the trigger back after this long.
+            ack_wait=self.settings.timeout_s + 30,
+            max_deliver=-1,
+            max_ack_pending=4 * MAX_IN_FLIGHT,
+        )
+        sub = await self.js.pull_subscribe(
+            subjects.JOBS_SUBJECTS, durable=subjects.WEBHOOK_CONSUMER,
+            stream=subjects.JOBS_STREAM, config=config,
+        )
+        self._loop = asyncio.create_task(self._run(sub))
+
+    async def stop(self) -> None:
+        # Stop fetching, then let tries in flight end (their triggers are acked or naked), then close.
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._http.aclose()
+
+    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(batch=16, timeout=1)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # NATS away: the consumer keeps its place; try again shortly
+                logger.warning("webhook consumer: %s", exc)
+                await asyncio.sleep(1)
+                continue
+            for msg in msgs:
+                await self._slots.acquire()
+                task = asyncio.create_task(self._handle(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            if (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER) not in TRIGGERS:
+                await msg.ack()
+                return
+            await self._deliver(msg)
+        except Exception:
+            # Left unacked: JetStream gives it to a gateway again after `ack_wait`.
+            logger.exception("webhook delivery of %s failed unexpectedly", msg.subject)
+
+    async def _deliver(self, msg: Msg) -> None:
+        trigger = job_event_decoder.decode(msg.data)
+        records = await read_job_events(self.js, trigger.job_id)
+        submitted = records[0][0] if records else None
+        if not isinstance(submitted, JobSubmitted) or submitted.webhook_url is None:
+            await msg.ack()
+            return
+        job = fold(records)
+        assert job is not None  # it has a submission
+        url, attempt = submitted.webhook_url, msg.metadata.num_delivered
+        if submitted.owner is None:
+            tried = Try(reason="the job has no owner whose secret could sign it", final=True)
+        else:
+            tried = await self._post(url, submitted.owner, msgspec.json.encode(job_view(job)))
+        subject = subjects.job_subject(trigger.job_id)
+        if tried.status_code is not None and 200 <= tried.status_code < 300:
+            delivered = JobWebhookDelivered(
+                job_id=job.id, url=url, attempt=attempt, status_code=tried.status_code,
+                duration_ms=tried.duration_ms or 0.0,
+            )
+            await append(self.js, subject, delivered)
+            await msg.ack()
+            logger.info("webhook of job %s delivered to %s (try %d)", job.id, url, attempt)
+            return
+        delay_s = backoff_s(attempt, self.settings, random.random())
+        gives_up = tried.final or (now_ms() - trigger.at_ms) / 1000 + delay_s > self.settings.retry_for_s
+        failed = JobWebhookFailed(
+            job_id=job.id, url=url, attempt=attempt, reason=tried.reason[:500], status_code=tried.status_code,
+            duration_ms=tried.duration_ms, retry_in_s=None if gives_up else delay_s,
+        )
+        await append(self.js, subject, failed)
+        if gives_up:
+            await msg.ack()
+            logger.warning("webhook of job %s: gave up after try %d (%s)", job.id, attempt, tried.reason)
+        else:
+            await msg.nak(delay=delay_s)
+            logger.info("webhook of job %s: try %d failed (%s), next in %.1fs", job.id, attempt, tried.reason, delay_s)
+
+    async def _post(self, url: str, owner: str, body: bytes) -> Try:
+        """One try: the target checked again (its addresses may have changed), then a signed POST."""
+        try:
+            await check_target(url, self.settings.allow_private)
+        except BadRequest as exc:
+            # A private target stays private; a name that does not resolve may yet.
+            return Try(reason=exc.message, final=(exc.details or {}).get("reason") == "private_target")
+        secret = (await self.secrets.get(owner)).secret
+        headers = {
+            "Content-Type": "application/json",
+            subjects.WEBHOOK_SIGNATURE_HEADER: signature(secret, body, int(time.time())),
+            "User-Agent": "gpu-fabric-webhooks",
+        }
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            return Try(reason=f"{type(exc).__name__}: {exc}", duration_ms=(time.perf_counter() - started) * 1000)
+        return Try(
+            status_code=response.status_code,
+            duration_ms=(time.perf_counter() - started) * 1000,
+            reason=f"answered {response.status_code}",
+        )
+
+
+class Try(msgspec.Struct, frozen=True, kw_only=True):
+    """What one try of a delivery came to."""
+
+    status_code: int | None = None
+    duration_ms: float | None = None
+    reason: str = ""
+    #: Trying again cannot help.
+    final: bool = False
+
+
+# --- Routes: a key's secret, and a delivery again by hand -----------------------------------------
+
+
+@post("/api/v1/webhooks/secret", status_code=HTTP_200_OK, summary="The caller's webhook secret (created on first call)")
+async def webhook_secret(
+    data: JSONBody[WebhookSecretRequest], state: State, principal: NamedDependency[Principal]
+) -> WebhookSecret:
+    owner = require_client(principal).subject
+    secrets: WebhookSecrets = state.webhook_secrets
+    return await secrets.get(owner, rotate=data.rotate)
+
+
+@post(
+    "/api/v1/jobs/{job_id:str}/webhook/redeliver", status_code=HTTP_202_ACCEPTED,
+    summary="Deliver a finished job's webhook again",
+)
+async def redeliver_webhook(job_id: FromPath[str], state: State, principal: NamedDependency[Principal]) -> Accepted:
+    js: JetStreamContext = state.gateway.js
+    # An id with dots or wildcards would name other subjects than the job's.
+    records = await read_job_events(js, job_id) if JOB_ID.match(job_id) else []
+    job = fold(records)
+    if job is None or not visible_to(job, job_scope(principal)):
+        raise JobNotFound(f"job {job_id} not found")
+    submitted = records[0][0]
+    if not isinstance(submitted, JobSubmitted) or submitted.webhook_url is None:
+        raise BadRequest(f"job {job_id} has no webhook_url")
+    if not job.status.terminal:
+        raise InvalidTransition(f"job {job_id} is {job.status.value}; its webhook is sent when it ends")
+    # A fact on a finished job, which nothing else changes: no expected sequence needed.
+    ack = await append(js, subjects.job_subject(job_id), JobWebhookRedeliveryRequested(job_id=job_id))
+    logger.info("webhook of job %s: redelivery requested", job_id)
+    return Accepted(seq=ack.seq)
+
+
+routes = [webhook_secret, redeliver_webhook]
