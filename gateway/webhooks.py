@@ -102,21 +102,24 @@ def backoff_s(attempt: int, settings: WebhookSettings, draw: float) -> float:
 
 async def check_target(url: str, allow_private: bool) -> None:
     """`BadRequest` unless `url` is http(s) to a host whose every address is public (or `allow_private`)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as exc:  # e.g. an unclosed `[` or a port out of range
+        raise BadRequest(f"webhook_url is not a valid URL: {exc}", {"param": "webhook_url"}) from None
+    if parts.scheme not in ("http", "https") or not host:
         raise BadRequest(f"webhook_url must be an http(s) URL with a host, not {url!r}", {"param": "webhook_url"})
     if allow_private:
         return
     try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, port)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
     except (OSError, ValueError) as exc:
-        raise BadRequest(f"webhook_url host {parts.hostname!r} does not resolve: {exc}", {"param": "webhook_url"}) from None
+        raise BadRequest(f"webhook_url host {host!r} does not resolve: {exc}", {"param": "webhook_url"}) from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not address.is_global:
             raise BadRequest(
-                f"webhook_url {parts.hostname!r} resolves to {address}, which is not a public address",
+                f"webhook_url {host!r} resolves to {address}, which is not a public address",
                 {"param": "webhook_url", "reason": "private_target"},
             )
 

@@ -74,7 +74,7 @@ async def test_private_loopback_and_link_local_targets_are_refused_outside_dev(u
 
 
 async def test_only_http_targets_with_a_host() -> None:
-    for url in ("ftp://example.com/x", "http:///path", "file:///etc/passwd"):
+    for url in ("ftp://example.com/x", "http:///path", "file:///etc/passwd", "http://[::1", "http://a:99999/"):
         with pytest.raises(BadRequest):
             await check_target(url, allow_private=True)
 
