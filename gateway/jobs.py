@@ -21,7 +21,7 @@ from nats.js import JetStreamContext
 from gateway.backpressure import Backpressure
 from gateway.feed import JobFeed
 from gateway.results import read_result, store_result
-from gateway.webhooks import WebhookSettings, check_target
+from gateway.webhooks import WebhookSettings, check_url
 from sdk import subjects
 from sdk.api import (
     Accepted,
@@ -89,7 +89,7 @@ class JobCommands:
         require_connected(self.nc)
         self.backpressure.admit(owner)
         if req.webhook_url is not None:
-            await check_target(req.webhook_url, WebhookSettings.from_env().allow_private)
+            check_url(req.webhook_url, WebhookSettings.from_env().allow_private)
         job_id = new_id()
         event = JobSubmitted(
             job_id=job_id,

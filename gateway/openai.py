@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API under `/v1`: the official `openai` client works unchanged against the platform.
+"""The OpenAI-compatible API under `/v1`, the part beside its routes (`gateway.http.openai`): the official
+`openai` client works unchanged against the platform.
 
 Every request is a job like any other (`llm`, `embedding`, `image`), owned by the caller's API key, so
 history, cancel, placement and replay apply. A non-streamed request waits for its job and answers OpenAI's
@@ -14,20 +15,16 @@ its tokens). Errors use OpenAI's shape `{"error": {"message", "type", "param", "
 from __future__ import annotations
 
 import asyncio
-import base64
 import hashlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
-from litestar import Request, Response, Router, get, post
+from litestar import Request
 from litestar.datastructures import State
-from litestar.di import NamedDependency, Provide
-from litestar.exceptions import HTTPException, ValidationException
-from litestar.params import JSONBody
 from litestar.response import ServerSentEvent
 
 from gateway import openai_wire as wire
@@ -37,8 +34,8 @@ from gateway.auth.tokens import API_KEY_PREFIX
 from gateway.jobs import MAX_WAIT_S
 from gateway.service import Gateway
 from sdk import subjects
-from sdk.api import CancelJob, GetResult, JobView, ListWorkers
-from sdk.errors import HTTP_STATUS, JobNotFound, PlatformError, Timeout, Unauthorized
+from sdk.api import CancelJob, JobView, ListWorkers
+from sdk.errors import HTTP_STATUS, PlatformError, Timeout, Unauthorized
 
 logger = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
@@ -147,10 +144,12 @@ class Call:
         self.job_id: str | None = None
 
     async def submit(
-        self, served: Served, job_type: str, req: wire.PlatformFields, model: str, params: dict[str, Any]
+        self, served: Served, job_type: str, req: wire.PlatformFields, model: str, params: Callable[[], dict[str, Any]]
     ) -> str:
+        """Submit the job; `params` are built once the model is known to be served (an unknown model is a
+        404 whatever else is wrong)."""
         served.require(model, job_type)
-        submitted = await self.gateway.submit(wire.submit_job(job_type, req, model, params), self.owner)
+        submitted = await self.gateway.submit(wire.submit_job(job_type, req, model, params()), self.owner)
         self.job_id = submitted.id
         logger.info("openai %s request is job %s (%s)", job_type, submitted.id, model)
         return submitted.id
@@ -248,136 +247,30 @@ def stream_text(call: Call, model: str, chat: bool, include_usage: bool) -> Serv
     return ServerSentEvent(chunks())
 
 
-# --- Routes --------------------------------------------------------------------------------------
-
-
-@get("/models", summary="The models live workers serve (OpenAI's list)")
-async def list_models(state: State, principal: NamedDependency[Principal]) -> dict[str, Any]:
-    return wire.models_response((await served_models(state)).models, int(time.time()))
-
-
-@post("/chat/completions", status_code=200, summary="A chat completion (OpenAI-compatible)")
-async def chat_completions(
-    data: JSONBody[wire.ChatCompletionRequest],
-    request: Request[Any, Any, Any],
-    state: State,
-    principal: NamedDependency[Principal],
-) -> Any:
-    return await _text(data, request, state, principal, chat=True)
-
-
-@post("/completions", status_code=200, summary="A text completion of a prompt (OpenAI-compatible)")
-async def completions(
-    data: JSONBody[wire.CompletionRequest],
-    request: Request[Any, Any, Any],
-    state: State,
-    principal: NamedDependency[Principal],
-) -> Any:
-    return await _text(data, request, state, principal, chat=False)
-
-
-async def _text(
-    req: wire.ChatCompletionRequest | wire.CompletionRequest,
-    request: Request[Any, Any, Any],
-    state: State,
-    principal: Principal,
-    *,
-    chat: bool,
-) -> Any:
-    call = Call(state.gateway, principal, request)
-    await call.submit(await served_models(state), "llm", req, req.model, wire.llm_params(req))
-    if req.stream:
-        include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return stream_text(call, req.model, chat, include_usage)
-    return wire.text_response(await call.finished(), chat)
-
-
-@post("/embeddings", status_code=200, summary="Embeddings of a text or texts (OpenAI-compatible)")
-async def embeddings(
-    data: JSONBody[wire.EmbeddingRequest],
-    request: Request[Any, Any, Any],
-    state: State,
-    principal: NamedDependency[Principal],
-) -> dict[str, Any]:
-    call = Call(state.gateway, principal, request)
-    await call.submit(await served_models(state), "embedding", data, data.model, {"input": data.input})
-    return wire.embedding_response(await call.finished(), data.encoding_format)
-
-
-@post("/images/generations", status_code=200, summary="Images from a prompt (OpenAI-compatible)")
-async def image_generations(
-    data: JSONBody[wire.ImageRequest],
-    request: Request[Any, Any, Any],
-    state: State,
-    principal: NamedDependency[Principal],
-) -> dict[str, Any]:
-    call = Call(state.gateway, principal, request)
-    job_id = await call.submit(await served_models(state), "image", data, data.model, wire.image_params(data))
-    job = await call.finished()
-    images = []
-    for index in range(len(job.result["images"])):
-        if data.response_format == "url":
-            # The platform's own result route: it takes an access token, as every /api/v1 route does.
-            images.append({"url": f"{str(request.base_url).rstrip('/')}/api/v1/jobs/{job_id}/result/{index}"})
-        else:
-            png, _ = await call.gateway.result(GetResult(id=job_id, index=index), call.scope)
-            images.append({"b64_json": base64.b64encode(png).decode()})
-    return {"created": wire.created_at(job), "data": images}
-
-
 # --- Errors --------------------------------------------------------------------------------------
 
 
-def error_body(exc: OpenAIError) -> dict[str, Any]:
+class OpenAIErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(msgspec.Struct, kw_only=True):
+    """Every error of the `/v1` routes, in OpenAI's shape."""
+
+    error: OpenAIErrorDetail
+
+
+def error_body(exc: OpenAIError) -> OpenAIErrorBody:
     kind = {401: "invalid_request_error", 403: "permission_error", 429: "rate_limit_error"}.get(exc.status)
     kind = kind or ("invalid_request_error" if exc.status < 500 else "server_error")
-    return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
+    return OpenAIErrorBody(error=OpenAIErrorDetail(message=exc.message, type=kind, param=exc.param, code=exc.code))
 
 
 def from_platform(exc: PlatformError) -> OpenAIError:
     status = HTTP_STATUS.get(exc.code, 500)
     code = {401: "invalid_api_key", 404: "not_found"}.get(status, exc.code)
-    if isinstance(exc, JobNotFound):
-        code = "not_found"
     param = exc.details.get("param") if isinstance(exc.details, dict) else None
-    return OpenAIError(status, exc.message, code, param)
-
-
-def _answer(exc: OpenAIError) -> Response[dict[str, Any]]:
-    return Response(error_body(exc), status_code=exc.status)
-
-
-def openai_error(_: Request, exc: OpenAIError) -> Response[dict[str, Any]]:
-    return _answer(exc)
-
-
-def platform_error(_: Request, exc: PlatformError) -> Response[dict[str, Any]]:
-    return _answer(from_platform(exc))
-
-
-def validation_error(_: Request, exc: ValidationException) -> Response[dict[str, Any]]:
-    message, param = str(exc.detail), None
-    for item in exc.extra if isinstance(exc.extra, list) else []:
-        if isinstance(item, dict) and item.get("message"):
-            # litestar names the field when msgspec checked its value, else the whole body (`data`).
-            message = str(item["message"])
-            param = item.get("key") if item.get("key") not in (None, "data") else wire.param_of(message)
-    return _answer(OpenAIError(400, f"`{param}`: {message}" if param else message, "invalid_request_error", param))
-
-
-def http_error(_: Request, exc: HTTPException) -> Response[dict[str, Any]]:
-    return _answer(OpenAIError(exc.status_code, str(exc.detail), None))
-
-
-router = Router(
-    "/v1",
-    route_handlers=[list_models, chat_completions, completions, embeddings, image_generations],
-    dependencies={"principal": Provide(provide_openai_principal)},
-    exception_handlers={
-        OpenAIError: openai_error,
-        PlatformError: platform_error,
-        ValidationException: validation_error,
-        HTTPException: http_error,
-    },
-    tags=["openai"],
-)
+    return OpenAIError(status, exc.message, code, param or wire.param_of(exc.message))

@@ -3,8 +3,8 @@
 A request becomes a `SubmitJob` (`*_job`), a finished job becomes OpenAI's response (`*_response`), and a
 streamed piece becomes a chunk (`*_chunk`). Bounds follow OpenAI's documented ranges where the engines
 accept them, so a request the engine would refuse is refused here, before any job exists. The platform's
-own fields (`region`, `region_policy`, `priority`) ride along at the top level, as the `openai` client's
-`extra_body` puts them.
+own fields (`region`, `priority`) ride along at the top level, as the `openai` client's `extra_body` puts
+them. Requests are `Strict`: an unknown field is refused by name, and the OpenAPI document says so.
 """
 
 from __future__ import annotations
@@ -18,42 +18,44 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sdk.api import JobView, SubmitJob
+from sdk.api.decoding import Strict, Token
 from sdk.errors import BadRequest
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
-#: OpenAI allows up to 4 stop sequences.
-Stop = NonEmpty | Annotated[list[NonEmpty], msgspec.Meta(max_length=4)]
+#: The engine's limits on what a union's items cannot say in the OpenAPI document (litestar drops
+#: constraints inside unions), so they are checked once the request is decoded.
+MAX_STOPS = 16
+MAX_INPUTS = 2048
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=8192)]
 Seed = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 
 
-class PlatformFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class PlatformFields(Strict):
     """What the platform adds to OpenAI's requests (`extra_body`); `user` is OpenAI's and ignored."""
 
-    region: str | None = None
-    region_policy: str | None = None
-    priority: int | None = None
-    user: str | None = None
+    region: Token | None = None
+    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] | None = None
+    user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
 
-class TextPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class ChatMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
     #: A string, or text parts (the only kind of part a text model reads).
-    content: str | Annotated[list[TextPart], msgspec.Meta(min_length=1)]
+    content: str | list[TextPart]
     name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
-class StreamOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
@@ -63,7 +65,8 @@ class Sampling(PlatformFields, kw_only=True):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    stop: Stop | None = None
+    #: An empty stop string is ignored, as OpenAI does.
+    stop: str | list[str] | None = None
     #: One choice per request: a job produces one text.
     n: Annotated[int, msgspec.Meta(ge=1, le=1)] = 1
     stream: bool = False
@@ -81,26 +84,22 @@ class CompletionRequest(Sampling, kw_only=True):
 
 class EmbeddingRequest(PlatformFields, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
-    input: NonEmpty | Annotated[list[NonEmpty], msgspec.Meta(min_length=1, max_length=2048)]
+    #: One text, or up to 2048; none may be empty.
+    input: str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
 
 
-#: `<width>x<height>`; the engine wants sides of 64 to 2048 in steps of 8.
-SIZE = re.compile(r"^(\d{2,4})x(\d{2,4})$")
+#: `<width>x<height>`; each side is brought to what the engine takes: 64 to 2048, in steps of 8.
+SIZE_PATTERN = r"^\d{1,4}x\d{1,4}$"
 
 
 class ImageRequest(PlatformFields, kw_only=True):
     model: Annotated[str, msgspec.Meta(min_length=1, max_length=512)]
     prompt: NonEmpty
     n: Annotated[int, msgspec.Meta(ge=1, le=8)] = 1
-    size: Annotated[str, msgspec.Meta(pattern=SIZE.pattern)] | None = None
+    size: Annotated[str, msgspec.Meta(pattern=SIZE_PATTERN)] | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     seed: Seed | None = None
-
-    def __post_init__(self) -> None:
-        match = SIZE.match(self.size or "")
-        if match and not all(64 <= int(side) <= 2048 and int(side) % 8 == 0 for side in match.groups()):
-            raise ValueError("`size` sides must be 64 to 2048 pixels, in steps of 8")
 
 
 # --- Requests -> jobs ----------------------------------------------------------------------------
@@ -109,8 +108,7 @@ class ImageRequest(PlatformFields, kw_only=True):
 def submit_job(job_type: str, req: PlatformFields, model: str, params: dict[str, Any]) -> SubmitJob:
     """The job for a request, with the platform's extra fields; a bad extra field is a `BadRequest`."""
     fields: dict[str, Any] = {"type": job_type, "model": model, "params": params}
-    # Only the fields given: a platform without `region_policy` then refuses it by name.
-    for name in ("region", "region_policy", "priority"):
+    for name in ("region", "priority"):
         if (value := getattr(req, name)) is not None:
             fields[name] = value
     try:
@@ -127,22 +125,36 @@ def llm_params(req: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]
         params, max_tokens = {"prompt": req.prompt}, req.max_tokens
     if max_tokens is not None:
         params["max_new_tokens"] = max_tokens
-    if req.stop is not None:
-        params["stop"] = [req.stop] if isinstance(req.stop, str) else req.stop
+    stops = [s for s in ([req.stop] if isinstance(req.stop, str) else req.stop or []) if s]
+    if len(stops) > MAX_STOPS:
+        raise BadRequest(f"at most {MAX_STOPS} stop sequences, got {len(stops)}", {"param": "stop"})
+    if stops:
+        params["stop"] = stops
     for name in ("temperature", "top_p", "seed"):
         if (value := getattr(req, name)) is not None:
             params[name] = value
     return params
 
 
+def embedding_params(req: EmbeddingRequest) -> dict[str, Any]:
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not 0 < len(texts) <= MAX_INPUTS or not all(texts):
+        raise BadRequest(f"`input` must be 1 to {MAX_INPUTS} non-empty texts", {"param": "input"})
+    return {"input": req.input}
+
+
 def image_params(req: ImageRequest) -> dict[str, Any]:
     params: dict[str, Any] = {"prompt": req.prompt, "num_images": req.n}
     if req.size is not None:
-        width, height = req.size.split("x")
-        params["width"], params["height"] = int(width), int(height)
+        params["width"], params["height"] = (image_side(int(side)) for side in req.size.split("x"))
     if req.seed is not None:
         params["seed"] = req.seed
     return params
+
+
+def image_side(pixels: int) -> int:
+    """A requested side as the engine takes it: down to a multiple of 8, within 64 to 2048."""
+    return min(2048, max(64, pixels - pixels % 8))
 
 
 def param_of(message: str) -> str | None:

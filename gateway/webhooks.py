@@ -12,8 +12,8 @@ The story of one delivery:
    (`backoff_s`); JetStream redelivers it then, to whichever gateway is up, so a restart of any component
    loses no delivery. After `retry_for_s` (24 h by default) from the trigger the platform gives up.
 
-A webhook is a request the platform makes on a user's behalf, so targets are checked (`check_target`) at
-submission and again at each try: private, loopback, link-local and other non-public addresses are refused
+A webhook is a request the platform makes on a user's behalf, so targets are checked: at submission by
+name alone (`check_url`: IP literals, `localhost`), and with the name resolved at each try (`check_target`): private, loopback, link-local and other non-public addresses are refused
 unless `GF_ENV` is `dev` or `test`. Redirects are not followed (they could lead anywhere).
 """
 
@@ -24,28 +24,20 @@ import ipaddress
 import logging
 import os
 import random
-import re
 import time
 from urllib.parse import urlsplit
 
 import httpx
 import msgspec
-from litestar import post
-from litestar.datastructures import State
-from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
-from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
-from gateway.access import job_scope, require_client
-from gateway.auth import Principal
 from gateway.auth.master_key import derive_key
+from gateway.kv import Bucket
 from sdk import subjects
 from sdk.api import Accepted, job_view
-from sdk.errors import BadRequest, Conflict, InvalidTransition, JobNotFound
+from sdk.errors import BadRequest, InvalidTransition, JobNotFound
 from sdk.events import (
     JobSubmitted,
     JobWebhookDelivered,
@@ -57,7 +49,7 @@ from sdk.events import (
 from sdk.jobs import fold, visible_to
 from sdk.log import append, read_job_events
 from sdk.tls import ENV_NAME_ENV, INSECURE_ENVIRONMENTS
-from sdk.webhooks import SECRET_PREFIX, WebhookSecret, WebhookSecretRequest, signature
+from sdk.webhooks import SECRET_PREFIX, WebhookSecret, signature
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +57,6 @@ logger = logging.getLogger(__name__)
 TRIGGERS = frozenset(
     {"job.completed", "job.failed", "job.cancelled", "job.expired", "job.webhook_redelivery_requested"}
 )
-JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: Deliveries in flight per gateway; a slow receiver holds one slot, not the whole consumer.
 MAX_IN_FLIGHT = 32
 
@@ -100,32 +91,55 @@ def backoff_s(attempt: int, settings: WebhookSettings, draw: float) -> float:
     return base * (0.5 + draw)
 
 
-async def check_target(url: str, allow_private: bool) -> None:
-    """`BadRequest` unless `url` is http(s) to a host whose every address is public (or `allow_private`)."""
+def check_url(url: str, allow_private: bool) -> str:
+    """The URL's host; `BadRequest` unless it is http(s) with a host that is not a private address by its
+    very name (an IP literal, `localhost`). Needs no DNS, so a submission never waits on a resolver."""
     try:
         parts = urlsplit(url)
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+        host, _ = parts.hostname, parts.port  # reading the port is its check: out of range raises
     except ValueError as exc:  # e.g. an unclosed `[` or a port out of range
         raise BadRequest(f"webhook_url is not a valid URL: {exc}", {"param": "webhook_url"}) from None
     if parts.scheme not in ("http", "https") or not host:
         raise BadRequest(f"webhook_url must be an http(s) URL with a host, not {url!r}", {"param": "webhook_url"})
+    if not allow_private:
+        if host == "localhost" or host.endswith(".localhost"):
+            raise _private(host, "loopback")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return host  # a name: checked when it is resolved, at each try
+        if not address.is_global:
+            raise _private(host, address)
+    return host
+
+
+async def check_target(url: str, allow_private: bool) -> None:
+    """`check_url`, then every address the host resolves to must be public (or `allow_private`)."""
+    host = check_url(url, allow_private)
     if allow_private:
         return
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
     except (OSError, ValueError) as exc:
         raise BadRequest(f"webhook_url host {host!r} does not resolve: {exc}", {"param": "webhook_url"}) from None
     for info in infos:
         address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         if not address.is_global:
-            raise BadRequest(
-                f"webhook_url {host!r} resolves to {address}, which is not a public address",
-                {"param": "webhook_url", "reason": "private_target"},
-            )
+            raise _private(host, address)
+
+
+def _private(host: str, address: object) -> BadRequest:
+    return BadRequest(
+        f"webhook_url {host!r} resolves to {address}, which is not a public address",
+        {"param": "webhook_url", "reason": "private_target"},
+    )
 
 
 class SecretRecord(msgspec.Struct, kw_only=True):
     generation: int
+
+
+_decode_record = msgspec.json.Decoder(SecretRecord).decode
 
 
 class WebhookSecrets:
@@ -137,26 +151,20 @@ class WebhookSecrets:
 
     async def get(self, owner: str, *, rotate: bool = False) -> WebhookSecret:
         """The owner's secret, created on first use; `rotate` moves to the next generation."""
-        kv = await self.js.key_value(subjects.WEBHOOKS_BUCKET)
-        for _ in range(5):
-            try:
-                entry = await kv.get(owner)
-                generation, revision = msgspec.json.decode(entry.value or b"", type=SecretRecord).generation, entry.revision
-            except KeyNotFoundError:
-                generation, revision = 0, None
-            if generation and not rotate:
-                return self._secret(owner, generation)
-            record = msgspec.json.encode(SecretRecord(generation=generation + 1))
-            try:
-                if revision is None:
-                    await kv.create(owner, record)
-                else:
-                    await kv.update(owner, record, last=revision)
-            except KeyWrongLastSequenceError:
-                continue  # another gateway wrote first: decide again on its value
-            logger.info("webhook secret of %s is at generation %d", owner, generation + 1)
-            return self._secret(owner, generation + 1)
-        raise Conflict(f"the webhook secret of {owner} kept changing")
+        bucket = await Bucket.open(self.js, subjects.WEBHOOKS_BUCKET)
+
+        def next_generation(current: SecretRecord | None) -> SecretRecord | None:
+            if current is not None and not rotate:
+                return None  # nothing to write: the current generation stands
+            return SecretRecord(generation=(current.generation if current else 0) + 1)
+
+        changed = await bucket.update(owner, _decode_record, next_generation, what=f"the webhook secret of {owner}")
+        if changed is not None:
+            logger.info("webhook secret of %s is at generation %d", owner, changed.after.generation)
+            return self._secret(owner, changed.after.generation)
+        loaded = await bucket.load(owner, _decode_record)
+        assert loaded is not None  # `update` wrote nothing because it exists
+        return self._secret(owner, loaded.value.generation)
 
     def _secret(self, owner: str, generation: int) -> WebhookSecret:
         key = derive_key(self.master_key, f"webhook:{owner}:{generation}")
@@ -303,38 +311,18 @@ class Try(msgspec.Struct, frozen=True, kw_only=True):
     final: bool = False
 
 
-# --- Routes: a key's secret, and a delivery again by hand -----------------------------------------
-
-
-@post("/api/v1/webhooks/secret", status_code=HTTP_200_OK, summary="The caller's webhook secret (created on first call)")
-async def webhook_secret(
-    data: JSONBody[WebhookSecretRequest], state: State, principal: NamedDependency[Principal]
-) -> WebhookSecret:
-    owner = require_client(principal).subject
-    secrets: WebhookSecrets = state.webhook_secrets
-    return await secrets.get(owner, rotate=data.rotate)
-
-
-@post(
-    "/api/v1/jobs/{job_id:str}/webhook/redeliver", status_code=HTTP_202_ACCEPTED,
-    summary="Deliver a finished job's webhook again",
-)
-async def redeliver_webhook(job_id: FromPath[str], state: State, principal: NamedDependency[Principal]) -> Accepted:
-    js: JetStreamContext = state.gateway.js
-    # An id with dots or wildcards would name other subjects than the job's.
-    records = await read_job_events(js, job_id) if JOB_ID.match(job_id) else []
+async def request_redelivery(js: JetStreamContext, job_id: str, owner: str | None) -> Accepted:
+    """Deliver a finished job's webhook again: a trigger like the job's end, so tries start afresh."""
+    records = await read_job_events(js, job_id)
     job = fold(records)
-    if job is None or not visible_to(job, job_scope(principal)):
+    if job is None or not visible_to(job, owner):
         raise JobNotFound(f"job {job_id} not found")
     submitted = records[0][0]
     if not isinstance(submitted, JobSubmitted) or submitted.webhook_url is None:
-        raise BadRequest(f"job {job_id} has no webhook_url")
+        raise InvalidTransition(f"job {job_id} has no webhook_url: there is nothing to deliver")
     if not job.status.terminal:
         raise InvalidTransition(f"job {job_id} is {job.status.value}; its webhook is sent when it ends")
     # A fact on a finished job, which nothing else changes: no expected sequence needed.
     ack = await append(js, subjects.job_subject(job_id), JobWebhookRedeliveryRequested(job_id=job_id))
     logger.info("webhook of job %s: redelivery requested", job_id)
     return Accepted(seq=ack.seq)
-
-
-routes = [webhook_secret, redeliver_webhook]

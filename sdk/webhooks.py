@@ -17,6 +17,7 @@ from typing import Annotated
 
 import msgspec
 
+from sdk.api.decoding import Strict
 from sdk.subjects import WEBHOOK_SIGNATURE_HEADER
 
 #: How old a signature may be when it is checked.
@@ -29,7 +30,7 @@ class InvalidWebhook(Exception):
     """The request is not a genuine, fresh webhook from the platform."""
 
 
-class WebhookSecretRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class WebhookSecretRequest(Strict):
     #: True: replace the secret with a new one (the old one stops being used at once).
     rotate: bool = False
 

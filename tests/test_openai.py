@@ -185,8 +185,9 @@ async def test_bad_key_is_401_and_bad_requests_are_400_in_openai_shape(
     with pytest.raises(openai.BadRequestError) as refused:
         await oai.chat.completions.create(model=models["llm"], messages=[{"role": "user", "content": "hi"}], temperature=3)
     assert refused.value.body["param"] == "temperature"
-    with pytest.raises(openai.BadRequestError):
-        await oai.images.generate(model=models["image"], prompt="x", size="65x64")
+    with pytest.raises(openai.BadRequestError) as refused:
+        await oai.images.generate(model=models["image"], prompt="x", size="big")
+    assert refused.value.body["param"] == "size"
 
 
 async def test_another_client_does_not_see_the_job(

@@ -59,9 +59,9 @@ async def test_the_document_publishes_what_the_server_enforces(operator: httpx.A
     document = (await operator.get("/schema/openapi.json")).json()
     schemas = document["components"]["schemas"]
     submit = schemas["SubmitJob"]
-    assert submit["properties"]["type"]["enum"] == ["echo", "llm", "image"]
+    assert submit["properties"]["type"]["enum"] == ["echo", "llm", "image", "embedding"]
     assert submit["additionalProperties"] is False
-    assert (submit["if"]["properties"]["type"]["enum"], submit["then"]["required"]) == (["llm", "image"], ["model"])
+    assert (submit["if"]["properties"]["type"]["enum"], submit["then"]["required"]) == (["llm", "image", "embedding"], ["model"])
     assert schemas["IssueTokens"]["properties"]["api_key"]["pattern"].startswith("^gfk_")
     assert schemas["CreateEnrollment"]["properties"]["ttl_s"]["maximum"] == 30 * 86400
     defaults = document["paths"]["/api/v1/config/defaults"]["put"]["requestBody"]["content"]["application/json"]
@@ -104,4 +104,4 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             raise AssertionError(f"schemathesis ran over {FUZZ_TIMEOUT_S}s:\n{log.read_text()[-4000:]}") from None
     report = log.read_text(errors="replace")
     assert process.returncode == 0, report[-8000:]
-    assert "Selected: 28/28" in report and "Stateful" in report, report[-3000:]
+    assert "Selected: 35/35" in report and "Stateful" in report, report[-3000:]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
-from gateway.webhooks import WebhookSettings, backoff_s, check_target
+from gateway.webhooks import WebhookSettings, backoff_s, check_target, check_url
 from sdk.broker import EmbeddedNats, free_port
 from sdk.errors import BadRequest
 from sdk.events import event_type
@@ -77,6 +77,13 @@ async def test_only_http_targets_with_a_host() -> None:
     for url in ("ftp://example.com/x", "http:///path", "file:///etc/passwd", "http://[::1", "http://a:99999/"):
         with pytest.raises(BadRequest):
             await check_target(url, allow_private=True)
+
+
+def test_a_submission_is_checked_by_name_alone() -> None:
+    for url in ("http://127.0.0.1:8000/h", "http://localhost/h", "http://[fe80::1]/", "http://192.168.0.10/"):
+        with pytest.raises(BadRequest, match="not a public address"):
+            check_url(url, allow_private=False)
+    assert check_url("https://hooks.example.com/x", allow_private=False) == "hooks.example.com"
 
 
 def test_private_targets_follow_the_environment() -> None:
@@ -180,6 +187,9 @@ async def test_receiver_verifies_the_signed_job_view_and_redelivery_sends_it_aga
             monkeypatch.setenv("GF_ENV", "production")
             with pytest.raises(BadRequest, match="not a public address"):
                 await http.submit("echo", webhook_url=receiver.url)
+            for name in ("localhost", "127.0.0.1", "169.254.169.254"):
+                with pytest.raises(BadRequest, match="not a public address"):
+                    await http.submit("echo", webhook_url=f"http://{name}/hook")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""The HTTP API (litestar): `jobs` (tokens and jobs), `operators` (workers, config, keys) and `geo`
-(regions, queue limits, placement explanations) hold the routes, `params` what they share, `openapi` what the document says beyond litestar's defaults.
+"""The HTTP API (litestar): `jobs` (tokens and jobs), `operators` (workers, config, keys), `geo`
+(regions, queue limits, placement explanations), `webhooks` and `openai` (the OpenAI-compatible `/v1`)
+hold the routes, `params` what they share, `openapi` what the document says beyond litestar's defaults.
 Handlers are thin: validate (msgspec), call the gateway service, return its struct. Errors map to statuses in one place (`sdk.errors.HTTP_STATUS`).
 
 Authentication: every route but `/health`, `/schema` and `/api/v1/auth/*` needs
@@ -34,15 +35,13 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from gateway.auth import AuthSettings, Credentials, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE
 from gateway.bus import bus_authority
-from gateway.http import geo, jobs, operators
+from gateway.http import geo, jobs, openai, operators, webhooks
 from gateway.http.openapi import StrictStructSchema
 from gateway.http.params import NO_AUTH, provide_gateway, provide_principal
 from gateway.metrics import Operability
 from gateway.nats_api import NatsApi
-from gateway.openai import router as openai_router
 from gateway.service import Gateway
 from gateway.webhooks import WebhookDeliverer, WebhookSecrets, WebhookSettings
-from gateway.webhooks import routes as webhook_routes
 from sdk.api import MAX_BODY_BYTES
 from sdk.connection import connect
 from sdk.errors import HTTP_STATUS, ErrorBody, PlatformError
@@ -126,20 +125,20 @@ def create_app(
             await api.start()
         app.state.gateway = gateway
         app.state.webhook_secrets = WebhookSecrets(gateway.js, master_key)
-        webhooks = WebhookDeliverer(gateway.js, app.state.webhook_secrets, WebhookSettings.from_env())
-        await webhooks.start()
+        deliverer = WebhookDeliverer(gateway.js, app.state.webhook_secrets, WebhookSettings.from_env())
+        await deliverer.start()
         try:
             async with bus_authority(nc, credentials, secrets_dir, nats_url):
                 yield
         finally:
-            await webhooks.stop()
+            await deliverer.stop()
             await api.stop()
             await gateway.stop()
             await credentials.close()
             await nc.drain()
 
     return Litestar(
-        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health, openai_router, *webhook_routes],
+        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health, openai.router, *webhooks.ROUTES],
         dependencies={"gateway": Provide(provide_gateway), "principal": Provide(provide_principal)},
         lifespan=[lifespan],
         exception_handlers={
