@@ -181,6 +181,7 @@ class WebhookDeliverer:
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.Task[None] | None = None
+        self._sub: JetStreamContext.PullSubscription | None = None
         self._http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
 
     async def start(self) -> None:
@@ -198,14 +199,20 @@ class WebhookDeliverer:
             subjects.JOBS_SUBJECTS, durable=subjects.WEBHOOK_CONSUMER,
             stream=subjects.JOBS_STREAM, config=config,
         )
+        self._sub = sub
         self._loop = asyncio.create_task(self._run(sub))
 
     async def stop(self) -> None:
-        # Stop fetching, then let tries in flight end (their triggers are acked or naked), then close.
+        # Stop fetching, let tries in flight end (their triggers are acked or naked), then leave the
+        # consumer (a pull subscription left open would hold the connection's drain until it times out;
+        # the durable consumer itself stays, with its place).
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
         await self._http.aclose()
 
     async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
