@@ -13,7 +13,7 @@ import logging
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from worker.engines import weights
-from worker.engines.base import BaseEngine, EngineError, JobContext, ModelSpec
-from worker.engines.running import parse_params, run_in_thread
+from worker.engines.base import EngineError, JobContext, ModelSpec
+from worker.engines.running import InFlight, TorchEngine, free_cached_memory, on_device, parse_params, run_in_thread
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,19 @@ class EmbeddingParams(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class LoadedEncoder:
     model: PreTrainedModel | None
     tokenizer: PreTrainedTokenizerBase | None
+    inflight: InFlight = field(default_factory=InFlight)
 
 
-class EmbeddingEngine(BaseEngine):
+class EmbeddingEngine(TorchEngine):
     job_type = "embedding"
 
     def memory_required(self, spec: ModelSpec) -> int:
         return weights.memory_required(spec.name, spec.settings)
 
     def load_model(self, spec: ModelSpec) -> LoadedEncoder:
+        return on_device(self._load, spec)
+
+    def _load(self, spec: ModelSpec) -> LoadedEncoder:
         device = weights.default_device()
         dtype = weights.load_dtype(spec.settings, device)
         trust = spec.settings.trust_remote_code
@@ -66,14 +70,16 @@ class EmbeddingEngine(BaseEngine):
         return LoadedEncoder(model=model.eval(), tokenizer=tokenizer)
 
     def unload_model(self, model: LoadedEncoder) -> None:
-        # Dropping the handle's references is what lets the weights go; the cache holds the handle.
+        # Work still running on it ends first; then dropping the handle's references lets the weights go.
+        model.inflight.wait_idle()
         model.model = model.tokenizer = None
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        free_cached_memory()
 
     async def inference(self, model: LoadedEncoder, ctx: JobContext) -> dict[str, Any]:
         params = parse_params(ctx.params, EmbeddingParams)
-        vectors, tokens = await run_in_thread(functools.partial(_embed, model, params), ctx.progress, ctx.cancelled)
+        vectors, tokens = await run_in_thread(
+            functools.partial(_embed, model, params), ctx.progress, ctx.cancelled, model.inflight
+        )
         return {
             "embeddings": vectors,
             "dimensions": len(vectors[0]) if vectors else 0,
