@@ -210,10 +210,13 @@ def completed(job: JobView) -> JobView:
     raise OpenAIError(status, f"job {job.id}: {message}", openai_code)
 
 
-def stream_text(call: Call, model: str, chat: bool, include_usage: bool) -> ServerSentEvent:
+async def stream_text(call: Call, model: str, chat: bool, include_usage: bool) -> ServerSentEvent:
     """The job's token stream as OpenAI chunks, then `[DONE]`; leaving early cancels the job."""
     assert call.job_id is not None
     job_id, created = call.job_id, int(time.time())
+    # Subscribed now, right after the submission, before any token can be sent: the response only starts
+    # once this returns, and tokens published before the subscription would arrive as one final piece.
+    pieces = await call.gateway.stream(job_id, call.scope)
 
     async def chunks() -> AsyncIterator[str]:
         ended = False
@@ -222,7 +225,7 @@ def stream_text(call: Call, model: str, chat: bool, include_usage: bool) -> Serv
                 opening = wire.text_chunk(job_id, model, created, chat, "")
                 opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
                 yield _json.encode(opening).decode()
-            async for item in await call.gateway.stream(job_id, call.scope):
+            async for item in pieces:
                 if isinstance(item, str):
                     yield _json.encode(wire.text_chunk(job_id, model, created, chat, item)).decode()
                     continue

@@ -98,7 +98,7 @@ async def test_streamed_chat_pieces_add_up_to_the_final_text(
 ) -> None:
     stream = await oai.chat.completions.create(
         model=models["llm"], messages=[{"role": "user", "content": "stream please"}],
-        max_tokens=20, stream=True, stream_options={"include_usage": True},
+        max_tokens=60, stream=True, stream_options={"include_usage": True},
     )
     chunks = [chunk async for chunk in stream]
     pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]

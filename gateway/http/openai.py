@@ -94,7 +94,7 @@ async def _text(
     await call.submit(await served_models(state), "llm", req, req.model, lambda: wire.llm_params(req))
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        return stream_text(call, req.model, chat, include_usage)
+        return await stream_text(call, req.model, chat, include_usage)
     return wire.text_response(await call.finished(), chat)
 
 
