@@ -3,7 +3,7 @@
 A request becomes a `SubmitJob` (`*_job`), a finished job becomes OpenAI's response (`*_response`), and a
 streamed piece becomes a chunk (`*_chunk`). Bounds follow OpenAI's documented ranges where the engines
 accept them, so a request the engine would refuse is refused here, before any job exists. The platform's
-own fields (`region`, `priority`) ride along at the top level, as the `openai` client's `extra_body` puts
+own fields (`region`, `region_policy`, `max_latency_ms`, `priority`) ride along at the top level, as the `openai` client's `extra_body` puts
 them. Requests are `Strict`: an unknown field is refused by name, and the OpenAPI document says so.
 """
 
@@ -19,6 +19,7 @@ import msgspec
 
 from sdk.api import JobView, SubmitJob
 from sdk.api.decoding import Strict, Token
+from sdk.api.jobs import RegionPolicy
 from sdk.errors import BadRequest
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1)]
@@ -36,6 +37,8 @@ class PlatformFields(Strict):
     """What the platform adds to OpenAI's requests (`extra_body`); `user` is OpenAI's and ignored."""
 
     region: Token | None = None
+    region_policy: RegionPolicy | None = None
+    max_latency_ms: Annotated[float, msgspec.Meta(ge=0, le=60_000)] | None = None
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] | None = None
     user: Annotated[str, msgspec.Meta(max_length=256)] | None = None
 
@@ -108,7 +111,7 @@ class ImageRequest(PlatformFields, kw_only=True):
 def submit_job(job_type: str, req: PlatformFields, model: str, params: dict[str, Any]) -> SubmitJob:
     """The job for a request, with the platform's extra fields; a bad extra field is a `BadRequest`."""
     fields: dict[str, Any] = {"type": job_type, "model": model, "params": params}
-    for name in ("region", "priority"):
+    for name in ("region", "region_policy", "max_latency_ms", "priority"):
         if (value := getattr(req, name)) is not None:
             fields[name] = value
     try:

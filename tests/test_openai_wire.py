@@ -58,8 +58,10 @@ def test_base64_embeddings_are_little_endian_float32() -> None:
 
 
 def test_platform_fields_reach_the_job_and_bad_ones_name_the_field() -> None:
-    req = chat(priority=5, region="eu-west")
+    req = chat(priority=5, region="eu-west", region_policy="strict")
     job = wire.submit_job("llm", req, "m", {"prompt": "x"})
-    assert (job.type, job.model, job.priority, job.region) == ("llm", "m", 5, "eu-west")
+    assert (job.type, job.model, job.priority, job.region, job.region_policy) == ("llm", "m", 5, "eu-west", "strict")
+    with pytest.raises(BadRequest, match="max_latency_ms"):
+        wire.submit_job("llm", chat(max_latency_ms=50), "m", {"prompt": "x"})
     assert wire.param_of("Expected `int` <= 1 - at `$.n`") == "n"
     assert wire.param_of("Object contains unknown field `colour`") == "colour"
