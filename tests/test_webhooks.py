@@ -8,7 +8,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -150,10 +149,10 @@ async def history(http: HttpClient, job_id: str) -> list[Any]:
 
 @pytest.mark.slow
 async def test_receiver_verifies_the_signed_job_view_and_redelivery_sends_it_again(
-    fresh_nats: EmbeddedNats, tmp_path: Path, receiver: Receiver, webhook_env: None, monkeypatch: pytest.MonkeyPatch
+    fresh_nats: EmbeddedNats, receiver: Receiver, webhook_env: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with serving_gateway(fresh_nats.url, tmp_path / "secrets") as url:
-        async with HttpClient(url, api_key=await operator_key(fresh_nats, tmp_path)) as operator:
+    async with serving_gateway(fresh_nats.url, fresh_nats.secrets_dir) as url:
+        async with HttpClient(url, api_key=await operator_key(fresh_nats)) as operator:
             key = (await operator.create_api_key("hooks")).api_key
         async with HttpClient(url, api_key=key) as http, httpx.AsyncClient(base_url=url) as raw:
             job = await http.submit("echo", webhook_url=receiver.url)  # no scheduler: it stays queued
@@ -194,18 +193,18 @@ async def test_receiver_verifies_the_signed_job_view_and_redelivery_sends_it_aga
 
 @pytest.mark.slow
 async def test_receiver_failing_twice_gets_the_third_delivery_across_a_gateway_restart(
-    fresh_nats: EmbeddedNats, tmp_path: Path, receiver: Receiver, webhook_env: None
+    fresh_nats: EmbeddedNats, receiver: Receiver, webhook_env: None
 ) -> None:
     receiver.statuses = [503, 500]
-    key_source = await operator_key(fresh_nats, tmp_path)
-    async with serving_gateway(fresh_nats.url, tmp_path / "secrets") as url:
+    key_source = await operator_key(fresh_nats)
+    async with serving_gateway(fresh_nats.url, fresh_nats.secrets_dir) as url:
         async with HttpClient(url, api_key=key_source) as http:
             job = await http.submit("echo", webhook_url=receiver.url)
             await http.cancel(job.id)
             await wait_until(lambda: _count(receiver, 2), 30, "two failed tries")
     # The gateway is down between the second try and the third: the consumer keeps the trigger.
     restarted_at = time.monotonic()
-    async with serving_gateway(fresh_nats.url, tmp_path / "secrets") as url:
+    async with serving_gateway(fresh_nats.url, fresh_nats.secrets_dir) as url:
         async with HttpClient(url, api_key=key_source) as http:
             await wait_until(lambda: _count(receiver, 3), 30, "the third try")
 
