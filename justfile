@@ -6,9 +6,27 @@ up *ARGS:
     gpuctl up {{ARGS}}
 
 # Run the test suite (a real nats-server from the wheel; slow end-to-end tests included).
-test *ARGS:
+test *ARGS: test-tools
     python -m pytest -q --durations=15 {{ARGS}}
     just test-npm
+
+# What the tests need beyond Python packages: Debian's chromium (the dashboard's browser test; Playwright
+# never downloads a browser here) and node with npm (the `npx gpu-worker` launcher's tests). Installed
+# with apt when missing, so `just test` works on a fresh machine.
+test-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v npm >/dev/null || missing+=(nodejs npm)
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    if ! command -v apt-get >/dev/null; then
+        echo "the tests need: ${missing[*]} (install them with your package manager)" >&2
+        exit 1
+    fi
+    sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
+    echo "installing ${missing[*]} for the tests (apt)" >&2
+    $sudo apt-get update -q && $sudo apt-get install -y -q "${missing[@]}"
 
 # The `npx gpu-worker` launcher's tests (node's own runner; one packs it and installs this checkout).
 test-npm:
