@@ -45,12 +45,21 @@ def fresh_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
     server.stop()
 
 
+@asynccontextmanager
+async def platform_nc(server: EmbeddedNats, name: str = "test") -> AsyncIterator[NatsClient]:
+    """A connection as the platform's own user to `server`, with the platform's streams in place."""
+    client = await connect(server.url, name=name)
+    try:
+        await ensure_streams(client.jetstream())
+        yield client
+    finally:
+        await client.close()
+
+
 @pytest.fixture
 async def nc(nats_server: EmbeddedNats) -> AsyncIterator[NatsClient]:
-    client = await connect(nats_server.url, name="test")
-    await ensure_streams(client.jetstream())
-    yield client
-    await client.close()
+    async with platform_nc(nats_server) as client:
+        yield client
 
 
 # --- Tiny random-weight models, saved and loaded through the real from_pretrained path --------------
@@ -169,12 +178,23 @@ async def start_stack(data_dir: Path, workers: list[str], regions: dict[str, str
     return stack
 
 
+@asynccontextmanager
+async def running_stack(
+    data_dir: Path, workers: list[str], regions: dict[str, str] | None = None
+) -> AsyncIterator[LocalStack]:
+    """`start_stack` for the length of a `with` block: every process is stopped by its PID at the end."""
+    stack = await start_stack(data_dir, workers, regions)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
 @pytest.fixture(scope="session")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     """One platform for the end-to-end tests that leave it as they found it."""
-    local = await start_stack(tmp_path_factory.mktemp("stack"), ["w1", "w2"])
-    yield local
-    local.stop()
+    async with running_stack(tmp_path_factory.mktemp("stack"), ["w1", "w2"]) as local:
+        yield local
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import read_subject
 from sdk.process import Child
-from tests.conftest import start_stack, wait_until
+from tests.conftest import running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -28,9 +28,8 @@ SUPERVISE_EVERY_S = 0.5
 
 @pytest.fixture
 async def crash_stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
-    stack = await start_stack(tmp_path, ["b1", "b2"])
-    yield stack
-    stack.stop()
+    async with running_stack(tmp_path, ["b1", "b2"]) as stack:
+        yield stack
 
 
 async def supervise(stack: LocalStack) -> None:

@@ -13,7 +13,7 @@ import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from sdk.local import LocalStack
-from tests.conftest import start_stack
+from tests.conftest import running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -39,9 +39,8 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture(scope="module")
 async def bare_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     """A platform with no worker yet: the first test starts one and watches it appear."""
-    stack = await start_stack(tmp_path_factory.mktemp("dashboard"), [])
-    yield stack
-    stack.stop()
+    async with running_stack(tmp_path_factory.mktemp("dashboard"), []) as stack:
+        yield stack
 
 
 @pytest.fixture

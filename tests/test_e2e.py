@@ -20,7 +20,7 @@ from sdk.events import event_type
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.signing import sign
-from tests.conftest import HEARTBEAT_INTERVAL_S, start_stack, wait_until
+from tests.conftest import HEARTBEAT_INTERVAL_S, running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -257,8 +257,7 @@ async def test_replay_rebuilds_the_same_tables(
 
 
 async def test_gateway_answers_503_while_nats_is_down_and_recovers(tmp_path: Path) -> None:
-    stack = await start_stack(tmp_path, [])
-    try:
+    async with running_stack(tmp_path, []) as stack:
         # A token obtained before NATS goes: verifying it needs no NATS, so the answer is about NATS.
         async with httpx.AsyncClient(base_url=stack.http_url, headers=await operator_headers(stack)) as raw:
             assert (await raw.get("/health")).status_code == 200
@@ -280,8 +279,6 @@ async def test_gateway_answers_503_while_nats_is_down_and_recovers(tmp_path: Pat
 
             await wait_until(healthy, 30, "200 from /health after NATS returned")
             assert (await raw.post("/api/v1/jobs", json={"type": "echo"})).status_code == 201
-    finally:
-        stack.stop()
 
 
 async def test_job_completes_when_its_worker_is_killed_and_back_before_it_is_missed(

@@ -17,7 +17,7 @@ from sdk.errors import BadRequest, Forbidden, QueueFull
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.platform_config import QueueLimits
-from tests.conftest import start_stack
+from tests.conftest import running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +27,8 @@ LATENCY_MS = {"eu-west": {"us-east": 80, "ap-south": 130}, "us-east": {"ap-south
 
 @pytest.fixture(scope="module")
 async def geo(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    local = await start_stack(tmp_path_factory.mktemp("geo"), list(REGIONS), REGIONS)
-    yield local
-    local.stop()
+    async with running_stack(tmp_path_factory.mktemp("geo"), list(REGIONS), REGIONS) as local:
+        yield local
 
 
 @pytest.fixture

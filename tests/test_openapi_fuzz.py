@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from sdk.local import LocalStack
-from tests.conftest import start_stack
+from tests.conftest import running_stack
 
 CONFIG = Path(__file__).with_name("openapi_fuzz.toml")
 #: The whole run (every phase, about 1,000 cases) takes about 20 s on two idle cores; this leaves room
@@ -26,9 +26,8 @@ FUZZ_TIMEOUT_S = 110
 @pytest.fixture(scope="module")
 async def fuzz_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     """A platform of the fuzzer's own (it creates keys and jobs by the hundred), without workers."""
-    stack = await start_stack(tmp_path_factory.mktemp("fuzz"), [])
-    yield stack
-    stack.stop()
+    async with running_stack(tmp_path_factory.mktemp("fuzz"), []) as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ from projections.store import Store, dump
 from sdk import subjects
 from sdk.api import GetJob, GetWorker, JobPage, JobView, ListJobs, ListWorkers, WorkerPage, WorkerView
 from sdk.broker import EmbeddedNats
-from sdk.connection import connect, request
+from sdk.connection import request
 from sdk.errors import BadRequest, JobNotFound, Unavailable, WorkerNotFound
 from sdk.events import (
     ErrorInfo,
@@ -41,7 +41,8 @@ from sdk.events import (
     encoder,
 )
 from sdk.jobs import JobStatus
-from sdk.log import append, ensure_streams
+from sdk.log import append
+from tests.conftest import platform_nc
 
 EU, US = "w-eu-1", "w-us-1"
 GPU = GpuInfo(index=0, name="RTX 4090", memory_total_bytes=24 * 2**30)
@@ -56,10 +57,8 @@ class Story(NamedTuple):
 
 @pytest.fixture
 async def client(fresh_nats: EmbeddedNats) -> AsyncIterator[NatsClient]:
-    nc = await connect(fresh_nats.url, name="test-projections")
-    await ensure_streams(nc.jetstream())
-    yield nc
-    await nc.close()
+    async with platform_nc(fresh_nats, "test-projections") as nc:
+        yield nc
 
 
 @pytest.fixture

@@ -14,15 +14,15 @@ import pytest
 from sdk.client import Client
 from sdk.errors import Unavailable
 from sdk.http import HttpClient
-from tests.conftest import start_stack
+from tests.conftest import running_stack
 from tests.test_e2e import operator_headers
 
 pytestmark = pytest.mark.slow
 
 
 async def test_sigterm_answers_pending_waits_and_streams_with_503_and_exits_at_once(tmp_path: Path) -> None:
-    stack = await start_stack(tmp_path, [])  # no worker: a job stays queued, its waits can only end early
-    try:
+    # No worker: a job stays queued, its waits can only end early.
+    async with running_stack(tmp_path, []) as stack:
         async with HttpClient(stack.http_url, api_key=stack.operator_key) as http:
             job = await http.submit("echo", params={"parked": True})
             client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
@@ -60,5 +60,3 @@ async def test_sigterm_answers_pending_waits_and_streams_with_503_and_exits_at_o
                     assert gateway.returncode == 0
             finally:
                 await client.close()
-    finally:
-        stack.stop()

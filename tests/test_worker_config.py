@@ -96,63 +96,54 @@ def test_a_named_config_file_must_exist(env: dict[str, str], tmp_path: Path) -> 
     assert raised.value.message == f"config file {tmp_path / 'missing.yaml'} does not exist"
 
 
-def test_bad_variable_names_the_variable_and_the_expectation(env: dict[str, str]) -> None:
+#: A bad setting from each source and the exact message that names it (`{path}`: the config file).
+BAD_SETTINGS = {
+    "variable: names it and the expectation": (
+        None, {"GPU_WORKER_MEMORY__LIMIT_BYTES": "lots"}, {},
+        "GPU_WORKER_MEMORY__LIMIT_BYTES: expected `int | null`, got 'lots'",
+    ),
+    "variable: names the rule": (
+        None, {"GPU_WORKER_REGION": "eu west"}, {},
+        "GPU_WORKER_REGION: expected `str` matching regex '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' (got 'eu west')",
+    ),
+    "variable: lists the valid choices": (
+        None, {"GPU_WORKER_LOG_LEVEL": "loud"}, {},
+        "GPU_WORKER_LOG_LEVEL: invalid enum value 'loud'; valid values: 'debug', 'error', 'info', 'warning'",
+    ),
+    "variable: a section needs a key": (
+        None, {"GPU_WORKER_MEMORY": "5"}, {},
+        "GPU_WORKER_MEMORY is a section; set one of its keys, e.g. GPU_WORKER_MEMORY__...",
+    ),
+    "file: names the file and the key": (
+        "drain_timeout_s: -5\n", {}, {}, "{path}: drain_timeout_s: expected `float` >= 0.0 (got -5)",
+    ),
+    "file: a secret value is not echoed": (
+        "enrollment_token: 12345\n", {}, {}, "{path}: enrollment_token: expected `str | null`, got a hidden value",
+    ),
+    "file: an unknown key lists the valid keys": (
+        "regoin: eu\n", {}, {},
+        "{path}: unknown key `regoin`; valid keys: nats_url, name, region, state_dir, credentials_path, "
+        "enrollment_token, gpus, log_level, drain_timeout_s, memory, tls",
+    ),
+    "file: an unknown nested key lists the section's keys": (
+        "memory:\n  limit: 5\n", {}, {}, "{path}: unknown key `memory.limit`; valid keys: memory.limit_bytes",
+    ),
+    "file: not a mapping": ("- region\n- eu\n", {}, {}, "{path}: expected a mapping of settings at the top, got list"),
+    "flag: names the flag": (
+        None, {}, {"name": "my rig"},
+        "--name: expected `str` matching regex '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' (got 'my rig')",
+    ),
+}
+
+
+@pytest.mark.parametrize(("yaml", "variables", "flags", "message"), BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_a_bad_setting_is_refused_with_a_message_that_names_it(
+    env: dict[str, str], yaml: str | None, variables: dict[str, str], flags: dict[str, str], message: str
+) -> None:
+    path = write_yaml(env, yaml) if yaml is not None else None
     with pytest.raises(ConfigError) as raised:
-        load_config(env=env | {"GPU_WORKER_MEMORY__LIMIT_BYTES": "lots"})
-    assert raised.value.message == "GPU_WORKER_MEMORY__LIMIT_BYTES: expected `int | null`, got 'lots'"
-
-
-def test_bad_region_names_the_rule(env: dict[str, str]) -> None:
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env | {"GPU_WORKER_REGION": "eu west"})
-    assert raised.value.message == (
-        "GPU_WORKER_REGION: expected `str` matching regex '^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$' (got 'eu west')"
-    )
-
-
-def test_bad_choice_lists_the_valid_ones(env: dict[str, str]) -> None:
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env | {"GPU_WORKER_LOG_LEVEL": "loud"})
-    assert raised.value.message == (
-        "GPU_WORKER_LOG_LEVEL: invalid enum value 'loud'; valid values: 'debug', 'error', 'info', 'warning'"
-    )
-
-
-def test_bad_yaml_value_names_the_file_and_key(env: dict[str, str]) -> None:
-    path = write_yaml(env, "drain_timeout_s: -5\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env)
-    assert raised.value.message == f"{path}: drain_timeout_s: expected `float` >= 0.0 (got -5)"
-
-
-def test_bad_flag_value_names_the_flag(env: dict[str, str]) -> None:
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env, overrides={"name": "my rig"})
-    assert raised.value.message.startswith("--name: expected `str` matching regex")
-
-
-def test_secret_values_are_not_echoed(env: dict[str, str]) -> None:
-    path = write_yaml(env, "enrollment_token: 12345\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env)
-    assert raised.value.message == f"{path}: enrollment_token: expected `str | null`, got a hidden value"
-
-
-def test_unknown_yaml_key_is_refused_with_the_valid_keys(env: dict[str, str]) -> None:
-    path = write_yaml(env, "regoin: eu\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env)
-    assert raised.value.message == (
-        f"{path}: unknown key `regoin`; valid keys: nats_url, name, region, state_dir, credentials_path, "
-        "enrollment_token, gpus, log_level, drain_timeout_s, memory, tls"
-    )
-
-
-def test_unknown_nested_yaml_key_is_refused_with_the_section_keys(env: dict[str, str]) -> None:
-    path = write_yaml(env, "memory:\n  limit: 5\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env)
-    assert raised.value.message == f"{path}: unknown key `memory.limit`; valid keys: memory.limit_bytes"
+        load_config(env=env | variables, overrides=flags)
+    assert raised.value.message == message.replace("{path}", str(path))
 
 
 def test_unknown_variable_is_refused_with_the_valid_names(env: dict[str, str]) -> None:
@@ -161,19 +152,6 @@ def test_unknown_variable_is_refused_with_the_valid_names(env: dict[str, str]) -
     message = raised.value.message
     assert message.startswith("GPU_WORKER_REGOIN: unknown setting; valid variables: GPU_WORKER_NATS_URL, ")
     assert "GPU_WORKER_MEMORY__LIMIT_BYTES" in message and "GPU_WORKER_TLS__VERIFY" in message
-
-
-def test_a_section_variable_needs_a_key(env: dict[str, str]) -> None:
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env | {"GPU_WORKER_MEMORY": "5"})
-    assert raised.value.message == "GPU_WORKER_MEMORY is a section; set one of its keys, e.g. GPU_WORKER_MEMORY__..."
-
-
-def test_yaml_that_is_not_a_mapping_is_refused(env: dict[str, str]) -> None:
-    path = write_yaml(env, "- region\n- eu\n")
-    with pytest.raises(ConfigError) as raised:
-        load_config(env=env)
-    assert raised.value.message == f"{path}: expected a mapping of settings at the top, got list"
 
 
 def test_saved_config_is_private_and_loads_back_equal(env: dict[str, str], tmp_path: Path) -> None:

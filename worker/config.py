@@ -118,22 +118,25 @@ def _xdg_dir(env: Mapping[str, str], variable: str, fallback: str) -> Path:
     return Path(value) if value and Path(value).is_absolute() else _home(env) / fallback
 
 
-def user_config_dir(env: Mapping[str, str] = os.environ) -> Path:
-    """`~/.config/gpu-worker` on Linux (honours XDG_CONFIG_HOME), the platform's own place elsewhere."""
+def _user_dir(env: Mapping[str, str], windows: tuple[str, str], xdg: tuple[str, str]) -> Path:
+    """The worker's folder of one kind: `windows` is (variable, fallback under the home) on Windows,
+    `xdg` the same on Linux; macOS keeps everything under Application Support."""
     if sys.platform == "win32":
-        return Path(env.get("APPDATA") or _home(env) / "AppData" / "Roaming") / APP_DIR
+        variable, fallback = windows
+        return Path(env.get(variable) or _home(env) / fallback) / APP_DIR
     if sys.platform == "darwin":
         return _home(env) / "Library" / "Application Support" / APP_DIR
-    return _xdg_dir(env, "XDG_CONFIG_HOME", ".config") / APP_DIR
+    return _xdg_dir(env, *xdg) / APP_DIR
+
+
+def user_config_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """`~/.config/gpu-worker` on Linux (honours XDG_CONFIG_HOME), the platform's own place elsewhere."""
+    return _user_dir(env, ("APPDATA", "AppData/Roaming"), ("XDG_CONFIG_HOME", ".config"))
 
 
 def user_state_dir(env: Mapping[str, str] = os.environ) -> Path:
     """`~/.local/state/gpu-worker` on Linux (honours XDG_STATE_HOME)."""
-    if sys.platform == "win32":
-        return Path(env.get("LOCALAPPDATA") or _home(env) / "AppData" / "Local") / APP_DIR
-    if sys.platform == "darwin":
-        return _home(env) / "Library" / "Application Support" / APP_DIR
-    return _xdg_dir(env, "XDG_STATE_HOME", ".local/state") / APP_DIR
+    return _user_dir(env, ("LOCALAPPDATA", "AppData/Local"), ("XDG_STATE_HOME", ".local/state"))
 
 
 def default_config_path(env: Mapping[str, str] = os.environ) -> Path:
