@@ -58,3 +58,9 @@ soak *ARGS:
 # machine without a GPU, a dry run of the checks the CPU can do. One table; non-zero exit on a failure.
 gpu-check *ARGS:
     python -m bench.gpu_check {{ARGS}}
+
+# Chaos: seeded rounds of steady load while a worker, the scheduler leader, a gateway, a projections replica
+# or a NATS node is SIGKILLed; checks that no acknowledged job is lost or doubled and that the read models
+# equal a fresh fold of the log. Figures go to docs/reliability.md.
+chaos *ARGS:
+    python -m bench.chaos --report docs/reliability.md {{ARGS}}
