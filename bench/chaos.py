@@ -38,10 +38,12 @@ from bench.chaos_check import (
     Audit,
     Entry,
     held_by,
+    last_seq,
     read_jobs_log,
     read_model_differences,
     recovery_s,
     taken_back_s,
+    workers_declared_lost,
 )
 from bench.chaos_platform import FAULTS, ChaosPlatform, Load, kill
 from sdk import subjects
@@ -77,6 +79,8 @@ class Round:
     failed: int = 0
     recovery_s: float | None = None
     taken_back_s: float | None = None
+    #: Workers declared lost that were not killed: names.
+    live_declared_lost: list[str] = field(default_factory=list)
     read_model_diffs: list[str] = field(default_factory=list)
 
     @property
@@ -117,10 +121,6 @@ def schedule(seed: int, rounds: int, faults: tuple[str, ...]) -> list[str]:
     return order
 
 
-async def jobs_last_seq(js: JetStreamContext) -> int:
-    return (await js.stream_info(subjects.JOBS_STREAM)).state.last_seq
-
-
 async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str, llm_model: str | None,
                      rate_per_s: float) -> tuple[Round, list[str]]:
     """One round; returns it and the ids of the jobs it acknowledged."""
@@ -128,7 +128,8 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
     js = platform.client.nc.jetstream()
     round_seed = f"{seed}:{number}"
     rng = random.Random(round_seed)
-    start_seq = await jobs_last_seq(js)
+    start_seq = await last_seq(js, subjects.JOBS_STREAM)
+    workers_start_seq = await last_seq(js, subjects.WORKERS_STREAM)
     load = Load(platform.http, platform.client, random.Random(f"{round_seed}:load"), rate_per_s, llm_model)
     stop = asyncio.Event()
     loading = asyncio.create_task(load.run(stop))
@@ -157,6 +158,9 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
     result.failed = len(audit.failed())
     result.recovery_s = recovery_s(audit, killed_at_s)
     worker_ids = {v.worker_id for v in victims if v.worker_id is not None}
+    names = {w.id: w.name for w in await platform.http.workers()}
+    declared = await workers_declared_lost(js, workers_start_seq)
+    result.live_declared_lost = sorted(names.get(w, w) for w in declared.keys() - worker_ids)
     if worker_ids:
         result.taken_back_s = taken_back_s(entries, held_by(entries, worker_ids, killed_at_s), killed_at_s)
     for db in sorted(platform.stack.data_dir.glob("projections*.db")):
@@ -221,12 +225,13 @@ def round_row(r: Round) -> tuple[str, ...]:
     return (
         str(r.number), r.seed, " + ".join(r.killed), str(r.jobs), str(len(r.lost)), str(len(r.doubled)),
         str(len(r.refused)), str(r.failed), _seconds(r.recovery_s), _seconds(r.taken_back_s),
+        ", ".join(r.live_declared_lost) or "-",
         "yes" if not r.read_model_diffs else f"NO ({len(r.read_model_diffs)})",
     )
 
 
 ROUND_COLUMNS = ("round", "seed", "killed", "jobs", "lost", "doubled", "stale accepted", "failed",
-                 "recovery s", "taken back s", "read models = fold")
+                 "recovery s", "taken back s", "live declared lost", "read models = fold")
 
 
 def recovery_summary(run: ChaosRun) -> list[tuple[str, ...]]:
@@ -258,6 +263,7 @@ def report_block(run: ChaosRun, command: str) -> str:
         f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {len(run.rounds)} rounds, "
         f"{run.acknowledged} acknowledged jobs, **{lost} lost, {doubled} doubled**, "
         f"{sum(len(r.refused) for r in run.rounds) + len(run.final_refused)} stale outcomes accepted, "
+        f"{sum(len(r.live_declared_lost) for r in run.rounds)} live workers declared lost, "
         f"read models equal to a fresh fold in {sum(not r.read_model_diffs for r in run.rounds)} of "
         f"{len(run.rounds)} rounds.",
         markdown_table(SUMMARY_COLUMNS, recovery_summary(run)),

@@ -8,6 +8,8 @@ with the one `sdk.jobs.apply`, and reports:
 - doubled: a job with more than one terminal event, or more than one `JobCompleted`;
 - refused: an event in the log that `apply` refuses, i.e. an outcome of a superseded attempt (or any
   impossible transition) that a writer accepted and appended anyway;
+- live workers declared lost: a worker that was not killed but was declared lost (its jobs requeued,
+  run again, an attempt spent) because the platform, not the worker, went quiet;
 - recovery: from a kill until the platform placed a job (a `JobAssigned` stored after the kill) and
   completed it; and how long the jobs a killed worker held took to be taken back (requeued or ended);
 - read models: each projections database equals a fresh fold of the log up to the positions it has
@@ -40,7 +42,9 @@ from sdk.events import (
     JobExpired,
     JobFailed,
     JobRequeued,
+    WorkerLost,
     job_event_decoder,
+    worker_event_decoder,
 )
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.workers import WorkerState
@@ -161,26 +165,44 @@ def taken_back_s(entries: Iterable[Entry], job_ids: set[str], kill_at_s: float) 
 
 async def read_jobs_log(js: JetStreamContext, after_seq: int = 0) -> list[Entry]:
     """Every event of JOBS after `after_seq`, up to the stream's end when the read starts."""
-    last_seq = (await js.stream_info(subjects.JOBS_STREAM)).state.last_seq
-    if last_seq <= after_seq:
+    return [Entry(seq, at_s, job_event_decoder.decode(data))
+            for seq, at_s, data in await _read_stream(js, subjects.JOBS_STREAM, subjects.JOBS_SUBJECTS, after_seq)]
+
+
+async def workers_declared_lost(js: JetStreamContext, after_seq: int) -> dict[str, float]:
+    """The workers declared lost after `after_seq` of WORKERS, with when (the first time each)."""
+    lost: dict[str, float] = {}
+    for _, at_s, data in await _read_stream(js, subjects.WORKERS_STREAM, subjects.WORKERS_SUBJECTS, after_seq):
+        event = worker_event_decoder.decode(data)
+        if isinstance(event, WorkerLost):
+            lost.setdefault(event.worker_id, at_s)
+    return lost
+
+
+async def last_seq(js: JetStreamContext, stream: str) -> int:
+    return (await js.stream_info(stream)).state.last_seq
+
+
+async def _read_stream(js: JetStreamContext, stream: str, subject: str, after_seq: int) -> list[tuple[int, float, bytes]]:
+    """`(seq, stored at, data)` of every message after `after_seq`, up to the end when the read starts."""
+    end_seq = await last_seq(js, stream)
+    if end_seq <= after_seq:
         return []
-    entries: list[Entry] = []
+    read: list[tuple[int, float, bytes]] = []
     done = asyncio.Event()
     progress = asyncio.Event()
 
     async def on_msg(msg: Msg) -> None:
         meta = msg.metadata
         seq = meta.sequence.stream
-        if seq <= last_seq and not done.is_set():
-            entries.append(Entry(seq, meta.timestamp.timestamp(), job_event_decoder.decode(msg.data)))
+        if seq <= end_seq and not done.is_set():
+            read.append((seq, meta.timestamp.timestamp(), msg.data))
             progress.set()
-        if seq >= last_seq:
+        if seq >= end_seq:
             done.set()
 
     config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
-    sub = await js.subscribe(
-        subjects.JOBS_SUBJECTS, stream=subjects.JOBS_STREAM, cb=on_msg, ordered_consumer=True, config=config
-    )
+    sub = await js.subscribe(subject, stream=stream, cb=on_msg, ordered_consumer=True, config=config)
     try:
         while not done.is_set():
             progress.clear()
@@ -190,10 +212,10 @@ async def read_jobs_log(js: JetStreamContext, after_seq: int = 0) -> list[Entry]
             waiting.cancel()
             finished.cancel()
             if not (progress.is_set() or done.is_set()):
-                raise TimeoutError(f"JOBS delivered nothing for {READ_IDLE_S:g}s after #{after_seq}")
+                raise TimeoutError(f"{stream} delivered nothing for {READ_IDLE_S:g}s after #{after_seq}")
     finally:
         await sub.unsubscribe()
-    return entries
+    return read
 
 
 # --- Read models against a fresh fold --------------------------------------------------------------

@@ -163,15 +163,20 @@ class ChaosPlatform:
         return online >= set(self.workers)
 
     async def leader(self) -> Child | None:
-        """The scheduler child that holds the lease now (its holder id ends with its PID)."""
+        """The scheduler child that holds the lease now."""
         assert self.client is not None
         try:
             kv = await self.client.nc.jetstream().key_value(subjects.SCHEDULER_LEASE_BUCKET)
             entry = await kv.get(subjects.SCHEDULER_LEASE_KEY)
         except (KeyNotFoundError, nats.errors.Error, TimeoutError):
             return None
-        pid = (entry.value or b"").decode().rsplit("-", 1)[-1]
-        return next((c for c in self._children("scheduler") if c.process and str(c.process.pid) == pid), None)
+        holder = (entry.value or b"").decode()
+        # A scheduler's lease id is its instance id: its child's name, or by default `<host>-<pid>`.
+        return next(
+            (c for c in self._children("scheduler")
+             if holder == c.name or (c.process is not None and holder.endswith(f"-{c.process.pid}"))),
+            None,
+        )
 
     def _children(self, prefix: str) -> list[Child]:
         return [child for name, child in self.stack.children.items() if name.startswith(prefix)]
