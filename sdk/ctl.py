@@ -4,6 +4,7 @@
 `gpuctl gateway|scheduler|projections|replay` run one service (`python -m <service>`).
 `gpuctl keys create|list|revoke` and `gpuctl workers enroll|rotate|revoke` call the HTTP admin API
 (`/api/v1/admin/...`) with the operator key the gateway wrote into the data dir at its first start.
+`gpuctl events tail|show` and `gpuctl verify` read the streams as the `platform` user (`sdk.ctl_history`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sdk import ctl_history as history_commands
 from sdk.api import ApiKeyRole, Token
 from sdk.auth import API_KEY_ENV
 from sdk.connection import redact
@@ -245,6 +247,12 @@ def status(*, data_dir: DataDir = Path(".data"), url: ApiUrl = None) -> None:
     from sdk.status import gather, render
 
     Console().print(render(_as_operator(data_dir, url, gather)))
+
+
+# --- gpuctl events / gpuctl verify: the log itself, as the `platform` user (`sdk.ctl_history`) -------
+
+app.command(history_commands.events)
+app.command(history_commands.verify)
 
 
 def main() -> None:

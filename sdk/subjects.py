@@ -26,6 +26,14 @@ HEARTBEATS_SUBJECTS = "heartbeats.*.*"
 DISPATCH_STREAM = "DISPATCH"
 DISPATCH_SUBJECTS = "dispatch.*.*"
 
+#: Each stream with the subjects it holds (what a reader of the whole stream filters on).
+STREAM_SUBJECTS = {
+    JOBS_STREAM: JOBS_SUBJECTS,
+    WORKERS_STREAM: WORKERS_SUBJECTS,
+    HEARTBEATS_STREAM: HEARTBEATS_SUBJECTS,
+    DISPATCH_STREAM: DISPATCH_SUBJECTS,
+}
+
 # --- Buckets -------------------------------------------------------------------------------------
 
 #: Runtime configuration pushed to workers: key `_defaults` plus one key per worker id.
