@@ -10,13 +10,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from sdk import subjects
-from sdk.connection import connect
 from sdk.events import ErrorInfo, JobAssigned, JobCompleted, JobFailed, JobRequeued, JobStarted
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import append
 from sdk.verify import verify
-from tests.conftest import start_stack
+from tests.conftest import platform_nc, running_stack
 from tests.test_gpuctl import gpuctl
 
 pytestmark = pytest.mark.slow
@@ -25,9 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     """A platform of this module's own: the second test writes bad events into its log."""
-    stack = await start_stack(tmp_path_factory.mktemp("verify"), ["w1"])
-    yield stack
-    stack.stop()
+    async with running_stack(tmp_path_factory.mktemp("verify"), ["w1"]) as stack:
+        yield stack
 
 
 @pytest.fixture
@@ -62,8 +60,8 @@ async def test_each_bad_event_written_to_the_stream_is_reported(platform: LocalS
     # No echo-only worker can take an image job: it stays queued, so the scheduler leaves it to us.
     stuck = await operator.submit("image", model="nobody-serves-this", timeout_s=3600)
 
-    nc = await connect(platform.nats_url, name="test-bad-writer")  # the platform's own user
-    try:
+    assert platform.broker is not None
+    async with platform_nc(platform.broker, "test-bad-writer") as nc:  # the platform's own user
         js = nc.jetstream()
         done_subject, stuck_subject = subjects.job_subject(done.id), subjects.job_subject(stuck.id)
         again = await append(js, done_subject, JobCompleted(job_id=done.id, worker_id=done.worker_id, attempt=1))
@@ -75,8 +73,6 @@ async def test_each_bad_event_written_to_the_stream_is_reported(platform: LocalS
             js, stuck_subject,
             JobFailed(job_id=stuck.id, worker_id="ghost", attempt=1, error=ErrorInfo(code="x", message="late")),
         )
-    finally:
-        await nc.close()
     # A read model changed behind the projections' back (a disk error, a hand-made edit).
     with sqlite3.connect(platform.data_dir / "projections.db") as db:
         db.execute("UPDATE jobs SET status = 'failed' WHERE id = ?", (tampered.id,))
