@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from nats.aio.client import Client as NatsClient
 from nats.js.api import ObjectMeta
+from transformers import GenerationConfig
 
 from sdk import subjects
 from sdk.api import ModelSettings
@@ -49,6 +51,14 @@ class Recorder:
 
     async def on_progress(self, fraction: float, message: str | None = None) -> None:
         self.progress.append(fraction)
+
+
+async def refused_as_bad_params(job: Awaitable[Any]) -> str:
+    """The message of the `bad_params` error `job` fails with."""
+    with pytest.raises(EngineError) as failure:
+        await job
+    assert failure.value.code == "bad_params"
+    return failure.value.message
 
 
 async def generate(llm: LoadedLLM, **params: Any) -> tuple[dict[str, Any], list[str]]:
@@ -99,6 +109,19 @@ async def test_without_temperature_the_model_generation_config_decides(llm: Load
     assert default["text"] == greedy["text"]
 
 
+async def test_a_model_recommending_top_k_samples_only_among_its_top_k(tiny_gpt2: Path, tmp_path: Path) -> None:
+    # A flat temperature would scatter samples over the vocabulary; a top_k of 1 leaves only the best token.
+    path = tmp_path / "gpt2-top-k"
+    shutil.copytree(tiny_gpt2, path)
+    GenerationConfig(do_sample=True, temperature=5.0, top_k=1, eos_token_id=0).save_pretrained(path)
+    recommends = LLMEngine().load_model(ModelSpec(name=str(path)))
+
+    sampled = [await generate(recommends, prompt="Hello", max_new_tokens=16, seed=seed) for seed in (1, 2)]
+    greedy, _ = await generate(recommends, prompt="Hello", max_new_tokens=16, temperature=0)
+
+    assert [result["text"] for result, _ in sampled] == [greedy["text"]] * 2
+
+
 async def test_generation_ends_before_the_first_stop_string(llm: LoadedLLM) -> None:
     full, _ = await generate(llm, prompt="Workers report", max_new_tokens=30, temperature=0)
     stop = full["text"][12:15]
@@ -137,11 +160,7 @@ async def test_messages_are_rendered_with_the_chat_template(llm: LoadedLLM) -> N
 async def test_bad_llm_params_are_rejected_naming_the_field(
     llm: LoadedLLM, params: dict[str, Any], named: str
 ) -> None:
-    with pytest.raises(EngineError) as failure:
-        await generate(llm, **params)
-
-    assert failure.value.code == "bad_params"
-    assert named in failure.value.message
+    assert named in await refused_as_bad_params(generate(llm, **params))
 
 
 async def test_cancel_stops_generation_early(llm: LoadedLLM) -> None:
@@ -248,11 +267,7 @@ async def test_image_job_stores_pngs_of_the_asked_size(pipeline: LoadedPipeline,
 async def test_bad_image_params_are_rejected_naming_the_field(
     pipeline: LoadedPipeline, params: dict[str, Any], named: str
 ) -> None:
-    with pytest.raises(EngineError) as failure:
-        await ImageEngine().inference(pipeline, Recorder().context(params))
-
-    assert failure.value.code == "bad_params"
-    assert named in failure.value.message
+    assert named in await refused_as_bad_params(ImageEngine().inference(pipeline, Recorder().context(params)))
 
 
 async def test_cancelled_image_job_stops_between_steps_and_stores_nothing(pipeline: LoadedPipeline) -> None:

@@ -263,6 +263,14 @@ def test_a_model_cache_on_several_gpus_is_refused_at_start() -> None:
         ModelCache(MemoryProbe([0, 1], on_gpu=True))
 
 
+def test_gpu_indices_torch_cannot_see_are_refused_at_start_instead_of_running_on_the_cpu() -> None:
+    # Here torch sees no CUDA device at all: GPU 3 is out of range, whatever the driver lists.
+    assert not torch.cuda.is_available()
+    with pytest.raises(ConfigError, match=r"gpus \[3\]: torch sees none of them .*models would run on the CPU"):
+        ModelCache(MemoryProbe([3]))
+    ModelCache(MemoryProbe(None))  # `gpus: all` on a machine without a GPU runs on the CPU, as asked
+
+
 async def test_a_model_of_unknown_size_loads_alone() -> None:
     engine, reports = SizedEngine(), Reports()
     cache = cache_with(reports, limit_bytes=1000)

@@ -328,15 +328,18 @@ async def _report(callback: Callable[..., Awaitable[None]] | None, *args: Any) -
 
 
 def _check_gpu_selection(probe: MemoryProbe) -> None:
-    """Models load onto one GPU: a worker given several, or given GPUs torch cannot see, does not start."""
+    """Models load onto one GPU: a worker given several, or given GPUs torch cannot see (an index past the
+    last GPU, no driver), does not start rather than run its models on the CPU in float32."""
     if probe.gpu_indices and len(probe.gpu_indices) > 1 and probe.on_gpu:
         raise ConfigError(
             f"gpus {probe.gpu_indices}: a worker that loads models uses one GPU; run one worker per GPU"
         )
-    if probe.gpu_indices and not probe.on_gpu and _torch_importable() and gpu_snapshot():
+    if probe.gpu_indices and not probe.on_gpu and _torch_importable():
+        listed = len(gpu_snapshot())
+        driver = f"the driver lists {listed} GPU(s), indices 0-{listed - 1}" if listed else "NVML finds no NVIDIA driver"
         raise ConfigError(
-            f"gpus {probe.gpu_indices}: torch sees none of them (the driver lists {len(gpu_snapshot())}); "
-            "models would run on the CPU"
+            f"gpus {probe.gpu_indices}: torch sees none of them ({driver}); models would run on the CPU. "
+            "Choose GPUs that exist, or `gpus: all` on a machine without one"
         )
 
 

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 
 import msgspec
 import torch
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from worker.engines import weights
 from worker.engines.base import EngineError, JobContext, ModelSpec
@@ -61,13 +61,8 @@ class EmbeddingEngine(TorchEngine):
         return on_device(self._load, spec)
 
     def _load(self, spec: ModelSpec) -> LoadedEncoder:
-        device = weights.default_device()
-        dtype = weights.load_dtype(spec.settings, device)
-        trust = spec.settings.trust_remote_code
-        logger.info("loading encoder %s on %s as %s", spec.name, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(spec.name, trust_remote_code=trust)
-        model = AutoModel.from_pretrained(spec.name, dtype=dtype, device_map=device.type, trust_remote_code=trust)
-        return LoadedEncoder(model=model.eval(), tokenizer=tokenizer)
+        model, tokenizer = weights.load_transformers(AutoModel, spec)
+        return LoadedEncoder(model=model, tokenizer=tokenizer)
 
     def unload_model(self, model: LoadedEncoder) -> None:
         # Work still running on it ends first; then dropping the handle's references lets the weights go.

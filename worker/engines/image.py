@@ -74,8 +74,8 @@ class ImageEngine(TorchEngine):
         device = weights.default_device()
         dtype = weights.load_dtype(spec.settings, device)
         logger.info("loading %s on %s as %s", spec.name, device, dtype)
-        pipeline = DiffusionPipeline.from_pretrained(
-            spec.name, dtype=dtype, trust_remote_code=spec.settings.trust_remote_code
+        pipeline = weights.from_pretrained(
+            DiffusionPipeline.from_pretrained, spec.name, dtype, trust_remote_code=spec.settings.trust_remote_code
         )
         return prepare(pipeline, device)
 

@@ -20,7 +20,6 @@ import msgspec
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     BatchEncoding,
     GenerationConfig,
     LogitsProcessorList,
@@ -85,14 +84,7 @@ class LLMEngine(TorchEngine):
         return on_device(self._load, spec)
 
     def _load(self, spec: ModelSpec) -> LoadedLLM:
-        device = weights.default_device()
-        dtype = weights.load_dtype(spec.settings, device)
-        trust = spec.settings.trust_remote_code
-        logger.info("loading %s on %s as %s", spec.name, device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(spec.name, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(
-            spec.name, dtype=dtype, device_map=device.type, trust_remote_code=trust
-        ).eval()
+        model, tokenizer = weights.load_transformers(AutoModelForCausalLM, spec)
         batcher = Batcher(
             model, max_batch_size=spec.settings.max_batch_size, max_batch_tokens=spec.settings.max_batch_tokens
         )

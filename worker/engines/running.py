@@ -148,11 +148,11 @@ def on_device(work: Callable[..., R], *args: Any, **kwargs: Any) -> R:
     try:
         return work(*args, **kwargs)
     except torch.cuda.OutOfMemoryError as exc:
-        failure: EngineError = EngineError("gpu_out_of_memory", f"the GPU ran out of memory: {_first_line(exc)}")
+        failure: EngineError = EngineError("gpu_out_of_memory", f"the GPU ran out of memory: {first_line(exc)}")
     except RuntimeError as exc:
         if "CUDA error" not in str(exc) and type(exc).__name__ != "AcceleratorError":
             raise
-        failure = DeviceLost("gpu_device_error", f"the GPU failed: {_first_line(exc)}")
+        failure = DeviceLost("gpu_device_error", f"the GPU failed: {first_line(exc)}")
     # Out of the handler the failed work's frames, and the tensors they hold, can go.
     free_cached_memory()
     raise failure
@@ -165,5 +165,6 @@ def free_cached_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's message (its type when it has none), for one-line reports."""
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -4,6 +4,10 @@ Engines place a model on the GPU in bfloat16 (float16 where the GPU only emulate
 sees CUDA, else on the CPU in float32; `ModelSettings.dtype` overrides the dtype. The memory estimate
 reads only file sizes, index files and safetensors headers, so the model cache can decide before
 anything is loaded; engines add what runs beside the weights (an LLM's KV cache, a VAE's decode).
+
+A model loaded in half precision reads the repo's `fp16` variant of its weights where it ships one
+(`model.fp16.safetensors`, `unet/diffusion_pytorch_model.fp16.safetensors`): half the bytes to read
+and no float32 copy in host memory on the way. A repo without one loads its usual files, cast.
 """
 
 from __future__ import annotations
@@ -13,12 +17,15 @@ import logging
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from huggingface_hub import snapshot_download
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from sdk.api import ModelSettings
+from worker.engines.base import ModelSpec
+from worker.engines.running import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +38,8 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _FLOAT_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 #: The weight files transformers and diffusers look for, in the order they look (each may be sharded).
+#: The variant half-precision loads prefer (the name diffusers and transformers give it).
+FP16_VARIANT = "fp16"
 _WEIGHT_NAMES = ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin",
                  "diffusion_pytorch_model.bin")
 
@@ -47,6 +56,55 @@ def load_dtype(settings: ModelSettings, device: torch.device) -> torch.dtype:
         # T4 and V100 emulate bfloat16 (slowly); they get float16.
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.float32
+
+
+class _FromPretrained(Protocol):
+    def from_pretrained(self, name: str, **kwargs: Any) -> Any: ...
+
+
+L = TypeVar("L")
+
+
+def load_transformers(auto_class: _FromPretrained, spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A transformers model (through `auto_class`, e.g. `AutoModelForCausalLM`) and its tokenizer, on the
+    default device at the dtype its settings ask for, ready for inference."""
+    device = default_device()
+    dtype = load_dtype(spec.settings, device)
+    trust = spec.settings.trust_remote_code
+    logger.info("loading %s on %s as %s", spec.name, device, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(spec.name, trust_remote_code=trust)
+    model = from_pretrained(
+        auto_class.from_pretrained, spec.name, dtype, device_map=device.type, trust_remote_code=trust
+    )
+    return model.eval(), tokenizer
+
+
+def from_pretrained(load: Callable[..., L], name: str, dtype: torch.dtype, **kwargs: Any) -> L:
+    """`load(name, dtype=dtype, **kwargs)`, from the `fp16` variant of the weights when `dtype` is a half
+    precision and the model ships one. A model on disk says so by its files; one on the hub not
+    downloaded yet is asked for the variant first and loaded without it when it has none."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return load(name, dtype=dtype, **kwargs)
+    root = local_files(name)
+    if root is not None:
+        variant = FP16_VARIANT if has_fp16_variant(root) else None
+        return load(name, dtype=dtype, variant=variant, **kwargs)
+    try:
+        return load(name, dtype=dtype, variant=FP16_VARIANT, **kwargs)
+    except (OSError, ValueError) as exc:
+        # transformers and diffusers refuse a variant the repo does not have before downloading weights.
+        logger.info("%s has no %s variant (%s): loading its usual weights", name, FP16_VARIANT, first_line(exc))
+    return load(name, dtype=dtype, **kwargs)
+
+
+def has_fp16_variant(root: Path) -> bool:
+    """Whether weights under `root` come in the `fp16` variant: `model.fp16.safetensors`, its shards
+    `model.fp16-00001-of-00002.safetensors` or their index `model.safetensors.index.fp16.json`."""
+    return any(
+        ".fp16." in path.name or ".fp16-" in path.name
+        for path in root.rglob("*")
+        if path.suffix in (*_WEIGHT_SUFFIXES, ".json")
+    )
 
 
 def local_files(name: str) -> Path | None:
