@@ -1,18 +1,24 @@
 """Continuous batching in the LLM engine: N concurrent jobs on one warm model, batched vs one at a time.
 
-    python -m bench.llm_batching --jobs 16 --max-new-tokens 32 --shape tiny
-    python -m bench.llm_batching --jobs 16 --max-new-tokens 32 --shape medium   # ~300M parameters
+    python -m bench.llm_batching --jobs 16 --max-new-tokens 32 --shape tiny --rounds 5
+    python -m bench.llm_batching --jobs 16 --max-new-tokens 16 --shape medium   # ~300M parameters
 
 Models are random-weight GPT-2s built offline (no download): `tiny` is the tests' 2-layer model,
 `medium` has GPT-2 medium's shape (24 layers of 1024, about 300M parameters) over the tests' small
 vocabulary. Greedy decoding, the same prompts both ways; one at a time is `max_batch_size` 1, so both
 runs take the same code path. Figures: tokens/s over the whole run, time to first token and the gap
-between streamed chunks (inter-token latency) per job, p50/p95.
+between streamed chunks (inter-token latency) per job, p50/p95. The two modes alternate for `rounds`
+rounds and each pools its rounds, so a machine whose load changes during the run weighs on both alike.
+
+The last row is the floor batching cannot go below: the model's own forward pass (transformers alone,
+no engine) decoding one token for `jobs` rows against one row. Where it is over 2x (a CPU, compute-bound
+at 16 rows) the inter-token target cannot be met by scheduling; the engine's own cost is the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import statistics
 import tempfile
 import time
@@ -23,7 +29,7 @@ import torch
 from cyclopts import App
 from rich.console import Console
 from rich.table import Table
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
 
 from sdk.api import ModelSettings
 from tests.tiny_models import SENTENCES, build_tiny_gpt2
@@ -40,10 +46,18 @@ class Run:
     tokens: int
     first_token_ms: list[float] = field(default_factory=list)
     gaps_ms: list[float] = field(default_factory=list)
+    #: Only for the bare forward pass: its step times at one row.
+    single_ms: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.wall_s
+        return self.tokens / self.wall_s if self.wall_s else float("nan")
+
+    def add(self, other: Run) -> None:
+        self.wall_s += other.wall_s
+        self.tokens += other.tokens
+        self.first_token_ms += other.first_token_ms
+        self.gaps_ms += other.gaps_ms
 
 
 def build_model(path: Path, shape: str) -> Path:
@@ -87,30 +101,58 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
-async def measure(shape: str, jobs: int, max_new_tokens: int) -> dict[str, Run]:
+async def measure(shape: str, jobs: int, max_new_tokens: int, rounds: int = 1) -> dict[str, Run]:
     with tempfile.TemporaryDirectory() as folder:
         path = build_model(Path(folder) / shape, shape)
         engine = LLMEngine()
         loaded = engine.load_model(ModelSpec(name=str(path)))
         prompts = [SENTENCES[i % len(SENTENCES)][: 8 + 5 * (i % 7)] for i in range(jobs)]
         await run_jobs(engine, loaded, prompts[:2], 4)  # warm-up
-        runs = {}
-        for name, batch in (("one at a time", 1), ("batched", jobs)):
-            engine.configure(loaded, ModelSettings(max_batch_size=batch))
-            runs[name] = await run_jobs(engine, loaded, prompts, max_new_tokens)
+        runs = {"one at a time": Run(wall_s=0.0, tokens=0), "batched": Run(wall_s=0.0, tokens=0)}
+        for _ in range(rounds):
+            for name, batch in (("one at a time", 1), ("batched", jobs)):
+                engine.configure(loaded, ModelSettings(max_batch_size=batch))
+                runs[name].add(await run_jobs(engine, loaded, prompts, max_new_tokens))
+        assert loaded.model is not None
+        runs["forward alone, 16 rows / 1 row"] = forward_ratio(loaded.model, jobs, rounds)
         engine.unload_model(loaded)
         return runs
 
 
+def forward_ratio(model: PreTrainedModel, rows: int, rounds: int) -> Run:
+    """Decode steps of the bare model (a 48-token cache) at `rows` rows and at one, alternating; the
+    result's `gaps_ms` are the step times at `rows`, `single_ms` those at one."""
+    run = Run(wall_s=0.0, tokens=0)
+    device = model.device
+    # transformers 5 renamed `past_key_values` to `cache` (as the engine's decode loop knows).
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        for _ in range(rounds * 4):
+            for width, into in ((1, run.single_ms), (rows, run.gaps_ms)):
+                out = model(input_ids=torch.ones((width, 48), dtype=torch.long, device=device), use_cache=True)
+                step = torch.ones((width, 1), dtype=torch.long, device=device)
+                for _ in range(4):
+                    started = time.perf_counter()
+                    out = model(input_ids=step, use_cache=True, **{cache_arg: out.past_key_values})
+                    into.append((time.perf_counter() - started) * 1000)
+    return run
+
+
 @app.default
-def main(jobs: int = 16, max_new_tokens: int = 32, shape: str = "tiny") -> None:
+def main(jobs: int = 16, max_new_tokens: int = 32, shape: str = "tiny", rounds: int = 3) -> None:
     """Run the benchmark and print one table."""
-    runs = asyncio.run(measure(shape, jobs, max_new_tokens))
+    runs = asyncio.run(measure(shape, jobs, max_new_tokens, rounds))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    table = Table(title=f"{jobs} concurrent greedy jobs, {max_new_tokens} new tokens each, {shape} model, {device}")
+    title = f"{jobs} concurrent greedy jobs, {max_new_tokens} new tokens each, {shape} model, {device}, {rounds} rounds"
+    table = Table(title=title)
     for column in ("mode", "tokens/s", "TTFT p50 / p95 (ms)", "inter-token p50 / p95 (ms)", "wall (s)"):
         table.add_column(column)
     for name, run in runs.items():
+        if run.single_ms:
+            ratio = percentile(run.gaps_ms, 50) / percentile(run.single_ms, 50)
+            step = f"{percentile(run.gaps_ms, 50):.1f} vs {percentile(run.single_ms, 50):.1f} ({ratio:.2f}x)"
+            table.add_row(name, "", "", step, "")
+            continue
         table.add_row(
             name,
             f"{run.tokens_per_s:.0f}",

@@ -20,9 +20,10 @@ from transformers import GenerationConfig
 
 from sdk import subjects
 from sdk.api import ModelSettings
+from tests.tiny_models import EOS, SENTENCES
 from worker.engines.base import EngineError, JobContext, ModelSpec
 from worker.engines.image import ImageEngine, LoadedPipeline
-from worker.engines.llm import LLMEngine, LoadedLLM
+from worker.engines.llm import LLMEngine, LoadedLLM, _pieces, _WindowDecoder
 from worker.engines.weights import OVERHEAD
 
 
@@ -120,6 +121,15 @@ async def test_a_model_recommending_top_k_samples_only_among_its_top_k(tiny_gpt2
     greedy, _ = await generate(recommends, prompt="Hello", max_new_tokens=16, temperature=0)
 
     assert [result["text"] for result, _ in sampled] == [greedy["text"]] * 2
+
+
+def test_both_incremental_decoders_give_the_text_a_whole_decode_gives(llm: LoadedLLM) -> None:
+    # The Rust stream serves tokenizers backed by the tokenizers library, the window any Python tokenizer.
+    ids = llm.tokenizer(SENTENCES[2] + EOS + SENTENCES[3])["input_ids"]
+    whole = llm.tokenizer.decode(ids, skip_special_tokens=True)
+
+    for decoder in (_pieces(llm.tokenizer), _WindowDecoder(llm.tokenizer)):
+        assert "".join(piece or "" for piece in map(decoder, ids)) == whole
 
 
 async def test_generation_ends_before_the_first_stop_string(llm: LoadedLLM) -> None:

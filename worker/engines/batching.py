@@ -29,7 +29,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from worker.engines.base import EngineError
-from worker.engines.running import on_device
+from worker.engines.running import delivered_together, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class Batcher:
                     self._thread = None  # a later submit starts a new loop
                     return
                 joining = self._admit()
-            with torch.inference_mode():
+            # What the step sends (tokens, text, finished jobs) reaches the event loop as one wake-up.
+            with torch.inference_mode(), delivered_together():
                 self._join(joining)
                 self._leave([row for row in self._rows if row.halt.is_set()], "cancelled")
                 if self._rows:

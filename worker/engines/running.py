@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import threading
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,8 @@ import msgspec
 import torch
 
 from worker.engines.base import BaseEngine, DeviceLost, EngineError
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -99,7 +102,7 @@ async def relay(start: Start[T], on_item: Callable[[T], Awaitable[None]], cancel
     halt = threading.Event()
 
     def send(item: T) -> None:
-        loop.call_soon_threadsafe(items.put_nowait, item)
+        deliver(loop, items.put_nowait, item)
 
     def settle(result: Any, error: BaseException | None) -> None:
         if not outcome.done():
@@ -107,7 +110,7 @@ async def relay(start: Start[T], on_item: Callable[[T], Awaitable[None]], cancel
         items.put_nowait(None)
 
     def finish(result: Any, error: BaseException | None) -> None:
-        loop.call_soon_threadsafe(settle, result, error)
+        deliver(loop, settle, result, error)
 
     async def relay_cancel() -> None:
         await cancelled.wait()
@@ -128,6 +131,47 @@ async def relay(start: Start[T], on_item: Callable[[T], Awaitable[None]], cancel
     if cancelled.is_set():
         raise EngineError("cancelled", "the job was cancelled")
     return result
+
+
+class _Outbox(threading.local):
+    """Calls a thread collects for event loops while it delivers together (see `delivered_together`)."""
+
+    calls: dict[asyncio.AbstractEventLoop, list[tuple[Callable[..., None], tuple[Any, ...]]]] | None = None
+
+
+_outbox = _Outbox()
+
+
+def deliver(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """`callback(*args)` in `loop`, from another thread; held until the end of `delivered_together` if
+    this thread is in one."""
+    if _outbox.calls is None:
+        loop.call_soon_threadsafe(callback, *args)
+    else:
+        _outbox.calls.setdefault(loop, []).append((callback, args))
+
+
+@contextlib.contextmanager
+def delivered_together() -> Iterator[None]:
+    """Within it, this thread's `deliver` calls reach each loop at the end as one wake-up, in order: a
+    decode step that gives 16 jobs a token each wakes the loop once, not 16 times (each wake-up is a
+    write to the loop's self-pipe, and a handle the loop runs while the step competes for the GIL)."""
+    _outbox.calls = {}
+    try:
+        yield
+    finally:
+        calls, _outbox.calls = _outbox.calls, None
+        for loop, pending in calls.items():
+            loop.call_soon_threadsafe(_run_all, pending)
+
+
+def _run_all(calls: list[tuple[Callable[..., None], tuple[Any, ...]]]) -> None:
+    for callback, args in calls:
+        try:
+            callback(*args)
+        except Exception:
+            # As the loop does for a call of its own that fails: the others still run.
+            logger.exception("a call delivered from a worker thread failed")
 
 
 def _retrieve(outcome: asyncio.Future[Any]) -> None:
