@@ -11,7 +11,9 @@ import pytest
 
 from sdk.api import ModelSettings
 from tests.test_engines import Recorder, generate
+from tests.tiny_models import SENTENCES
 from worker.engines.base import EngineError, JobContext, ModelSpec
+from worker.engines.batching import MAX_PREFILL_TOKENS
 from worker.engines.llm import LLMEngine, LoadedLLM
 
 
@@ -79,6 +81,41 @@ async def test_a_job_joining_mid_way_and_a_stop_string_leave_the_others_unchange
     assert same_output(results[0], singles[0]) and same_output(results[1], singles[1])
     assert results[1]["finish_reason"] == "stop" and results[1]["completion_tokens"] < 30
     assert "".join(recorder.chunks) == results[0]["text"]
+
+
+async def test_a_long_prompt_joins_in_chunks_between_the_decode_steps_of_the_others(llm: LoadedLLM) -> None:
+    running = {"prompt": "Hello world", "max_new_tokens": 60, "temperature": 0}
+    joiners = [
+        {"prompt": f"{SENTENCES[2]} {SENTENCES[0]}", "max_new_tokens": 12, "temperature": 0},  # many chunks
+        {"prompt": "GPUs run", "max_new_tokens": 12, "temperature": 0},
+    ]
+    singles = [await alone(llm, params) for params in (running, *joiners)]
+    llm.batcher.peak_rows = llm.batcher.peak_prefill_tokens = 0
+    llm.batcher.max_prefill_tokens = 4
+    chunks: list[str] = []
+    decoding = asyncio.Event()
+
+    async def emit(chunk: str) -> None:
+        chunks.append(chunk)
+        if len(chunks) == 3:
+            decoding.set()
+
+    async def joins_while_it_decodes(params: dict[str, Any]) -> dict[str, Any]:
+        await decoding.wait()
+        return await alone(llm, params)
+
+    try:
+        first = LLMEngine().inference(llm, JobContext("first", 1, running, emit=emit))
+        results = await asyncio.gather(first, *(joins_while_it_decodes(params) for params in joiners))
+    finally:
+        llm.batcher.max_prefill_tokens = MAX_PREFILL_TOKENS
+
+    assert llm.batcher.peak_rows == 3
+    # While the first job decoded, no forward pass prefilled more than the budget.
+    assert 0 < llm.batcher.peak_prefill_tokens <= 4
+    assert results[1]["prompt_tokens"] > 4 * 3  # so its prompt really went in over several steps
+    assert [same_output(result, single) for result, single in zip(results, singles)] == [True] * 3
+    assert "".join(chunks) == results[0]["text"]
 
 
 async def test_a_job_cancelled_in_the_middle_leaves_at_once_and_the_others_finish_unchanged(llm: LoadedLLM) -> None:

@@ -9,6 +9,12 @@ row is dropped and padding no row needs any more is trimmed.
 
 Admission is bounded by `max_batch_size` rows and `max_batch_tokens`, the KV-cache budget: each job
 reserves its prompt plus its `max_new_tokens`. A job alone is always admitted, so nothing waits forever.
+
+Prefill is bounded too, so jobs joining never stall the ones decoding for long: while rows decode, one
+step prefills at most `max_prefill_tokens` prompt tokens. Short prompts join together within that budget;
+a longer prompt is prefilled in chunks of it, one chunk between two decode steps, its cache growing until
+the whole prompt is in and it joins (chunked prefill, as vLLM and TGI do). An idle model prefills
+whatever arrived at once: nobody waits behind it.
 A failure inside a job's own code (its sampler, its text) fails that job only; a failed prefill is
 retried job by job, so it fails only the job that causes it; a failed decode step fails the jobs in it,
 as no row's share of the error can be told apart.
@@ -19,6 +25,7 @@ from __future__ import annotations
 import collections
 import inspect
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,6 +42,19 @@ logger = logging.getLogger(__name__)
 
 #: Per layer, the keys and values of every row: [rows, heads, length, head_dim] each.
 KV = list[tuple[torch.Tensor, torch.Tensor]]
+
+#: Prompt tokens one step may prefill while rows decode: a decode step waits for at most a forward pass
+#: of this many tokens. Large enough that prompts of a few hundred tokens join in one pass.
+MAX_PREFILL_TOKENS = 512
+
+
+@dataclass
+class _Chunked:
+    """A long prompt being prefilled a chunk per step: its own cache, and how many tokens are in it."""
+
+    sequence: Sequence
+    cache: DynamicCache
+    done: int = 0
 
 
 @dataclass(eq=False)
@@ -80,7 +100,10 @@ class Batcher:
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.max_prefill_tokens = MAX_PREFILL_TOKENS
         self._pending: collections.deque[Sequence] = collections.deque()
+        #: The long prompt being prefilled in chunks, if any (admitted: it counts as a row).
+        self._chunked: _Chunked | None = None
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -93,8 +116,10 @@ class Batcher:
         self._mask = torch.zeros((0, 0), dtype=torch.long)
         self._positions = torch.zeros(0, dtype=torch.long)
         self._next = torch.zeros(0, dtype=torch.long)
-        #: The most rows the batch held at once (for tests and benchmarks).
+        #: The most rows the batch held at once, and the most prompt tokens one forward pass prefilled
+        #: while rows were decoding (for tests and benchmarks).
         self.peak_rows = 0
+        self.peak_prefill_tokens = 0
 
     def submit(self, sequence: Sequence) -> None:
         with self._changed:
@@ -111,7 +136,8 @@ class Batcher:
         with self._changed:
             self._closed = True
             thread = self._thread
-            for sequence in [*self._pending, *self._rows]:
+            chunked = [self._chunked.sequence] if self._chunked else []
+            for sequence in [*self._pending, *chunked, *self._rows]:
                 sequence.halt.set()
         if thread is not None:
             thread.join()
@@ -119,28 +145,76 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._changed:
-                if not self._rows and not self._pending:
+                if not self._rows and not self._pending and self._chunked is None:
                     self._thread = None  # a later submit starts a new loop
                     return
-                joining = self._admit()
+                # An idle model prefills all that came at once; a busy one bounds what its rows wait for.
+                budget = self.max_prefill_tokens if self._rows else sys.maxsize
+                joining = self._admit(budget) if self._chunked is None else []
             # What the step sends (tokens, text, finished jobs) reaches the event loop as one wake-up.
             with torch.inference_mode(), delivered_together():
-                self._join(joining)
+                if self._chunked is not None:
+                    self._continue_chunked(budget)
+                elif len(joining) == 1 and len(joining[0].prompt_ids) > budget:
+                    self._chunked = _Chunked(joining[0], DynamicCache())
+                    self._continue_chunked(budget)
+                else:
+                    self._join(joining)
                 self._leave([row for row in self._rows if row.halt.is_set()], "cancelled")
                 if self._rows:
                     self._step()
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self, budget: int) -> list[Sequence]:
+        """The pending jobs that join now, first come first served: within the batch's limits, and whole
+        prompts within `budget` tokens (a longer one joins alone, in chunks)."""
         joining: list[Sequence] = []
         reserved = sum(row.reserved_tokens for row in self._rows)
+        prompt_tokens = 0
         while self._pending and len(self._rows) + len(joining) < self.max_batch_size:
             candidate = self._pending[0]
             alone = not self._rows and not joining
             if not alone and reserved + candidate.reserved_tokens > self.max_batch_tokens:
-                break  # first come, first served: it waits for room rather than being overtaken
+                break  # it waits for room rather than being overtaken
+            if joining and prompt_tokens + len(candidate.prompt_ids) > budget:
+                break  # it joins at the next step
             joining.append(self._pending.popleft())
             reserved += candidate.reserved_tokens
+            prompt_tokens += len(candidate.prompt_ids)
+            if prompt_tokens > budget:
+                break  # a long prompt, prefilled in chunks on its own
         return joining
+
+    def _continue_chunked(self, budget: int) -> None:
+        """Prefill the next chunk of the long prompt; once it is all in, the job joins like any other."""
+        assert self._chunked is not None
+        chunked = self._chunked
+        sequence = chunked.sequence
+        if sequence.halt.is_set():
+            self._chunked = None
+            sequence.finish(None, EngineError("cancelled", "the job was cancelled"))
+            return
+        start, end = chunked.done, min(chunked.done + budget, len(sequence.prompt_ids))
+        device = self.model.device
+        try:
+            out = on_device(
+                self.model,
+                input_ids=torch.tensor([sequence.prompt_ids[start:end]], device=device),
+                attention_mask=torch.ones((1, end), dtype=torch.long, device=device),
+                position_ids=torch.arange(start, end, device=device)[None],
+                use_cache=True,
+                **{self._cache_arg: chunked.cache},
+            )
+        except BaseException as exc:
+            self._chunked = None
+            sequence.finish(None, exc)
+            return
+        self._note_prefill(end - start)
+        chunked.done = end
+        if end < len(sequence.prompt_ids):
+            return
+        self._chunked = None
+        mask = torch.ones((1, end), dtype=torch.long, device=device)
+        self._add_rows([sequence], _layers(_cache_of(out)), mask, out.logits[:, -1])
 
     def _join(self, joining: list[Sequence]) -> None:
         """Prefill the jobs admitted together in one forward pass and add the ones that go on as rows.
@@ -159,6 +233,15 @@ class Batcher:
             else:
                 joining[0].finish(None, exc)
             return
+        self._note_prefill(int(mask.sum()))
+        self._add_rows(joining, kv, mask, logits)
+
+    def _note_prefill(self, tokens: int) -> None:
+        if self._rows:
+            self.peak_prefill_tokens = max(self.peak_prefill_tokens, tokens)
+
+    def _add_rows(self, joining: list[Sequence], kv: KV, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Give each prefilled job its first token from `logits`; those that go on become rows."""
         going_on: list[int] = []
         tokens: list[int] = []
         for index, sequence in enumerate(joining):
