@@ -28,7 +28,7 @@ from sdk import subjects
 from sdk.errors import InvalidTransition, StaleAttempt, Unavailable
 from sdk.events import job_event_decoder
 from sdk.jobs import Job, apply
-from sdk.log import load_job
+from sdk.log import FEED_IDLE_HEARTBEAT_S, load_job
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class JobFeed:
             stream=subjects.JOBS_STREAM,
             ordered_consumer=True,
             deliver_policy=DeliverPolicy.NEW,
+            idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
             cb=self._on_event,
         )
 

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from sdk import subjects
+from sdk.log import FEED_IDLE_HEARTBEAT_S
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ async def follow(
         start = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
     logger.info("following %s after #%d", stream, after_seq)
     return await js.subscribe(
-        FOLDED_STREAMS[stream], stream=stream, cb=deliver, ordered_consumer=True, config=start
+        FOLDED_STREAMS[stream], stream=stream, cb=deliver, ordered_consumer=True, config=start,
+        idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
     )
 
 

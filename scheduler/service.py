@@ -62,7 +62,7 @@ from sdk.events import (
     worker_event_decoder,
 )
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
-from sdk.log import WrongLastSequence, append, ensure_streams, load_job
+from sdk.log import FEED_IDLE_HEARTBEAT_S, WrongLastSequence, append, ensure_streams, load_job
 from sdk.platform_config import RegionsWatch
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ logger = logging.getLogger(__name__)
 REDISPATCH_WINDOW_S = 60.0
 #: How long `stop()` lets the pass in progress finish, so an appended assignment is also dispatched.
 STOP_GRACE_S = 5.0
+#: After the broker comes back, no worker is declared lost for this long plus its usual allowance: the
+#: workers reconnect after the services (through the gateway's auth callout, a connect may wait 2 s) and
+#: their heartbeats could not be stored meanwhile. Without it a broker restart declared every worker lost
+#: and requeued every job (docs/reliability.md).
+RECONNECT_GRACE_S = 5.0
 
 _EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
 
@@ -191,7 +196,8 @@ class Scheduler:
                 self._caught_up(stream)
 
         sub = await self._js.subscribe(
-            subject, stream=stream, cb=on_msg, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL
+            subject, stream=stream, cb=on_msg, ordered_consumer=True, deliver_policy=js_api.DeliverPolicy.ALL,
+            idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
         )
         self._subscriptions.append(sub)
         if (await sub.consumer_info()).num_pending == 0:
@@ -356,6 +362,11 @@ class Scheduler:
 
     # --- a restarted broker ---------------------------------------------------------------------
 
+    def reconnected(self) -> None:
+        """The connection came back: the broker was away, so the workers' silence meanwhile was not theirs."""
+        self.view.excuse_silence(time.monotonic() + RECONNECT_GRACE_S)
+        self.broker_restarted()
+
     def broker_restarted(self) -> None:
         """The connection came back, or a dispatch found no stream: the server may have restarted and lost
         what lives in its memory (DISPATCH). Re-create it in the background; idempotent while it runs."""
@@ -435,7 +446,7 @@ async def serve(nats_url: str, stop: asyncio.Event, instance_id: str | None = No
 
     async def on_reconnect() -> None:
         if scheduler is not None:
-            scheduler.broker_restarted()
+            scheduler.reconnected()
 
     nc = await connect(nats_url, name=f"scheduler-{instance_id}", on_reconnect=on_reconnect)
     try:

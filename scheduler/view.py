@@ -222,6 +222,12 @@ class SchedulerView:
         worker.lost_at_us = max(worker.lost_at_us, worker.heartbeat_at_us + 1)
         worker.seq = max(worker.seq, seq)
 
+    def excuse_silence(self, until_s: float) -> None:
+        """The broker was away: no heartbeat could reach us, so a worker's silence counts only from `until_s`
+        (it reconnects after us, through the gateway's auth callout)."""
+        for worker in self.workers.values():
+            worker.last_seen_s = max(worker.last_seen_s, until_s)
+
     def overdue_workers(self, now_s: float) -> list[tuple[TrackedWorker, float]]:
         """Alive workers silent for more than `LOST_AFTER_MISSED_HEARTBEATS` intervals, with the silence."""
         overdue = []

@@ -25,6 +25,11 @@ logger = logging.getLogger(__name__)
 IDEMPOTENCY_WINDOW_S = 3600.0
 HEARTBEAT_MAX_AGE_S = 600.0
 LEASE_TTL_S = 5.0
+#: Ordered consumers that follow a stream (the scheduler's view, the read models, the gateway's job feed)
+#: ask the server for an idle heartbeat this often. Such a consumer dies with a restarted server (or the
+#: cluster node that held it), and nats-py makes it again only after two missed heartbeats: at its
+#: default (5 s) the scheduler saw nothing for 10 to 20 s after a broker restart (docs/reliability.md).
+FEED_IDLE_HEARTBEAT_S = 0.5
 
 
 class WrongLastSequence(Exception):

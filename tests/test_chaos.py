@@ -26,3 +26,8 @@ async def test_killed_components_lose_and_double_no_acknowledged_job(tmp_path: P
     # The killed worker's jobs were taken back (requeued) rather than left with it.
     killed_worker = next(r for r in run.rounds if r.fault == "worker+scheduler")
     assert killed_worker.taken_back_s is None or killed_worker.taken_back_s < float("inf")
+    # The broker's outage is not the workers' silence: none of them is declared lost, and the feeds that
+    # died with the broker are made again in about a second, not after nats-py's default 10 to 20 s.
+    broker = next(r for r in run.rounds if r.fault == "nats")
+    assert broker.live_declared_lost == []
+    assert broker.recovery_s is not None and broker.recovery_s < 10.0

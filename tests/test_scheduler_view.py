@@ -87,3 +87,17 @@ def test_loaded_models_are_the_heartbeats_amended_by_later_load_events() -> None
     log(view, WorkerModelLoaded(worker_id="w1", model="tiny-llm"))
 
     assert view.candidates()["w1"].loaded_models == ("tiny-llm", "tiny-sd")
+
+
+def test_a_broker_outage_does_not_count_as_the_workers_silence() -> None:
+    view = SchedulerView()
+    log(view, REGISTERED, stored_at_ms=1_000)
+    beat(view, 2_000, interval_s=0.5)
+    assert [w.worker_id for w, _ in view.overdue_workers(now_s=4.0)] == ["w1"], "silent for four intervals"
+
+    view.excuse_silence(until_s=8.0)  # the broker came back; the worker reconnects after the scheduler
+
+    assert view.overdue_workers(now_s=9.0) == []
+    assert [w.worker_id for w, _ in view.overdue_workers(now_s=9.6)] == ["w1"], "three intervals after the grace"
+    beat(view, 9_700, interval_s=0.5)
+    assert view.overdue_workers(now_s=10.0) == []
