@@ -10,8 +10,8 @@ with the one `sdk.jobs.apply`, and reports:
   impossible transition) that a writer accepted and appended anyway;
 - live workers declared lost: a worker that was not killed but was declared lost (its jobs requeued,
   run again, an attempt spent) because the platform, not the worker, went quiet;
-- recovery: from a kill until the platform placed a job (a `JobAssigned` stored after the kill) and
-  completed it; and how long the jobs a killed worker held took to be taken back (requeued or ended);
+- recovery: from a kill until the platform placed an instant job (an echo that does not sleep; its
+  `JobAssigned` stored after the kill) and completed it; and how long the jobs a killed worker held took to be taken back (requeued or ended);
 - read models: each projections database equals a fresh fold of the log up to the positions it has
   applied (`projections.replay.rebuild`), compared row by row, read in one transaction.
 """
@@ -127,15 +127,20 @@ class Audit:
 
 
 def recovery_s(audit: Audit, kill_at_s: float) -> float | None:
-    """From the kill until the first job placed after it completed (None: none did)."""
+    """From the kill until the first instant job placed after it completed (None: none did). Only echo
+    jobs that do not sleep count, so the figure is the platform's time and not a job's own run time."""
     done = [
         completed_at - kill_at_s
         for a in audit.jobs.values()
-        if a.completed is not None
+        if a.completed is not None and a.job is not None and _instant(a.job)
         for attempt, completed_at in [a.completed]
         if a.assigned_at_s.get(attempt, 0.0) > kill_at_s
     ]
     return min(done, default=None)
+
+
+def _instant(job: Job) -> bool:
+    return job.type == "echo" and not job.params.get("sleep_s")
 
 
 def held_by(entries: Iterable[Entry], worker_ids: set[str], at_s: float) -> set[str]:
