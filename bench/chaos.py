@@ -138,11 +138,15 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
         victims = await platform.victims(fault, rng)
         killed_at_s = kill(victims)
         result = Round(number, round_seed, fault, [v.label for v in victims])
+        recovered = asyncio.Event()
+        probing = asyncio.create_task(load.probe(recovered))
         deadline = time.monotonic() + RECOVERY_LIMIT_S
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             if recovery_s(Audit.of(await _read(js, start_seq)), killed_at_s) is not None:
                 break
+        recovered.set()
+        await probing
         await asyncio.sleep(AFTER_RECOVERY_S)
     finally:
         stop.set()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.errors
 from nats.js.errors import KeyNotFoundError
@@ -37,6 +38,8 @@ SUPERVISE_EVERY_S = 0.5
 WHOLE_TIMEOUT_S = 120.0
 #: An SDK call that gets no answer within this long counts as not acknowledged.
 SUBMIT_TIMEOUT_S = 5.0
+#: How often a probe submits an instant job after a kill, until the platform recovered.
+PROBE_EVERY_S = 0.2
 #: The most submissions waiting for an answer at once (a dead gateway must not pile them up).
 MAX_PENDING_SUBMITS = 64
 
@@ -61,6 +64,7 @@ class Load:
     llm_model: str | None
     acknowledged: list[str] = field(default_factory=list)
     refused: int = 0
+    _probes: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def run(self, stop: asyncio.Event) -> None:
         pending: set[asyncio.Task[None]] = set()
@@ -75,6 +79,19 @@ class Load:
             await asyncio.sleep(1 / self.rate_per_s)
         await asyncio.gather(*pending)
 
+    async def probe(self, stop: asyncio.Event) -> None:
+        """After a kill: one instant job (an echo without sleep) every `PROBE_EVERY_S`, so the time until
+        the platform completes one again is not hidden by the wait for the next such job in the load."""
+        n = 0
+        while not stop.is_set():
+            n += 1
+            via: HttpClient | Client = self.http if n % 2 else self.client
+            task = asyncio.create_task(self._acknowledge(via, "echo", None, {"probe": n}))
+            self._probes.add(task)
+            task.add_done_callback(self._probes.discard)
+            await asyncio.sleep(PROBE_EVERY_S)
+        await asyncio.gather(*self._probes)
+
     async def _submit(self, n: int, slots: asyncio.Semaphore) -> None:
         # Every draw happens before the first await: the same seed gives the same jobs in the same order.
         via: HttpClient | Client = self.http if self.rng.random() < 0.5 else self.client
@@ -83,14 +100,18 @@ class Load:
         else:
             kind, model, params = "echo", None, {"n": n, "sleep_s": self.rng.choice((0.0, 0.0, 0.2, 0.5, 1.0))}
         try:
+            await self._acknowledge(via, kind, model, params)
+        finally:
+            slots.release()
+
+    async def _acknowledge(self, via: HttpClient | Client, kind: str, model: str | None, params: dict[str, Any]) -> None:
+        try:
             submitted = await asyncio.wait_for(via.submit(kind, model=model, params=params), SUBMIT_TIMEOUT_S)
             self.acknowledged.append(submitted.id)
         except (PlatformError, nats.errors.Error, OSError, TimeoutError) as exc:
             # Not acknowledged, so nothing was promised (the checker holds the platform to acknowledged jobs).
             self.refused += 1
-            logger.debug("submission %d not acknowledged: %r", n, exc)
-        finally:
-            slots.release()
+            logger.debug("submission not acknowledged: %r", exc)
 
 
 class ChaosPlatform:
