@@ -38,7 +38,6 @@ from bench.chaos_check import (
     Audit,
     Entry,
     held_by,
-    last_seq,
     read_jobs_log,
     read_model_differences,
     recovery_s,
@@ -47,6 +46,9 @@ from bench.chaos_check import (
 )
 from bench.chaos_platform import FAULTS, ChaosPlatform, Load, kill
 from sdk import subjects
+from sdk.errors import PlatformError
+from sdk.history import stream_end
+from sdk.verify import verify
 
 app = App(name="bench-chaos", help=__doc__)
 console = Console(width=140)
@@ -79,13 +81,15 @@ class Round:
     failed: int = 0
     recovery_s: float | None = None
     taken_back_s: float | None = None
+    #: What `gpuctl verify` (`sdk.verify`) finds in the whole log and the read models it serves.
+    verify: list[str] = field(default_factory=list)
     #: Workers declared lost that were not killed: names.
     live_declared_lost: list[str] = field(default_factory=list)
     read_model_diffs: list[str] = field(default_factory=list)
 
     @property
     def sound(self) -> bool:
-        return not (self.lost or self.doubled or self.refused or self.read_model_diffs)
+        return not (self.lost or self.doubled or self.refused or self.verify or self.read_model_diffs)
 
     def target_s(self) -> float:
         """The target of the slowest part killed: with the scheduler gone too, nothing is placed before a
@@ -128,8 +132,8 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
     js = platform.client.nc.jetstream()
     round_seed = f"{seed}:{number}"
     rng = random.Random(round_seed)
-    start_seq = await last_seq(js, subjects.JOBS_STREAM)
-    workers_start_seq = await last_seq(js, subjects.WORKERS_STREAM)
+    start_seq = await stream_end(js, subjects.JOBS_STREAM)
+    workers_start_seq = await stream_end(js, subjects.WORKERS_STREAM)
     load = Load(platform.http, platform.client, random.Random(f"{round_seed}:load"), rate_per_s, llm_model)
     stop = asyncio.Event()
     loading = asyncio.create_task(load.run(stop))
@@ -167,6 +171,7 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
     result.live_declared_lost = sorted(names.get(w, w) for w in declared.keys() - worker_ids)
     if worker_ids:
         result.taken_back_s = taken_back_s(entries, held_by(entries, worker_ids, killed_at_s), killed_at_s)
+    result.verify = [f"{v.kind} {v.subject} #{v.seq}: {v.message}" for v in await verify(platform.client.nc)]
     for db in sorted(platform.stack.data_dir.glob("projections*.db")):
         result.read_model_diffs += await read_model_differences(platform.stack.nats_url, db)
     return result, load.acknowledged
@@ -176,7 +181,7 @@ async def _read(js: JetStreamContext, after_seq: int) -> list[Entry]:
     """The round's log so far; nothing while the broker is down (the next look reads it)."""
     try:
         return await read_jobs_log(js, after_seq)
-    except (nats.errors.Error, TimeoutError, OSError) as exc:
+    except (PlatformError, nats.errors.Error, TimeoutError, OSError) as exc:
         logger.info("log not readable now (%r); looking again", exc)
         return []
 
@@ -229,13 +234,14 @@ def round_row(r: Round) -> tuple[str, ...]:
     return (
         str(r.number), r.seed, " + ".join(r.killed), str(r.jobs), str(len(r.lost)), str(len(r.doubled)),
         str(len(r.refused)), str(r.failed), _seconds(r.recovery_s), _seconds(r.taken_back_s),
-        ", ".join(r.live_declared_lost) or "-",
+        ", ".join(r.live_declared_lost) or "-", str(len(r.verify)),
         "yes" if not r.read_model_diffs else f"NO ({len(r.read_model_diffs)})",
     )
 
 
 ROUND_COLUMNS = ("round", "seed", "killed", "jobs", "lost", "doubled", "stale accepted", "failed",
-                 "recovery s", "taken back s", "live declared lost", "read models = fold")
+                 "recovery s", "taken back s", "live declared lost", "verify",
+                 "read models = fold")
 
 
 def recovery_summary(run: ChaosRun) -> list[tuple[str, ...]]:
@@ -268,6 +274,7 @@ def report_block(run: ChaosRun, command: str) -> str:
         f"{run.acknowledged} acknowledged jobs, **{lost} lost, {doubled} doubled**, "
         f"{sum(len(r.refused) for r in run.rounds) + len(run.final_refused)} stale outcomes accepted, "
         f"{sum(len(r.live_declared_lost) for r in run.rounds)} live workers declared lost, "
+        f"{sum(len(r.verify) for r in run.rounds)} violations found by `gpuctl verify`, "
         f"read models equal to a fresh fold in {sum(not r.read_model_diffs for r in run.rounds)} of "
         f"{len(run.rounds)} rounds.",
         markdown_table(SUMMARY_COLUMNS, recovery_summary(run)),
@@ -298,7 +305,7 @@ def print_run(run: ChaosRun) -> None:
         summary.add_row(*row)
     console.print(summary)
     for r in run.rounds:
-        for line in [*r.lost, *r.doubled, *r.refused, *r.read_model_diffs][:20]:
+        for line in [*r.lost, *r.doubled, *r.refused, *r.verify, *r.read_model_diffs][:20]:
             console.print(f"[red]round {r.number}: {line}")
     for what, items in (("lost", run.final_lost), ("doubled", run.final_doubled), ("stale", run.final_refused)):
         if items:

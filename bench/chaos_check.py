@@ -18,7 +18,6 @@ with the one `sdk.jobs.apply`, and reports:
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,9 +25,7 @@ from pathlib import Path
 
 import aiosqlite
 import msgspec
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from projections.feed import FOLDED_STREAMS
 from projections.replay import rebuild
@@ -36,23 +33,17 @@ from sdk import subjects
 from sdk.errors import InvalidTransition, StaleAttempt
 from sdk.events import (
     JobAssigned,
-    JobCancelled,
     JobCompleted,
     JobEvent,
-    JobExpired,
-    JobFailed,
     JobRequeued,
     WorkerLost,
     job_event_decoder,
     worker_event_decoder,
 )
+from sdk.history import TERMINAL_EVENTS, read_log
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.workers import WorkerState
 
-#: The events that end a job.
-TERMINAL_EVENTS = (JobCompleted, JobFailed, JobCancelled, JobExpired)
-#: A read of the log that delivers nothing for this long has stalled (the broker is down).
-READ_IDLE_S = 15.0
 #: The workers' columns folded from WORKERS. The others are the latest heartbeat's telemetry, which
 #: HEARTBEATS keeps two messages deep: a refold cannot see a heartbeat that a newer one has replaced
 #: since, so those columns are not a function of the retained log (`projections/store.py`).
@@ -170,57 +161,20 @@ def taken_back_s(entries: Iterable[Entry], job_ids: set[str], kill_at_s: float) 
 
 async def read_jobs_log(js: JetStreamContext, after_seq: int = 0) -> list[Entry]:
     """Every event of JOBS after `after_seq`, up to the stream's end when the read starts."""
-    return [Entry(seq, at_s, job_event_decoder.decode(data))
-            for seq, at_s, data in await _read_stream(js, subjects.JOBS_STREAM, subjects.JOBS_SUBJECTS, after_seq)]
+    return [
+        Entry(record.seq, record.time.timestamp(), job_event_decoder.decode(record.data))
+        async for record in read_log(js, subjects.JOBS_STREAM, after_seq=after_seq)
+    ]
 
 
 async def workers_declared_lost(js: JetStreamContext, after_seq: int) -> dict[str, float]:
     """The workers declared lost after `after_seq` of WORKERS, with when (the first time each)."""
     lost: dict[str, float] = {}
-    for _, at_s, data in await _read_stream(js, subjects.WORKERS_STREAM, subjects.WORKERS_SUBJECTS, after_seq):
-        event = worker_event_decoder.decode(data)
+    async for record in read_log(js, subjects.WORKERS_STREAM, after_seq=after_seq):
+        event = worker_event_decoder.decode(record.data)
         if isinstance(event, WorkerLost):
-            lost.setdefault(event.worker_id, at_s)
+            lost.setdefault(event.worker_id, record.time.timestamp())
     return lost
-
-
-async def last_seq(js: JetStreamContext, stream: str) -> int:
-    return (await js.stream_info(stream)).state.last_seq
-
-
-async def _read_stream(js: JetStreamContext, stream: str, subject: str, after_seq: int) -> list[tuple[int, float, bytes]]:
-    """`(seq, stored at, data)` of every message after `after_seq`, up to the end when the read starts."""
-    end_seq = await last_seq(js, stream)
-    if end_seq <= after_seq:
-        return []
-    read: list[tuple[int, float, bytes]] = []
-    done = asyncio.Event()
-    progress = asyncio.Event()
-
-    async def on_msg(msg: Msg) -> None:
-        meta = msg.metadata
-        seq = meta.sequence.stream
-        if seq <= end_seq and not done.is_set():
-            read.append((seq, meta.timestamp.timestamp(), msg.data))
-            progress.set()
-        if seq >= end_seq:
-            done.set()
-
-    config = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
-    sub = await js.subscribe(subject, stream=stream, cb=on_msg, ordered_consumer=True, config=config)
-    try:
-        while not done.is_set():
-            progress.clear()
-            waiting = asyncio.ensure_future(progress.wait())
-            finished = asyncio.ensure_future(done.wait())
-            await asyncio.wait({waiting, finished}, timeout=READ_IDLE_S, return_when=asyncio.FIRST_COMPLETED)
-            waiting.cancel()
-            finished.cancel()
-            if not (progress.is_set() or done.is_set()):
-                raise TimeoutError(f"{stream} delivered nothing for {READ_IDLE_S:g}s after #{after_seq}")
-    finally:
-        await sub.unsubscribe()
-    return read
 
 
 # --- Read models against a fresh fold --------------------------------------------------------------

@@ -22,6 +22,7 @@ async def test_killed_components_lose_and_double_no_acknowledged_job(tmp_path: P
     assert [(len(r.lost), len(r.doubled), r.refused) for r in run.rounds] == [(0, 0, [])] * 2
     assert (run.final_lost, run.final_doubled, run.final_refused) == ([], [], [])
     assert [r.read_model_diffs for r in run.rounds] == [[], []]
+    assert [r.verify for r in run.rounds] == [[], []], "gpuctl verify finds the log and the read models sound"
     assert all(r.recovery_s is not None for r in run.rounds), "the platform placed and completed jobs again"
     # The killed worker's jobs were taken back (requeued) rather than left with it.
     killed_worker = next(r for r in run.rounds if r.fault == "worker+scheduler")
