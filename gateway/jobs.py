@@ -20,6 +20,7 @@ from nats.js import JetStreamContext
 
 from gateway.backpressure import Backpressure
 from gateway.feed import JobFeed
+from gateway.history import HistoryQueries
 from gateway.results import read_result, store_result
 from gateway.webhooks import WebhookSettings, check_url
 from sdk import subjects
@@ -73,7 +74,7 @@ def require_connected(nc: NatsClient) -> None:
         raise Unavailable("NATS is unreachable; nothing was written, retry later")
 
 
-class JobCommands:
+class JobCommands(HistoryQueries):
     """The gateway's job commands and queries (a part of `gateway.service.Gateway`)."""
 
     nc: NatsClient
@@ -153,10 +154,14 @@ class JobCommands:
     # --- Queries -----------------------------------------------------------------------------------
 
     async def get(self, req: GetJob, owner: str | None = None) -> JobView:
+        if req.at_seq is not None or req.at_time is not None:
+            return await self.job_at(req, owner)  # the past is folded from the log (`gateway.history`)
         query = OwnedGetJob(**msgspec.structs.asdict(req), owner=owner)
         return await request(self.nc, subjects.PROJ_JOBS_GET, query, JobView, timeout_s=PROJECTION_TIMEOUT_S)
 
     async def list(self, req: ListJobs, owner: str | None = None) -> JobPage:
+        if req.at_seq is not None or req.at_time is not None:
+            return await self.jobs_at(req, owner)
         query = OwnedListJobs(**msgspec.structs.asdict(req), owner=owner)
         return await request(self.nc, subjects.PROJ_JOBS_LIST, query, JobPage, timeout_s=PROJECTION_TIMEOUT_S)
 

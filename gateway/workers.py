@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from gateway.auth import Credentials
+from gateway.history import HistoryQueries
 from gateway.jobs import PROJECTION_TIMEOUT_S
 from sdk import subjects
 from sdk.api import (
@@ -64,7 +65,7 @@ async def last_worker_event(js: JetStreamContext, worker_id: str) -> WorkerEvent
     return worker_event_decoder.decode(msg.data or b"")
 
 
-class WorkerCommands:
+class WorkerCommands(HistoryQueries):
     """The gateway's worker commands and queries (a part of `gateway.service.Gateway`)."""
 
     nc: NatsClient
@@ -74,6 +75,8 @@ class WorkerCommands:
     # --- Queries -----------------------------------------------------------------------------------
 
     async def workers(self, req: ListWorkers) -> WorkerPage:
+        if req.at_time is not None:
+            return await self.workers_at(req)  # the past fleet, folded from the log (`gateway.history`)
         return await request(self.nc, subjects.PROJ_WORKERS_LIST, req, WorkerPage, timeout_s=PROJECTION_TIMEOUT_S)
 
     async def worker(self, worker_id: str) -> WorkerView:

@@ -15,6 +15,7 @@ limits, health and metrics are offered over HTTP only.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 from collections.abc import AsyncIterator
 from types import TracebackType
@@ -61,12 +62,15 @@ from sdk.api import (
 )
 from sdk.auth import API_KEY_ENV, Headers, TokenSession
 from sdk.connection import connect, nats_url_from_env
-from sdk.errors import JobError, Timeout
+from sdk.errors import BadRequest, JobError, Timeout
 from sdk.jobs import JobStatus
 from sdk.placement import ExplainPlacement, PlacementView
 from sdk.platform_config import QueueLimits
 from sdk.regions import RegionLatencies
 from sdk.transport import NatsTransport, Route, Transport
+
+#: A moment to travel to: an aware datetime, or RFC 3339 text as it is.
+When = dt.datetime | str
 
 #: The gateway answers a wait within this long; longer waits are several requests.
 WAIT_SLICE_S = 60.0
@@ -161,8 +165,13 @@ class Client:
         )
         return await self._call(routes.SUBMIT, req, Submitted)
 
-    async def get(self, job_id: str, *, min_seq: int | None = None) -> JobView:
-        return await self._call(routes.GET_JOB, GetJob(id=job_id, min_seq=min_seq), JobView)
+    async def get(
+        self, job_id: str, *, min_seq: int | None = None, at_seq: int | None = None, at_time: When | None = None
+    ) -> JobView:
+        """The job now, or as it was at a JOBS sequence (`at_seq`) or a moment (`at_time`: an aware
+        datetime or RFC 3339 text), folded from the log."""
+        req = GetJob(id=job_id, min_seq=min_seq, at_seq=at_seq, at_time=_moment(at_time))
+        return await self._call(routes.GET_JOB, req, JobView)
 
     async def wait(self, job_id: str, *, timeout_s: float = 300.0) -> JobView:
         """The job once it is completed, failed, cancelled or expired; raises `Timeout` after `timeout_s`.
@@ -208,8 +217,14 @@ class Client:
         worker_id: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        at_seq: int | None = None,
+        at_time: When | None = None,
     ) -> JobPage:
-        req = ListJobs(status=status, type=type, worker_id=worker_id, limit=limit, cursor=cursor)
+        """Jobs newest first, now or as the list was at `at_seq` / `at_time` (see `get`)."""
+        req = ListJobs(
+            status=status, type=type, worker_id=worker_id, limit=limit, cursor=cursor, at_seq=at_seq,
+            at_time=_moment(at_time),
+        )
         return await self._call(routes.LIST_JOBS, req, JobPage)
 
     async def placement(self, job_id: str) -> PlacementView:
@@ -222,8 +237,12 @@ class Client:
 
     # --- Workers and their configuration (an operator's key) ---------------------------------------
 
-    async def workers(self, *, region: str | None = None, status: str | None = None) -> list[WorkerView]:
-        page = await self._call(routes.LIST_WORKERS, ListWorkers(region=region, status=status), WorkerPage)
+    async def workers(
+        self, *, region: str | None = None, status: str | None = None, at_time: When | None = None
+    ) -> list[WorkerView]:
+        """The fleet now, or as it was at `at_time` (an aware datetime or RFC 3339 text)."""
+        req = ListWorkers(region=region, status=status, at_time=_moment(at_time))
+        page = await self._call(routes.LIST_WORKERS, req, WorkerPage)
         return page.items
 
     async def worker(self, worker_id: str) -> WorkerView:
@@ -291,3 +310,11 @@ class Client:
         """The worker's requests are refused from now on; its jobs are requeued."""
         return await self._call(routes.REVOKE_WORKER, {"worker_id": worker_id}, WorkerAction)
 
+
+def _moment(at: When | None) -> str | None:
+    """`at` as the RFC 3339 text the API takes; a naive datetime is refused (whose clock would it be?)."""
+    if isinstance(at, dt.datetime):
+        if at.tzinfo is None:
+            raise BadRequest(f"at_time {at} has no time zone; pass an aware datetime (e.g. tz=datetime.UTC)")
+        return at.isoformat()
+    return at

@@ -91,7 +91,8 @@ def projections(*args: PassThrough) -> None:
 
 @app.command
 def replay(*args: PassThrough) -> None:
-    """Rebuild the read-model database from the streams: `python -m projections replay` (`--db`, `--until-seq`)."""
+    """Rebuild the read-model database from the streams: `python -m projections replay` (`--db`, `--until-seq`,
+    `--until-time`)."""
     _exec_service("replay", args)
 
 

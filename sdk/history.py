@@ -27,6 +27,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 
 from sdk import subjects
+from sdk.connection import connect
 from sdk.errors import BadRequest, InvalidTransition, StaleAttempt, Unavailable
 from sdk.events import (
     JobAssigned,
@@ -52,7 +53,8 @@ READ_AHEAD = 10_000
 READ_IDLE_S = 10.0
 
 #: RFC 3339: a date, `T` (or a space), a time, and an offset or `Z`; a time without offset is ambiguous.
-_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})")
+RFC3339_PATTERN = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$"
+_RFC3339 = re.compile(RFC3339_PATTERN)
 
 
 def parse_time(text: str, name: str = "at_time") -> dt.datetime:
@@ -106,6 +108,15 @@ async def seq_at_time(js: JetStreamContext, stream: str, at: dt.datetime) -> int
     return lo
 
 
+async def positions_at(nats_url: str, at: dt.datetime, streams: Iterable[str]) -> dict[str, int]:
+    """Each stream's last sequence stored by `at` (what `projections replay --until-time` rebuilds to)."""
+    nc = await connect(nats_url, name="positions-at")
+    try:
+        return {stream: await seq_at_time(nc.jetstream(), stream, at) for stream in streams}
+    finally:
+        await nc.close()
+
+
 async def read_log(
     js: JetStreamContext,
     stream: str,
@@ -117,10 +128,10 @@ async def read_log(
     """The records of `stream` after `after_seq`, oldest first, up to `until_seq` (default: the end when
     the read starts), or forever with `follow`. One ordered consumer: nothing is acknowledged or kept."""
     if not follow:
-        end = await stream_end(js, stream)
-        until_seq = end if until_seq is None else min(until_seq, end)
-        if until_seq <= after_seq:
-            return
+        state = (await js.stream_info(stream)).state
+        until_seq = state.last_seq if until_seq is None else min(until_seq, state.last_seq)
+        if until_seq <= after_seq or not state.messages or state.first_seq > until_seq:
+            return  # nothing to deliver: a consumer would only wait
     queue: asyncio.Queue[Msg] = asyncio.Queue(READ_AHEAD)
     if after_seq:
         start = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)

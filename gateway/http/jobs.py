@@ -16,7 +16,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPT
 from gateway.access import job_scope, require_client
 from gateway.auth import Principal
 from gateway.http.openapi import errors
-from gateway.http.params import JOB_ERRORS, NO_AUTH, JobId, MinSeq, exact
+from gateway.http.params import JOB_ERRORS, NO_AUTH, AtSeq, AtTime, JobId, MinSeq, exact
 from gateway.jobs import MAX_WAIT_S
 from gateway.service import Gateway
 from sdk.api import (
@@ -86,11 +86,17 @@ async def submit_job(
     return Response(submitted, status_code=HTTP_201_CREATED if submitted.created else HTTP_200_OK)
 
 
-@get("/api/v1/jobs/{job_id:str}", summary="A job's current view", responses=JOB_ERRORS)
+@get("/api/v1/jobs/{job_id:str}", summary="A job's current view, or a past one", responses=JOB_ERRORS)
 async def get_job(
-    job_id: JobId, gateway: NamedDependency[Gateway], principal: NamedDependency[Principal], min_seq: MinSeq = 0
+    job_id: JobId,
+    gateway: NamedDependency[Gateway],
+    principal: NamedDependency[Principal],
+    min_seq: MinSeq = 0,
+    at_seq: AtSeq = None,
+    at_time: AtTime = None,
 ) -> JobView:
-    return await gateway.get(GetJob(id=job_id, min_seq=min_seq), job_scope(principal))
+    req = GetJob(id=job_id, min_seq=min_seq, at_seq=at_seq, at_time=at_time)
+    return await gateway.get(req, job_scope(principal))
 
 
 @get("/api/v1/jobs", summary="List jobs, newest first", responses=errors(400, 401, 503))
@@ -105,10 +111,12 @@ async def list_jobs(
         str | None, QueryParameter(pattern=CURSOR_PATTERN, description="`next_cursor` of the page before")
     ] = None,
     min_seq: MinSeq = 0,
+    at_seq: AtSeq = None,
+    at_time: AtTime = None,
 ) -> JobPage:
     req = ListJobs(
         status=status.value if status else None, type=job_type, worker_id=worker_id, limit=limit, cursor=cursor,
-        min_seq=min_seq,
+        min_seq=min_seq, at_seq=at_seq, at_time=at_time,
     )
     return await gateway.list(req, job_scope(principal))
 

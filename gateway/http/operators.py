@@ -11,7 +11,7 @@ from litestar.params import FromQuery, JSONBody, PathParameter, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
 from gateway.http.openapi import errors
-from gateway.http.params import OPERATOR, OPERATOR_ERRORS, WorkerId, exact
+from gateway.http.params import OPERATOR, OPERATOR_ERRORS, AtTime, WorkerId, exact
 from gateway.service import Gateway
 from sdk.api import (
     KEY_ID_PATTERN,
@@ -39,8 +39,9 @@ async def list_workers(
     gateway: NamedDependency[Gateway],
     region: Annotated[str | None, QueryParameter(pattern=TOKEN_PATTERN)] = None,
     status: FromQuery[WorkerStatusName | None] = None,
+    at_time: AtTime = None,
 ) -> WorkerPage:
-    return await gateway.workers(ListWorkers(region=region, status=status))
+    return await gateway.workers(ListWorkers(region=region, status=status, at_time=at_time))
 
 
 @get("/api/v1/workers/{worker_id:str}", summary="One worker", guards=OPERATOR, responses=OPERATOR_ERRORS)

@@ -20,6 +20,7 @@ from gateway.service import Gateway
 from sdk import subjects
 from sdk.api import MAX_SEQ, TOKEN_PATTERN
 from sdk.errors import BadRequest
+from sdk.history import RFC3339_PATTERN
 
 T = TypeVar("T")
 
@@ -74,6 +75,22 @@ MinSeq = Annotated[
         ge=0, le=MAX_SEQ,
         description="Read after this JOBS sequence (a write's `seq`; 0: no wait): waits while the read model "
         "catches up (503 after a few seconds); 400 at once beyond the end of the log",
+    ),
+]
+
+AtSeq = Annotated[
+    int | None,
+    QueryParameter(
+        ge=0, le=MAX_SEQ,
+        description="Time travel: as it was at this JOBS sequence, folded from the log (400 beyond its end)",
+    ),
+]
+AtTime = Annotated[
+    str | None,
+    QueryParameter(
+        max_length=64, pattern=RFC3339_PATTERN,
+        description="Time travel: as it was at this moment (RFC 3339, e.g. 2026-11-30T03:00:00Z), folded from "
+        "the log; not with `at_seq`",
     ),
 ]
 

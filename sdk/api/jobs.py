@@ -59,9 +59,16 @@ class Submitted(msgspec.Struct, kw_only=True):
     created: bool = True
 
 
+#: An RFC 3339 time as a request names it (`sdk.history.parse_time` reads it).
+Moment = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
 class GetJob(Strict):
     id: Token
     min_seq: Seq | None = None
+    #: Time travel (`gateway.history`): the job as it was at this JOBS sequence, or at this moment.
+    at_seq: Seq | None = None
+    at_time: Moment | None = None
 
 
 class ListJobs(Strict):
@@ -71,6 +78,8 @@ class ListJobs(Strict):
     limit: Annotated[int, msgspec.Meta(ge=1, le=500)] = 50
     cursor: str | None = None
     min_seq: Seq | None = None
+    at_seq: Seq | None = None
+    at_time: Moment | None = None
 
 
 class OwnedGetJob(GetJob):

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from sdk.api.decoding import Strict, Token
-from sdk.api.jobs import JobType
+from sdk.api.jobs import JobType, Moment
 from sdk.events import GpuInfo
 
 #: What a worker can be, as the read model says (`projections.store.WorkerStatus` holds the same values).
@@ -41,6 +41,8 @@ class GetWorker(Strict):
 class ListWorkers(Strict):
     region: str | None = None
     status: str | None = None
+    #: Time travel (`gateway.history`): the fleet as it was at this moment (RFC 3339).
+    at_time: Moment | None = None
 
 
 class RegisterWorker(Strict):
