@@ -33,7 +33,16 @@ from sdk.broker import password_variable, read_nats_env
 from sdk.connection import DEFAULT_NATS_URL, connect, redact, with_user
 from sdk.errors import PlatformError
 from sdk.events import JobEvent, WorkerEvent
-from sdk.history import Fold, LogRecord, describe, parse_time, read_log, read_subject_log, seq_at_time
+from sdk.history import (
+    Fold,
+    LogRecord,
+    describe,
+    parse_time,
+    read_log,
+    read_subject_log,
+    seq_at_time,
+    stream_end,
+)
 from sdk.local import SECRETS_DIR
 from sdk.process import setup_logging
 from sdk.verify import verify as verify_log
@@ -212,8 +221,19 @@ def tail(
             raise CliError(f"unknown job id {job!r}", 1)
         if worker is not None and not await _exists(js, subjects.WORKERS_STREAM, subjects.worker_subject(worker)):
             raise CliError(f"unknown worker id {worker!r}", 1)
-        after = {s: (await seq_at_time(js, s, start - dt.timedelta(microseconds=1)) if start else 0) for s in streams}
-        backlog = await _backlog(js, streams, after)
+        after: dict[str, int] = {}
+        for stream in streams:
+            if start is not None:
+                after[stream] = await seq_at_time(js, stream, start - dt.timedelta(microseconds=1))
+            elif type is None and worker is None and job is None:
+                after[stream] = max(0, await stream_end(js, stream) - lines)  # no filter: the last lines suffice
+            else:
+                after[stream] = 0
+        if job is not None:  # one subject: direct gets, not the whole stream
+            backlog = await read_subject_log(js, subjects.JOBS_STREAM, subjects.job_subject(job))
+            backlog = [r for r in backlog if r.seq > after[subjects.JOBS_STREAM]]
+        else:
+            backlog = await _backlog(js, streams, after)
         matching = [(r, e) for r in backlog if _matches(r, e := describe(r), type, job, worker)]
         _print(matching if since else matching[-lines:], json_lines)
         if follow:

@@ -41,6 +41,11 @@ async def test_tail_shows_the_latest_events_filtered_by_job_type_and_worker(stac
     assert any(r["type"] == "job.completed" and r["subject"] == f"jobs.{done.id}" for r in seen)
     assert all(r["event"].get("worker_id") == done.worker_id for r in seen)
 
+    newest = events_cli(stack, "tail", "-n", "3", "--json")
+    assert [(r["subject"], r["type"]) for r in map(json.loads, newest.stdout.splitlines())] == [
+        (f"jobs.{failed.id}", kind) for kind in ("job.assigned", "job.started", "job.failed")
+    ]
+
     last = events_cli(stack, "tail", "-n", "1", "--type", "job.failed", "--json")
     [failure] = [json.loads(line) for line in last.stdout.splitlines()]
     assert failure["subject"] == f"jobs.{failed.id}" and failure["event"]["error"]["code"] == failed.error.code
