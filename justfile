@@ -46,6 +46,19 @@ bench *ARGS:
     python -m bench.llm_overhead
     python -m bench.placement
 
+# The same no-op job on the platform, Celery + Redis and taskiq + JetStream, back to back; one table of
+# ratios (figures in docs/benchmarks.md). Installs the peers first: the `bench` extra and Debian's redis-server.
+bench-peers *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    python -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["bench"]))' \
+        | xargs python -m pip install -q
+    if ! command -v redis-server >/dev/null; then
+        sudo=$([ "$(id -u)" -eq 0 ] || echo sudo)
+        $sudo apt-get update -q && $sudo apt-get install -y -q redis-server
+    fi
+    python -m bench.peers {{ARGS}}
+
 # Rebuild the read models from the streams.
 replay *ARGS:
     gpuctl replay {{ARGS}}

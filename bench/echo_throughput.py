@@ -10,9 +10,11 @@ acknowledged publishes/s of an event-sized message with nats-py, as a ratio.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -83,39 +85,48 @@ def without_fsync(data_dir: Path) -> Path:
     return variant
 
 
-async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: int, fsync: bool) -> None:
-    with tempfile.TemporaryDirectory() as data_dir:
-        stack = LocalStack(Path(data_dir))
-        if not fsync:
-            assert stack.broker is not None
-            stack.broker.config = without_fsync(Path(data_dir))
-        stack.start()
+@contextlib.asynccontextmanager
+async def echo_stack(data_dir: Path, workers: int, worker_concurrency: int, fsync: bool = True) -> AsyncIterator[tuple[LocalStack, Client]]:
+    """A stack as `gpuctl up` runs it with `workers` echo workers online, and an operator's client."""
+    stack = LocalStack(data_dir)
+    if not fsync:
+        assert stack.broker is not None
+        stack.broker.config = without_fsync(data_dir)
+    stack.start()
+    try:
+        async with httpx.AsyncClient(base_url=stack.http_url) as http:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError("gateway did not come up")
+                await asyncio.sleep(0.1)
+        async with HttpClient(stack.http_url, api_key=stack.operator_key) as operator:
+            await operator.set_config_defaults({"max_concurrency": worker_concurrency})
+        for n in range(workers):
+            stack.start_worker(f"bench{n}", "local", "--engines", "echo")
+        client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
         try:
-            async with httpx.AsyncClient(base_url=stack.http_url) as http:
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        if (await http.get("/health")).status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("gateway did not come up")
-                    await asyncio.sleep(0.1)
-            async with HttpClient(stack.http_url, api_key=stack.operator_key) as operator:
-                await operator.set_config_defaults({"max_concurrency": worker_concurrency})
-            for n in range(workers):
-                stack.start_worker(f"bench{n}", "local", "--engines", "echo")
-            client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
             while len([w for w in await client.workers() if w.status == "online"]) < workers:
                 await asyncio.sleep(0.2)
+            yield stack, client
+        finally:
+            await client.close()
+    finally:
+        stack.stop()
+
+
+async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: int, fsync: bool) -> None:
+    with tempfile.TemporaryDirectory() as data_dir:
+        async with echo_stack(Path(data_dir), workers, worker_concurrency, fsync) as (stack, client):
             await run_jobs(client, 100, concurrency)  # warm up every path
             _, single = await run_jobs(client, 200, 1)
             rate, loaded = await run_jobs(client, jobs, concurrency)
-            await client.close()
             sequential, pipelined = await raw_jetstream(stack.nats_url, 5000)
-        finally:
-            stack.stop()
 
     sync = "fsync before every ack" if fsync else "no per-write fsync"
     table = Table(title=f"echo jobs through the platform ({workers} worker(s), max_concurrency {worker_concurrency}, {sync})")
