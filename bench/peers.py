@@ -294,7 +294,7 @@ async def taskiq_run(jobs: int, single: int, concurrency: int, work_dir: Path, e
 def report(rounds: list[list[Run]]) -> None:
     for n, runs in enumerate(rounds, 1):
         ours = runs[0]
-        table = Table(title=f"round {n}: the same no-op job, burst then one at a time (ratios: gpu-fabric ÷ peer)")
+        table = Table(title=f"round {n}: the same no-op job, burst then one at a time (ratios: {ours.system} ÷ each)")
         for column in ("system", "jobs/s", "throughput ratio", "p50 ms (one at a time)", "p95 ms",
                        "p50 ratio", "CPU ms/job (all processes)"):
             table.add_column(column)
@@ -324,19 +324,27 @@ def report(rounds: list[list[Run]]) -> None:
         console.print(spread)
 
 
-async def bench(jobs: int, single: int, concurrency: int, rounds: int, profile_dir: Path | None) -> None:
+SYSTEMS = ("gpu-fabric", "celery", "taskiq")
+
+
+async def bench(jobs: int, single: int, concurrency: int, rounds: int, profile_dir: Path | None,
+                systems: tuple[str, ...]) -> None:
     env = {REDIS_URL_ENV: f"redis://127.0.0.1:{free_port()}/0", PEER_NATS_URL_ENV: f"nats://127.0.0.1:{free_port()}"}
     configure(env[REDIS_URL_ENV], env[PEER_NATS_URL_ENV])
     results: list[list[Run]] = []
     for n in range(rounds):
+        runs = []
         with tempfile.TemporaryDirectory() as work:
             work_dir = Path(work)
-            (work_dir / "celery").mkdir()
-            (work_dir / "taskiq").mkdir()
-            ours = await platform_run(jobs, single, concurrency, profile_dir if n == 0 else None)
-            celery = celery_run(jobs, single, work_dir / "celery", env)  # blocking: nothing else runs meanwhile
-            taskiq = await taskiq_run(jobs, single, concurrency, work_dir / "taskiq", env)
-        results.append([ours, celery, taskiq])
+            if "gpu-fabric" in systems:
+                runs.append(await platform_run(jobs, single, concurrency, profile_dir if n == 0 else None))
+            if "celery" in systems:
+                (work_dir / "celery").mkdir()
+                runs.append(celery_run(jobs, single, work_dir / "celery", env))  # blocking: nothing else runs
+            if "taskiq" in systems:
+                (work_dir / "taskiq").mkdir()
+                runs.append(await taskiq_run(jobs, single, concurrency, work_dir / "taskiq", env))
+        results.append(runs)
         console.print(f"round {n + 1}/{rounds} done")
     report(results)
 
@@ -349,8 +357,12 @@ def main(
     concurrency: Annotated[int, Parameter(help="submissions outstanding at once in a burst")] = 64,
     rounds: Annotated[int, Parameter(help="times the three systems run back to back (the spread is shown)")] = 1,
     profile_dir: Annotated[Path | None, Parameter(help="py-spy profiles of the platform's processes (first round)")] = None,
+    systems: Annotated[tuple[str, ...], Parameter(help=f"which of {', '.join(SYSTEMS)} to run (the first is the reference)")] = SYSTEMS,
 ) -> None:
-    asyncio.run(bench(jobs, single, concurrency, rounds, profile_dir))
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
+    asyncio.run(bench(jobs, single, concurrency, rounds, profile_dir, systems))
 
 
 if __name__ == "__main__":
