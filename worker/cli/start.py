@@ -23,7 +23,7 @@ from rich.logging import RichHandler
 
 from sdk.api import JobType
 from sdk.errors import PlatformError
-from sdk.process import exit_now
+from sdk.process import exit_now, run_service_loop
 from worker.cli.app import EXIT_BAD_CONFIG, EXIT_FAILED, app, fail
 from worker.cli.console import LiveStatus, Phase, ScreenSample, redacted_url
 from worker.config import ConfigError, LocalConfig, load_config
@@ -86,7 +86,7 @@ def start(
     except ConfigError as exc:
         logger.error("%s", exc.message)
         return EXIT_BAD_CONFIG
-    exit_now(asyncio.run(_serve(local, chosen, console)))  # stopped cleanly: skip torch's seconds of teardown
+    exit_now(run_service_loop(_serve(local, chosen, console)))  # stopped cleanly: skip torch's seconds of teardown
 
 
 def parse_engines(text: str | None) -> tuple[str, ...] | None:
