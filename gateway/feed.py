@@ -8,7 +8,10 @@ an append at a stale sequence fails, and the caller folds the subject and decide
 Memory: the cache holds live jobs only. A job leaves it when it finishes (nothing writes to a finished
 job; a late report or a cancel folds the subject), and the least recently touched go first beyond
 `CACHE_SIZE` (a backlog of queued jobs). At about 1 KB a job that is 10 MB at most, whatever the number of
-jobs served; waiters leave with their request.
+jobs served; waiters leave with their request. Beside it, the last `FINISHED_SIZE` finished jobs (2 MB):
+a client's wait usually comes just after its job ended, and a finished state is final, so `recent`
+answers it without folding the subject. A finished job is never cached as live again (a read that
+started before it finished comes back stale).
 
 On shutdown `close` answers every pending waiter (and so every long poll and stream built on one) with
 `Unavailable` at once, and refuses new ones: the HTTP server waits for open requests before it stops.
@@ -34,15 +37,19 @@ logger = logging.getLogger(__name__)
 
 #: Live jobs kept (about 1 KB each); beyond it a report folds its job's subject: one read more.
 CACHE_SIZE = 10_000
+#: Finished jobs kept for the waits that come just after the end (about 1 KB each).
+FINISHED_SIZE = 2_000
 #: What a client is told to wait before it retries a request cut short by a shutdown (`Retry-After`).
 SHUTDOWN_RETRY_AFTER_S = 1
 
 
 class JobFeed:
-    def __init__(self, nc: NatsClient, cache_size: int = CACHE_SIZE) -> None:
+    def __init__(self, nc: NatsClient, cache_size: int = CACHE_SIZE, finished_size: int = FINISHED_SIZE) -> None:
         self._js = nc.jetstream()
         self._cache: OrderedDict[str, Job] = OrderedDict()
         self._cache_size = cache_size
+        self._finished: OrderedDict[str, Job] = OrderedDict()
+        self._finished_size = finished_size
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
         self._sub = None
         self._closed = False
@@ -69,9 +76,18 @@ class JobFeed:
     def get(self, job_id: str) -> Job | None:
         return self._cache.get(job_id)
 
+    def recent(self, job_id: str) -> Job | None:
+        """The live job, or the job as it finished if it finished lately (None: fold the subject)."""
+        return self._cache.get(job_id) or self._finished.get(job_id)
+
     def __len__(self) -> int:
-        """How many jobs the cache holds (at most `cache_size`)."""
+        """How many live jobs the cache holds (at most `cache_size`)."""
         return len(self._cache)
+
+    @property
+    def finished(self) -> int:
+        """How many finished jobs are kept for `recent` (at most `finished_size`)."""
+        return len(self._finished)
 
     @property
     def waiting(self) -> int:
@@ -83,8 +99,16 @@ class JobFeed:
         the cache and wakes its waiters."""
         if job.status.terminal:
             self._cache.pop(job.id, None)
+            known = self._finished.get(job.id)
+            if known is None or known.seq < job.seq:
+                self._finished[job.id] = job
+                self._finished.move_to_end(job.id)
+                while len(self._finished) > self._finished_size:
+                    self._finished.popitem(last=False)
             self._wake(job)
             return
+        if job.id in self._finished:
+            return  # a stale read: the job has finished since
         known = self._cache.get(job.id)
         if known is None or known.seq < job.seq:
             self._cache[job.id] = job
@@ -131,7 +155,7 @@ class JobFeed:
     async def _on_event(self, msg: Msg) -> None:
         event = job_event_decoder.decode(msg.data)
         seq = msg.metadata.sequence.stream
-        known = self._cache.get(event.job_id)
+        known = self._cache.get(event.job_id) or self._finished.get(event.job_id)
         if known is not None and known.seq >= seq:
             return
         try:

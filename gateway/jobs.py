@@ -178,7 +178,10 @@ class JobCommands(HistoryQueries):
             raise BadRequest(f"timeout_s must be in (0, {MAX_WAIT_S:.0f}], got {timeout_s}")
         future = self.feed.waiter(job_id)
         try:
-            job = await self._job(job_id, owner)  # after registering, so the ending event cannot slip by
+            # After registering, so the ending event cannot slip by; the feed's copy when it has one.
+            job = self.feed.recent(job_id)
+            if job is None or not visible_to(job, owner):
+                job = await self._job(job_id, owner)
             if not job.status.terminal:
                 job = await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:

@@ -14,6 +14,8 @@ from gateway.feed import JobFeed
 from gateway.service import Gateway
 from sdk.api import CancelJob, SubmitJob
 from sdk.errors import Timeout
+from sdk.events import JobCancelled, JobSubmitted
+from sdk.jobs import JobStatus, apply
 from tests.conftest import wait_until
 
 BOUND = 20
@@ -22,7 +24,7 @@ BOUND = 20
 async def test_feed_holds_at_most_its_bound_and_forgets_finished_jobs(nc: NatsClient) -> None:
     async with await Credentials.open(nc.jetstream(), secrets.token_bytes(32)) as credentials:
         gateway = Gateway(nc, credentials)
-        gateway.feed = JobFeed(nc, cache_size=BOUND)  # the real feed, with a bound a test can pass
+        gateway.feed = JobFeed(nc, cache_size=BOUND, finished_size=BOUND)  # the real feed, bounds a test can pass
         await gateway.start()
         try:
             # No scheduler: the jobs stay queued (live) until they are cancelled.
@@ -58,5 +60,21 @@ async def test_feed_holds_at_most_its_bound_and_forgets_finished_jobs(nc: NatsCl
             for job_id in ids:  # reading a finished job does not bring it back
                 await gateway.wait(job_id, 1)
             assert len(gateway.feed) == 0
+            # The finished jobs kept for waits are bounded too: the newest are answered from memory.
+            assert gateway.feed.finished == BOUND
+            assert gateway.feed.recent(ids[-1]) is not None and gateway.feed.recent(ids[0]) is None
         finally:
             await gateway.stop()
+
+
+async def test_a_stale_read_does_not_bring_a_finished_job_back(nc: NatsClient) -> None:
+    """A wait answers from the feed's copy: a read that began before a job ended and came back after it
+    must not make the job look live again (the wait would then miss its ending)."""
+    feed = JobFeed(nc)
+    submitted = apply(None, JobSubmitted(job_id="j-stale", job_type="echo"), 1)
+    cancelled = apply(submitted, JobCancelled(job_id="j-stale"), 2)
+    feed.remember(cancelled)
+    feed.remember(submitted)
+    assert feed.get("j-stale") is None
+    recent = feed.recent("j-stale")
+    assert recent is not None and recent.status is JobStatus.CANCELLED and recent.seq == 2
