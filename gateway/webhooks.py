@@ -47,7 +47,7 @@ from sdk.events import (
     now_ms,
 )
 from sdk.jobs import fold, visible_to
-from sdk.log import append, read_job_events
+from sdk.log import append, first_job_event, read_job_events
 from sdk.tls import ENV_NAME_ENV, INSECURE_ENVIRONMENTS
 from sdk.webhooks import SECRET_PREFIX, WebhookSecret, signature
 
@@ -247,12 +247,12 @@ class WebhookDeliverer:
 
     async def _deliver(self, msg: Msg) -> None:
         trigger = job_event_decoder.decode(msg.data)
-        records = await read_job_events(self.js, trigger.job_id)
-        submitted = records[0][0] if records else None
+        # Most jobs have no webhook: their submission (one read) says so, without folding the subject.
+        submitted = await first_job_event(self.js, trigger.job_id)
         if not isinstance(submitted, JobSubmitted) or submitted.webhook_url is None:
             await msg.ack()
             return
-        job = fold(records)
+        job = fold(await read_job_events(self.js, trigger.job_id))
         assert job is not None  # it has a submission
         url, attempt = submitted.webhook_url, msg.metadata.num_delivered
         if submitted.owner is None:

@@ -138,6 +138,15 @@ async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[
         seq = msg.seq + 1
 
 
+async def first_job_event(js: JetStreamContext, job_id: str) -> JobEvent | None:
+    """A job's first event (its submission), through one direct get; None for an unknown job."""
+    try:
+        msg = await js.get_msg(subjects.JOBS_STREAM, seq=1, subject=subjects.job_subject(job_id), next=True, direct=True)
+    except NotFoundError:
+        return None
+    return job_event_decoder.decode(msg.data or b"")
+
+
 async def read_job_events(js: JetStreamContext, job_id: str) -> list[tuple[JobEvent, int]]:
     raw = await read_subject(js, subjects.JOBS_STREAM, subjects.job_subject(job_id))
     return [(job_event_decoder.decode(data), seq) for data, seq in raw]
