@@ -12,6 +12,7 @@ whose streams allow it): the server forgets the record then, which keeps a bucke
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable
@@ -128,3 +129,43 @@ class Bucket:
             if revision is not None:
                 return Changed(before, after, revision)
         raise Conflict(f"{what} kept changing")
+
+
+class KeyMirror:
+    """Keys of a bucket mirrored in memory by a KV watch: `start` loads every key under `prefix`, then
+    the watch applies each change in the background. Subclasses say what a change does (`apply`)."""
+
+    def __init__(self, kv: KeyValue, prefix: str) -> None:
+        self._kv = kv
+        self._prefix = prefix
+        self._watcher: KeyValue.KeyWatcher | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def following(self) -> bool:
+        """Whether the mirror is loaded and follows the bucket (between `start` and `stop`)."""
+        return self._task is not None
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Load every key, then follow changes in the background."""
+        self._watcher = await self._kv.watch(f"{self._prefix}>")
+        while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
+            self.apply(entry)
+        self._task = asyncio.create_task(self._follow(self._watcher), name=f"watch-{self._prefix}")
+
+    async def stop(self) -> None:
+        """Idempotent: a second call finds nothing left to stop."""
+        watcher, task = self._watcher, self._task
+        self._watcher = self._task = None
+        if watcher is not None:
+            await watcher.stop()
+        if task is not None:
+            await task
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        async for entry in watcher:
+            if entry is not None:
+                self.apply(entry)
+
+    def apply(self, entry: KeyValue.Entry) -> None:
+        raise NotImplementedError

@@ -30,9 +30,11 @@ class Credentials(ApiKeys, SignedRequests):
         settings: AuthSettings = AuthSettings(),
         clock: Clock = now_ms,
     ) -> Credentials:
-        """The service on the `auth` bucket (created by `sdk.log.ensure_streams`), revocations loaded."""
+        """The service on the `auth` bucket (created by `sdk.log.ensure_streams`), revocations and worker
+        records loaded and followed."""
         credentials = cls(await cls._bucket_for(js), master_key, settings=settings, clock=clock)
         await credentials._revocations.start()
+        await credentials._worker_records.start()
         return credentials
 
     async def __aenter__(self) -> Credentials:

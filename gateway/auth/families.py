@@ -51,6 +51,7 @@ from gateway.auth.tokens import (
     read_access,
     read_refresh,
 )
+from gateway.auth.worker_records import WorkerRecords
 from gateway.kv import Bucket
 from sdk import subjects
 from sdk.api import TokenPair
@@ -106,6 +107,7 @@ class TokenFamilies:
         # A marker outlives every token it could stop, wherever that token was stamped.
         self._marker_retain_ms = self.access_ttl_ms + 2 * self.skew_ms
         self._revocations = RevocationCache(bucket.kv, retain_ms=self._marker_retain_ms, skew_ms=self.skew_ms)
+        self._worker_records = WorkerRecords(bucket.kv)
         self._pruned_at_ms = 0
 
     @classmethod
@@ -116,6 +118,7 @@ class TokenFamilies:
 
     async def close(self) -> None:
         await self._revocations.stop()
+        await self._worker_records.stop()
 
     # --- Refresh and verification ----------------------------------------------------------------
 

@@ -15,7 +15,6 @@ is lost).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import msgspec
@@ -29,42 +28,24 @@ from gateway.auth.records import (
     subject_revocation_key,
 )
 from gateway.auth.tokens import AccessClaims
+from gateway.kv import KeyMirror
 
 logger = logging.getLogger(__name__)
 
 
-class RevocationCache:
+class RevocationCache(KeyMirror):
     def __init__(self, kv: KeyValue, *, retain_ms: int, skew_ms: int) -> None:
-        self._kv = kv
+        super().__init__(kv, REVOKED_PREFIX)
         self._retain_ms = retain_ms
         self._skew_ms = skew_ms
         self._markers: dict[str, Revocation] = {}
-        self._watcher: KeyValue.KeyWatcher | None = None
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Load every marker, then follow changes in the background."""
-        self._watcher = await self._kv.watch(f"{REVOKED_PREFIX}>")
-        while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
-            self._apply(entry)
-        self._task = asyncio.create_task(self._follow(self._watcher), name="revocation-watch")
+        await super().start(timeout_s)
         logger.info("revocation cache loaded %d markers", len(self._markers))
 
-    async def stop(self) -> None:
-        """Idempotent: a second call finds nothing left to stop."""
-        watcher, task = self._watcher, self._task
-        self._watcher = self._task = None
-        if watcher is not None:
-            await watcher.stop()
-        if task is not None:
-            await task
-
-    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
-        async for entry in watcher:
-            if entry is not None:
-                self._apply(entry)
-
-    def _apply(self, entry: KeyValue.Entry) -> None:
+    def apply(self, entry: KeyValue.Entry) -> None:
         if entry.operation in (KV_DEL, KV_PURGE):
             self._markers.pop(entry.key, None)
             return

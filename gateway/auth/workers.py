@@ -18,6 +18,7 @@ Decisions, and why:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import msgspec
 
@@ -26,7 +27,7 @@ from gateway.auth.families import TokenFamilies
 from gateway.auth.master_key import worker_secret
 from gateway.auth.records import EnrollmentRecord, WorkerRecord, enroll_key, worker_key
 from gateway.auth.tokens import ENROLLMENT_PREFIX, new_family_id, split_secret_token
-from gateway.kv import Versioned
+from gateway.kv import Changed, Versioned
 from sdk.api import Token, WorkerCredentials, convert
 from sdk.errors import BadRequest, Conflict, WorkerNotFound
 from sdk.signing import AuthReason, forbidden, refused
@@ -103,8 +104,10 @@ class WorkerEnrollment(TokenFamilies):
         )
         # Revision 0 means "must not exist": two tokens racing for one new id cannot both win.
         expected = existing.revision if existing is not None else 0
-        if await self._bucket.write(worker_key(worker_id), record, revision=expected) is None:
+        revision = await self._bucket.write(worker_key(worker_id), record, revision=expected)
+        if revision is None:
             raise Conflict(f"worker {worker_id} changed during its enrollment; try again with a new token")
+        self._worker_records.put(worker_id, Versioned(record, revision))
         if existing is not None:
             await self._revoke_worker_families(existing.value, now, "worker enrolled again")
         logger.info("enrolled worker %s (generation %d) with enrollment token %s", worker_id, generation, token_id)
@@ -127,9 +130,7 @@ class WorkerEnrollment(TokenFamilies):
                 record, pending_generation=record.generation + 1, pending_family=new_family_id()
             )
 
-        changed = await self._bucket.update(
-            worker_key(worker_id), records.worker_decoder.decode, rotate, what=f"worker {worker_id}"
-        )
+        changed = await self._update_worker(worker_id, rotate)
         pending = changed.after if changed is not None else seen[-1]
         assert pending.pending_generation is not None and pending.pending_family is not None
         credentials = await self._worker_credentials(worker_id, pending.pending_generation, pending.pending_family, now)
@@ -160,9 +161,7 @@ class WorkerEnrollment(TokenFamilies):
                 rotation_requested_at_ms=None,
             )
 
-        changed = await self._bucket.update(
-            worker_key(worker_id), records.worker_decoder.decode, promote, what=f"worker {worker_id}"
-        )
+        changed = await self._update_worker(worker_id, promote)
         if changed is None or changed.before is None:
             return
         old = changed.before
@@ -182,9 +181,7 @@ class WorkerEnrollment(TokenFamilies):
         def request(record: WorkerRecord | None) -> WorkerRecord:
             return msgspec.structs.replace(_active(worker_id, record), rotation_requested_at_ms=now)
 
-        changed = await self._bucket.update(
-            worker_key(worker_id), records.worker_decoder.decode, request, what=f"worker {worker_id}"
-        )
+        changed = await self._update_worker(worker_id, request)
         assert changed is not None
         logger.info("rotation of worker %s requested (generation %d)", worker_id, changed.after.generation)
 
@@ -207,6 +204,9 @@ class WorkerEnrollment(TokenFamilies):
         Idempotent: revoking a revoked worker revokes its families again (the repair for a failed write)."""
         missing = WorkerNotFound(f"worker {worker_id} is not enrolled")
         record = await self._revoke_record(worker_key(worker_id), records.worker_decoder.decode, missing)
+        # Refused from now on by this gateway: the revoked record replaces the mirrored one before we answer.
+        if (loaded := await self._bucket.load(worker_key(worker_id), records.worker_decoder.decode)) is not None:
+            self._worker_records.put(worker_id, loaded)
         await self._revoke_worker_families(record, self._clock(), "worker revoked")
         logger.info("revoked worker %s", worker_id)
 
@@ -218,10 +218,25 @@ class WorkerEnrollment(TokenFamilies):
     # --- Internals -------------------------------------------------------------------------------
 
     async def _worker_record(self, worker_id: str) -> Versioned[WorkerRecord]:
-        loaded = await self._bucket.load(worker_key(worker_id), records.worker_decoder.decode)
+        """The worker's record from the mirror (`gateway.auth.worker_records`), else from the bucket;
+        `Unauthorized` when it is unknown or revoked."""
+        loaded = self._worker_records.get(worker_id)
+        if loaded is None:
+            loaded = await self._bucket.load(worker_key(worker_id), records.worker_decoder.decode)
+            if loaded is not None:
+                self._worker_records.put(worker_id, loaded)
         _active(worker_id, loaded.value if loaded is not None else None)
         assert loaded is not None
         return loaded
+
+    async def _update_worker(
+        self, worker_id: str, change: Callable[[WorkerRecord | None], WorkerRecord | None]
+    ) -> Changed[WorkerRecord] | None:
+        """Compare-and-set the worker's record, and mirror what was written before answering."""
+        changed = await self._bucket.update(worker_key(worker_id), records.worker_decoder.decode, change, what=f"worker {worker_id}")
+        if changed is not None:
+            self._worker_records.put(worker_id, Versioned(changed.after, changed.revision))
+        return changed
 
     def _generations(self, record: WorkerRecord, now: int) -> list[int]:
         """The generations a request from this worker may be signed with right now."""
