@@ -47,8 +47,9 @@ from sdk.api import (
 from sdk.connection import request
 from sdk.errors import BadRequest, InvalidTransition, JobNotFound, StaleAttempt, Timeout, Unavailable
 from sdk.events import JobSubmitted, job_event_decoder
+from sdk.group_commit import GroupCommit
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply, decide_cancel, decide_report, fold, visible_to
-from sdk.log import append, decide_and_append, load_job, read_job_events
+from sdk.log import decide_and_append, load_job, read_job_events
 from sdk.streaming import assemble
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,8 @@ class JobCommands(HistoryQueries):
     js: JetStreamContext
     feed: JobFeed
     backpressure: Backpressure
+    #: Appends to JOBS, grouped into atomic batches under load.
+    log: GroupCommit
 
     # --- Commands ----------------------------------------------------------------------------------
 
@@ -108,7 +111,7 @@ class JobCommands(HistoryQueries):
             webhook_url=req.webhook_url,
         )
         msg_id = f"{owner or '-'}:{req.idempotency_key}" if req.idempotency_key else None
-        ack = await append(self.js, subjects.job_subject(job_id), event, msg_id=msg_id)
+        ack = await self.log.append(subjects.job_subject(job_id), event, msg_id=msg_id)
         if ack.duplicate:
             original = await self.js.get_msg(subjects.JOBS_STREAM, seq=ack.seq, direct=True)
             first = job_event_decoder.decode(original.data or b"")
@@ -125,7 +128,8 @@ class JobCommands(HistoryQueries):
         """Cancel or ask to stop (`sdk.jobs.decide_cancel`); asking twice appends nothing."""
         require_connected(self.nc)
         job, event = await decide_and_append(
-            self.js, req.id, lambda job: decide_cancel(job, req, owner), known=self.feed.get(req.id)
+            self.js, req.id, lambda job: decide_cancel(job, req, owner), known=self.feed.get(req.id),
+            append_event=self.log.append,
         )
         assert job is not None
         self.feed.remember(job)
@@ -143,6 +147,7 @@ class JobCommands(HistoryQueries):
                 report.job_id,
                 lambda job: decide_report(job, worker_id, report),
                 known=self.feed.get(report.job_id),
+                append_event=self.log.append,
             )
         except (StaleAttempt, InvalidTransition, JobNotFound) as exc:
             logger.warning("refused %s from %s: %s", type(report).__name__, worker_id, exc)

@@ -23,6 +23,7 @@ from gateway.worker_config import WorkerConfigs
 from gateway.workers import WorkerCommands
 from sdk import subjects
 from sdk.api import Accepted, IssueTokens, JobReport, RefreshTokens, TokenPair, WorkerReport
+from sdk.group_commit import GroupCommit
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands):
         self.nc = nc
         self.js = nc.jetstream()
         self.feed = JobFeed(nc)
+        self.log = GroupCommit(self.js)
         self.credentials = credentials
         self.admin = Admin(self.js, credentials)
         self.backpressure = Backpressure(self.js)

@@ -61,6 +61,7 @@ from sdk.events import (
     now_ms,
     worker_event_decoder,
 )
+from sdk.group_commit import GroupCommit
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.log import FEED_IDLE_HEARTBEAT_S, WrongLastSequence, append, ensure_streams, load_job
 from sdk.platform_config import RegionsWatch
@@ -103,6 +104,8 @@ class Scheduler:
         self.view = SchedulerView()
         self._nc = nc
         self._js = nc.jetstream()
+        #: Appends to JOBS: the assignments of one pass go as one atomic batch (one fsync).
+        self._log = GroupCommit(self._js)
         self._lease = LeaderLease(self._js, holder=instance_id, on_change=self._on_leadership)
         self._rng = random.Random()
         self._wake = asyncio.Event()
@@ -334,7 +337,7 @@ class Scheduler:
     async def _append(self, job: Job, event: JobEvent) -> Job | None:
         """Append at the job's expected sequence and apply it to the view; None if it did not land."""
         try:
-            ack = await append(self._js, subjects.job_subject(job.id), event, expected_seq=job.seq)
+            ack = await self._log.append(subjects.job_subject(job.id), event, expected_seq=job.seq)
         except WrongLastSequence:
             await self._reload(job.id)  # someone else wrote first: decide again from the log
             return None

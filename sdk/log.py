@@ -7,7 +7,8 @@ expected sequence) are set the same way everywhere.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from nats.js import JetStreamContext
@@ -46,6 +47,8 @@ def stream_configs() -> list[js_api.StreamConfig]:
             storage=file,
             duplicate_window=IDEMPOTENCY_WINDOW_S,
             allow_direct=True,
+            # Group commit (`sdk.group_commit`): a burst of appends is stored, and fsynced, as one batch.
+            allow_atomic=True,
         ),
         js_api.StreamConfig(
             name=subjects.WORKERS_STREAM,
@@ -112,17 +115,27 @@ async def append(
     msg_id: str | None = None,
 ) -> js_api.PubAck:
     """Append one event. `expected_seq` = the subject's last sequence (0: the subject must be empty)."""
+    try:
+        return await js.publish(subject, encoder.encode(event), headers=append_headers(event, expected_seq, msg_id))
+    except APIError as exc:
+        raise refusal(exc, subject, expected_seq) from None
+
+
+def append_headers(event: Event, expected_seq: int | None = None, msg_id: str | None = None) -> dict[str, str]:
+    """An append's headers: the event type, and the expected sequence and message id when given."""
     headers = {subjects.EVENT_TYPE_HEADER: event_type(event)}
     if expected_seq is not None:
         headers[subjects.EXPECTED_LAST_SUBJECT_SEQ_HEADER] = str(expected_seq)
     if msg_id is not None:
         headers[subjects.MSG_ID_HEADER] = msg_id
-    try:
-        return await js.publish(subject, encoder.encode(event), headers=headers)
-    except APIError as exc:
-        if exc.err_code in subjects.WRONG_LAST_SEQUENCE_ERR_CODES:
-            raise WrongLastSequence(f"{subject} moved past {expected_seq}") from None
-        raise
+    return headers
+
+
+def refusal(exc: APIError, subject: str, expected_seq: int | None) -> Exception:
+    """The error an append refused by the server raises: `WrongLastSequence` for a stale expected sequence."""
+    if exc.err_code in subjects.WRONG_LAST_SEQUENCE_ERR_CODES:
+        return WrongLastSequence(f"{subject} moved past {expected_seq}")
+    return exc
 
 
 async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[tuple[bytes, int]]:
@@ -158,6 +171,8 @@ async def load_job(js: JetStreamContext, job_id: str) -> Job | None:
 
 
 Decide = Callable[[Job | None], JobEvent | None]
+#: How `decide_and_append` appends: `append` on a JetStream context, or a group commit (`sdk.group_commit`).
+AppendEvent = Callable[..., Awaitable[js_api.PubAck]]
 
 
 async def decide_and_append(
@@ -167,10 +182,12 @@ async def decide_and_append(
     *,
     known: Job | None = None,
     attempts: int = 5,
+    append_event: AppendEvent | None = None,
 ) -> tuple[Job | None, JobEvent | None]:
     """Load, decide, save: fold the job (or start from `known`, a recent copy), let `decide(job)` return
     the event (or None: nothing to do), append it at the job's sequence, and decide again from a fresh
     read when another writer got there first. Returns the job after the event, and the event."""
+    append_event = append_event or partial(append, js)
     job = known
     for attempt in range(attempts):
         if job is None or attempt > 0:
@@ -187,7 +204,7 @@ async def decide_and_append(
                 continue
             raise
         try:
-            ack = await append(js, subjects.job_subject(job_id), event, expected_seq=job.seq if job else 0)
+            ack = await append_event(subjects.job_subject(job_id), event, expected_seq=job.seq if job else 0)
         except WrongLastSequence:
             logger.info("job %s changed under us; deciding again", job_id)
             continue

@@ -1,0 +1,73 @@
+"""Group commit on JOBS (`sdk.group_commit`): concurrent appends land as atomic batches, each caller is
+answered with the sequence its own event was stored at, and every guarantee of a lone append holds:
+a stale expected sequence is refused for that event only, an idempotency key still de-duplicates."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from sdk import subjects
+from sdk.events import JobSubmitted, job_event_decoder
+from sdk.group_commit import GroupCommit
+from sdk.log import WrongLastSequence, read_job_events
+
+
+def _submitted(job_id: str) -> JobSubmitted:
+    return JobSubmitted(job_id=job_id, job_type="echo", params={"id": job_id})
+
+
+async def test_concurrent_appends_land_together_each_at_its_own_sequence(nc: NatsClient) -> None:
+    js = nc.jetstream()
+    log = GroupCommit(js, max_batch=50)
+    ids = [f"gc-{secrets.token_hex(6)}" for _ in range(200)]
+    acks = await asyncio.gather(*(log.append(subjects.job_subject(i), _submitted(i), expected_seq=0) for i in ids))
+    assert log.atomic, "the JOBS stream takes atomic batches"
+    assert len({ack.seq for ack in acks}) == len(ids)
+    for job_id, ack in zip(ids, acks):
+        stored = await js.get_msg(subjects.JOBS_STREAM, seq=ack.seq, direct=True)
+        assert stored.subject == subjects.job_subject(job_id)
+        event = job_event_decoder.decode(stored.data or b"")
+        assert isinstance(event, JobSubmitted) and (event.job_id, event.params) == (job_id, {"id": job_id})
+        assert (stored.headers or {}).get(subjects.EVENT_TYPE_HEADER) == "job.submitted"
+
+
+async def test_a_stale_expected_sequence_refuses_that_event_only(nc: NatsClient) -> None:
+    js = nc.jetstream()
+    log = GroupCommit(js)
+    taken = f"gc-{secrets.token_hex(6)}"
+    await log.append(subjects.job_subject(taken), _submitted(taken), expected_seq=0)
+    fresh = [f"gc-{secrets.token_hex(6)}" for _ in range(20)]
+    appends = [log.append(subjects.job_subject(i), _submitted(i), expected_seq=0) for i in fresh]
+    appends.insert(7, log.append(subjects.job_subject(taken), _submitted(taken), expected_seq=0))
+    outcomes = await asyncio.gather(*appends, return_exceptions=True)
+    refused = outcomes.pop(7)
+    assert log.atomic, "a refused batch is not taken for a server without atomic batches"
+    assert isinstance(refused, WrongLastSequence)
+    assert all(not isinstance(outcome, BaseException) for outcome in outcomes), outcomes
+    assert len(await read_job_events(js, taken)) == 1
+    for job_id in fresh:
+        assert len(await read_job_events(js, job_id)) == 1
+
+
+async def test_an_idempotency_key_still_deduplicates(nc: NatsClient) -> None:
+    log = GroupCommit(nc.jetstream())
+    job_id = f"gc-{secrets.token_hex(6)}"
+    key = f"key-{secrets.token_hex(6)}"
+    first, again = await asyncio.gather(
+        log.append(subjects.job_subject(job_id), _submitted(job_id), msg_id=key),
+        log.append(subjects.job_subject(job_id), _submitted(job_id), msg_id=key),
+    )
+    assert first.seq == again.seq and [first.duplicate, again.duplicate].count(True) == 1
+
+
+@pytest.mark.parametrize("count", [1, 2])
+async def test_a_lone_append_needs_no_batch(nc: NatsClient, count: int) -> None:
+    log = GroupCommit(nc.jetstream())
+    ids = [f"gc-{secrets.token_hex(6)}" for _ in range(count)]
+    acks = await asyncio.gather(*(log.append(subjects.job_subject(i), _submitted(i), expected_seq=0) for i in ids))
+    assert [len(await read_job_events(nc.jetstream(), i)) for i in ids] == [1] * count
+    assert acks[-1].seq >= acks[0].seq
