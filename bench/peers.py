@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Annotated
 
 from cyclopts import App, Parameter
+from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
 
@@ -50,8 +51,9 @@ from bench.peer_apps import (
     taskiq_echo,
 )
 from bench.procstat import cpu_s, descendants, tree_cpu_s
+from sdk import subjects
 from sdk.broker import free_port, nats_server_binary
-from sdk.connection import port_open
+from sdk.connection import connect, port_open
 from sdk.process import Child, stop_all
 
 app = App(name="bench-peers", help=__doc__)
@@ -70,6 +72,8 @@ class Run:
     single_ms: list[float] = field(default_factory=list)
     #: CPU milliseconds per job of the burst, per process (the client included).
     cpu_ms_per_job: dict[str, float] = field(default_factory=dict)
+    #: One at a time: median ms of each hop, from the log's own timestamps (the platform only).
+    hops_ms: dict[str, float] = field(default_factory=dict)
 
     @property
     def p50_ms(self) -> float:
@@ -187,8 +191,53 @@ async def platform_run(jobs: int, single: int, concurrency: int, profile_dir: Pa
             with _profiled(meter.pids, profile_dir):
                 run.jobs_per_s = await _timed(jobs, concurrency, submit, collect)
             run.cpu_ms_per_job = meter.per_job_ms(jobs)
-            run.single_ms = await _one_at_a_time(single, submit, collect)
+            started_ns: list[int] = []
+
+            async def submit_at(i: int) -> str:
+                started_ns.append(time.time_ns())
+                return await submit(i)
+
+            async def collect_at(job_id: object) -> None:
+                await collect(job_id)
+                ended.append((str(job_id), started_ns[-1], time.time_ns()))
+
+            ended: list[tuple[str, int, int]] = []
+            run.single_ms = await _one_at_a_time(single, submit_at, collect_at)
+            run.hops_ms = await _hops(stack.nats_url, ended)
     return run
+
+
+#: The hops of one job, between the client's clock and the times the server stored each event.
+HOPS = ("submit -> JobSubmitted stored", "-> JobAssigned (scheduler)", "-> JobStarted (dispatch, worker, report)",
+        "-> JobCompleted (engine, report)", "-> the client's wait returns")
+
+
+async def _hops(nats_url: str, jobs: list[tuple[str, int, int]]) -> dict[str, float]:
+    """Median ms of each hop of the jobs run one at a time (same machine: one clock)."""
+    nc = await connect(nats_url, name="bench-hops")
+    gaps: dict[str, list[float]] = {hop: [] for hop in HOPS}
+    try:
+        for job_id, start_ns, end_ns in jobs:
+            stored = {}
+            seq = 1
+            while True:
+                try:
+                    msg = await nc.jetstream().get_msg(subjects.JOBS_STREAM, seq=seq, subject=subjects.job_subject(job_id),
+                                                       next=True, direct=True)
+                except NotFoundError:
+                    break
+                kind = (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER, "")
+                stored.setdefault(kind, msg.time.timestamp() * 1e9)  # type: ignore[union-attr]
+                seq = msg.seq + 1
+            times = [start_ns, *(stored.get(f"job.{kind}") for kind in ("submitted", "assigned", "started", "completed")),
+                     end_ns]
+            if None in times:
+                continue
+            for hop, before, after in zip(HOPS, times, times[1:]):
+                gaps[hop].append((after - before) / 1e6)  # type: ignore[operator]
+    finally:
+        await nc.close()
+    return {hop: statistics.median(values) for hop, values in gaps.items() if values}
 
 
 async def _one_at_a_time(count: int, submit: Callable[[int], Awaitable[object]],
@@ -311,6 +360,15 @@ def report(rounds: list[list[Run]]) -> None:
         for run in runs:
             cpu.add_row(run.system, ", ".join(f"{name} {ms:.2f}" for name, ms in run.cpu_ms_per_job.items()))
         console.print(cpu)
+    hops = [runs[0].hops_ms for runs in rounds if runs[0].hops_ms]
+    if hops:
+        table = Table(title=f"{rounds[0][0].system}, one job at a time: median ms of each hop")
+        table.add_column("hop")
+        for n in range(len(hops)):
+            table.add_column(f"round {n + 1}")
+        for hop in HOPS:
+            table.add_row(hop, *(f"{h.get(hop, float('nan')):.2f}" for h in hops))
+        console.print(table)
     if len(rounds) > 1:
         spread = Table(title=f"spread over {len(rounds)} rounds (min - max)")
         for column in ("peer", "throughput ratio", "p50 ratio"):
