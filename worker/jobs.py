@@ -231,21 +231,29 @@ class JobRunner:
             logger.warning("job %s attempt %d refused: %s", a.job_id, a.attempt, refusal.message)
             await self._finish(held, ReportFailed(job_id=a.job_id, attempt=a.attempt, error=refusal))
             return
+        # The engine starts while `started` is on its way (a round trip saved); the outcome is reported only
+        # once the start is accepted, so the log still reads started, then the ending. A refused start stops it.
+        outcome = asyncio.create_task(self._outcome(held))
         try:
             await self._report(ReportStarted(job_id=a.job_id, attempt=a.attempt))
-        except NOT_YOURS as exc:
-            logger.info("dropping dispatch of job %s attempt %d: %s", a.job_id, a.attempt, exc.message)
-            await held.msg.ack()
-            return
-        except (Timeout, Unavailable) as exc:
-            logger.error("could not report job %s started (%s); it will be redelivered", a.job_id, exc.message)
-            return
         except PlatformError as exc:
-            logger.error("job %s attempt %d: start refused (%s); dropping it", a.job_id, a.attempt, exc.message)
+            held.ctx.cancelled.set()
+            await asyncio.gather(outcome, return_exceptions=True)
+            if isinstance(exc, (Timeout, Unavailable)):
+                logger.error("could not report job %s started (%s); it will be redelivered", a.job_id, exc.message)
+                return
+            if isinstance(exc, NOT_YOURS):
+                logger.info("dropping dispatch of job %s attempt %d: %s", a.job_id, a.attempt, exc.message)
+            else:
+                logger.error("job %s attempt %d: start refused (%s); dropping it", a.job_id, a.attempt, exc.message)
             await held.msg.ack()
             return
+        except BaseException:
+            outcome.cancel()
+            raise
+        held.accepted.set()
         logger.info("job %s attempt %d started (%s)", a.job_id, a.attempt, a.job_type)
-        await self._finish(held, await self._outcome(held))
+        await self._finish(held, await outcome)
 
     async def _outcome(self, held: _HeldJob) -> WorkerReport:
         """Run the engine and turn how it ended into the report to send."""
@@ -300,6 +308,7 @@ class JobRunner:
 
     async def _send_progress(self, held: _HeldJob, fraction: float, message: str | None) -> None:
         a = held.assignment
+        await held.accepted.wait()  # progress of a job not yet started would be refused as not ours
         try:
             await self.link.report(ReportProgress(job_id=a.job_id, attempt=a.attempt, progress=fraction, message=message))
         except NOT_YOURS as exc:
@@ -327,6 +336,8 @@ class _HeldJob:
         self.cancel_requested = False
         #: Characters streamed so far: each chunk carries its offset, so a reader can tell a gap.
         self.streamed_chars = 0
+        #: Set once the platform accepted the `started` report (the engine may run before that).
+        self.accepted = asyncio.Event()
         self.ctx: JobContext
         self.progress: _Progress
         self.task: asyncio.Task[None]
