@@ -4,7 +4,8 @@ model, in this process) and through the platform (SDK -> gateway -> scheduler ->
     python -m bench.llm_overhead --runs 20 --max-new-tokens 32
 
 The model is a small random-weight GPT-2 built offline (no download), warm on both sides; the
-difference of the medians is the platform's overhead, in ms and as a share of the job's time.
+difference of the medians is the platform's overhead, in ms and as a share of the job's time. The two
+paths alternate run by run, and the platform's runs are broken into hops from the log's timestamps.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from cyclopts import App
 from rich.console import Console
 from rich.table import Table
 
+from bench.hops import HOPS, job_hops
 from sdk.client import Client
-from sdk.http import HttpClient
 from sdk.local import LocalStack
 from tests.tiny_models import build_tiny_gpt2
 from worker.engines.base import JobContext, ModelSpec
@@ -30,66 +31,62 @@ app = App(name="bench-llm", help=__doc__)
 console = Console()
 
 
-async def direct(model_path: Path, params: dict[str, object], runs: int) -> list[float]:
-    engine = LLMEngine()
-    loaded = engine.load_model(ModelSpec(name=str(model_path)))
-    timings_ms = []
-    for i in range(runs + 1):
-        start = time.perf_counter()
-        await engine.inference(loaded, JobContext(f"direct-{i}", 1, params))
-        if i:  # the first call warms caches, as the platform's warm-up job does
-            timings_ms.append((time.perf_counter() - start) * 1000)
-    return timings_ms
-
-
-async def through_platform(model_path: Path, params: dict[str, object], runs: int) -> list[float]:
-    with tempfile.TemporaryDirectory() as data_dir:
+async def bench(runs: int, max_new_tokens: int) -> None:
+    """Direct calls and platform jobs alternate, one each per round, so the machine's other load falls on
+    both alike (on a shared machine a run of one then a run of the other measures the load, not us)."""
+    params: dict[str, object] = {"prompt": "The platform measures", "max_new_tokens": max_new_tokens, "seed": 1}
+    alone: list[float] = []
+    platform: list[float] = []
+    #: Each platform job's time less its engine's own time (from its result, measured in the worker).
+    around: list[float] = []
+    ended: list[tuple[str, int, int]] = []
+    with tempfile.TemporaryDirectory() as models, tempfile.TemporaryDirectory() as data_dir:
+        model_path = build_tiny_gpt2(Path(models) / "gpt2")
+        engine = LLMEngine()
+        loaded = engine.load_model(ModelSpec(name=str(model_path)))
         stack = LocalStack(Path(data_dir))
         stack.start()
         try:
-            async with HttpClient(stack.http_url) as http:
-                deadline = time.monotonic() + 60
-                while True:
-                    try:
-                        if (await http.health())["status"] == "ok":
-                            break
-                    except Exception:
-                        if time.monotonic() > deadline:
-                            raise
-                    await asyncio.sleep(0.1)
             stack.start_worker("bench", "local", "--engines", "llm")
             client = await Client.connect(stack.nats_url, api_key=stack.operator_key)
             while not [w for w in await client.workers() if w.status == "online"]:
                 await asyncio.sleep(0.2)
-            timings_ms = []
-            for i in range(runs + 1):
+            for i in range(runs + 1):  # the first round warms caches and loads the worker's model
                 start = time.perf_counter()
+                await engine.inference(loaded, JobContext(f"direct-{i}", 1, params))
+                direct_ms = (time.perf_counter() - start) * 1000
+                start, start_ns = time.perf_counter(), time.time_ns()
                 job = await client.submit("llm", model=str(model_path), params=params)
                 done = await client.wait(job.id, timeout_s=120)
                 assert done.status == "completed", done.error
-                if i:  # the first job loads the model
-                    timings_ms.append((time.perf_counter() - start) * 1000)
+                if i:
+                    alone.append(direct_ms)
+                    platform.append((time.perf_counter() - start) * 1000)
+                    result = done.result
+                    around.append(platform[-1] - 1000 * result["completion_tokens"] / result["tokens_per_s"])
+                    ended.append((job.id, start_ns, time.time_ns()))
             await client.close()
-            return timings_ms
+            hops = await job_hops(stack.nats_url, ended)
         finally:
             stack.stop()
-
-
-async def bench(runs: int, max_new_tokens: int) -> None:
-    params: dict[str, object] = {"prompt": "The platform measures", "max_new_tokens": max_new_tokens, "seed": 1}
-    with tempfile.TemporaryDirectory() as models:
-        model_path = build_tiny_gpt2(Path(models) / "gpt2")
-        alone = await direct(model_path, params, runs)
-        platform = await through_platform(model_path, params, runs)
     direct_ms, platform_ms = statistics.median(alone), statistics.median(platform)
     overhead_ms = platform_ms - direct_ms
-    table = Table(title=f"LLM job, {max_new_tokens} new tokens, median of {runs} warm runs")
+    table = Table(title=f"LLM job, {max_new_tokens} new tokens, median of {runs} warm runs (alternating)")
     for column in ("path", "median ms", "p95 ms"):
         table.add_column(column)
     table.add_row("generate, called directly", f"{direct_ms:.1f}", f"{sorted(alone)[int(0.95 * (runs - 1))]:.1f}")
     table.add_row("through the platform", f"{platform_ms:.1f}", f"{sorted(platform)[int(0.95 * (runs - 1))]:.1f}")
-    table.add_row("platform overhead", f"{overhead_ms:.1f}", f"{overhead_ms / platform_ms:.0%} of the job")
+    table.add_row("platform overhead (difference of the medians)", f"{overhead_ms:.1f}",
+                  f"{overhead_ms / platform_ms:.0%} of the job")
+    table.add_row("platform job less its own engine time (same job)", f"{statistics.median(around):.1f}",
+                  f"{statistics.median(around) / platform_ms:.0%} of the job")
     console.print(table)
+    breakdown = Table(title="through the platform, median ms of each hop (the engine runs inside started -> completed)")
+    breakdown.add_column("hop")
+    breakdown.add_column("median ms")
+    for hop in HOPS:
+        breakdown.add_row(hop, f"{hops.get(hop, float('nan')):.2f}")
+    console.print(breakdown)
 
 
 @app.default

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Annotated
 
 from cyclopts import App, Parameter
-from nats.js.errors import NotFoundError
 from rich.console import Console
 from rich.table import Table
 
 from bench.echo_throughput import echo_stack, percentile
+from bench.hops import HOPS, job_hops
 from bench.peer_apps import (
     PEER_NATS_URL_ENV,
     REDIS_URL_ENV,
@@ -51,9 +51,8 @@ from bench.peer_apps import (
     taskiq_echo,
 )
 from bench.procstat import cpu_s, descendants, tree_cpu_s
-from sdk import subjects
 from sdk.broker import free_port, nats_server_binary
-from sdk.connection import connect, port_open
+from sdk.connection import port_open
 from sdk.process import Child, stop_all
 
 app = App(name="bench-peers", help=__doc__)
@@ -203,41 +202,8 @@ async def platform_run(jobs: int, single: int, concurrency: int, profile_dir: Pa
 
             ended: list[tuple[str, int, int]] = []
             run.single_ms = await _one_at_a_time(single, submit_at, collect_at)
-            run.hops_ms = await _hops(stack.nats_url, ended)
+            run.hops_ms = await job_hops(stack.nats_url, ended)
     return run
-
-
-#: The hops of one job, between the client's clock and the times the server stored each event.
-HOPS = ("submit -> JobSubmitted stored", "-> JobAssigned (scheduler)", "-> JobStarted (dispatch, worker, report)",
-        "-> JobCompleted (engine, report)", "-> the client's wait returns")
-
-
-async def _hops(nats_url: str, jobs: list[tuple[str, int, int]]) -> dict[str, float]:
-    """Median ms of each hop of the jobs run one at a time (same machine: one clock)."""
-    nc = await connect(nats_url, name="bench-hops")
-    gaps: dict[str, list[float]] = {hop: [] for hop in HOPS}
-    try:
-        for job_id, start_ns, end_ns in jobs:
-            stored = {}
-            seq = 1
-            while True:
-                try:
-                    msg = await nc.jetstream().get_msg(subjects.JOBS_STREAM, seq=seq, subject=subjects.job_subject(job_id),
-                                                       next=True, direct=True)
-                except NotFoundError:
-                    break
-                kind = (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER, "")
-                stored.setdefault(kind, msg.time.timestamp() * 1e9)  # type: ignore[union-attr]
-                seq = msg.seq + 1
-            times = [start_ns, *(stored.get(f"job.{kind}") for kind in ("submitted", "assigned", "started", "completed")),
-                     end_ns]
-            if None in times:
-                continue
-            for hop, before, after in zip(HOPS, times, times[1:]):
-                gaps[hop].append((after - before) / 1e6)  # type: ignore[operator]
-    finally:
-        await nc.close()
-    return {hop: statistics.median(values) for hop, values in gaps.items() if values}
 
 
 async def _one_at_a_time(count: int, submit: Callable[[int], Awaitable[object]],
