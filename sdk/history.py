@@ -43,6 +43,7 @@ from sdk.events import (
     worker_event_decoder,
 )
 from sdk.jobs import Job, apply
+from sdk.log import FEED_IDLE_HEARTBEAT_S
 from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,11 @@ async def read_log(
         start = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after_seq + 1)
     else:
         start = js_api.ConsumerConfig(deliver_policy=js_api.DeliverPolicy.ALL)
-    sub = await js.subscribe(subjects.STREAM_SUBJECTS[stream], stream=stream, cb=queue.put, ordered_consumer=True, config=start)
+    # A short idle heartbeat, as the services' feeds: a follower outlives a restarted broker within a second.
+    sub = await js.subscribe(
+        subjects.STREAM_SUBJECTS[stream], stream=stream, cb=queue.put, ordered_consumer=True, config=start,
+        idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
+    )
     try:
         while True:
             try:
