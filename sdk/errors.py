@@ -46,6 +46,10 @@ class WorkerNotFound(PlatformError):
     code = "worker_not_found"
 
 
+class ApiKeyNotFound(PlatformError):
+    code = "api_key_not_found"
+
+
 class InvalidTransition(PlatformError):
     """The event does not apply to the job's current state (cancel a finished job, start it twice)."""
 
@@ -110,6 +114,7 @@ _BY_CODE: dict[str, type[PlatformError]] = {
         BadRequest,
         JobNotFound,
         WorkerNotFound,
+        ApiKeyNotFound,
         InvalidTransition,
         StaleAttempt,
         Conflict,
@@ -129,6 +134,7 @@ HTTP_STATUS: dict[str, int] = {
     Forbidden.code: 403,
     JobNotFound.code: 404,
     WorkerNotFound.code: 404,
+    ApiKeyNotFound.code: 404,
     InvalidTransition.code: 409,
     StaleAttempt.code: 409,
     Conflict.code: 409,

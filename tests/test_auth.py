@@ -21,7 +21,16 @@ from sdk import subjects
 from sdk.api import WorkerCredentials
 from sdk.broker import EmbeddedNats
 from sdk.connection import connect
-from sdk.errors import BadRequest, Conflict, Forbidden, PlatformError, Unauthorized, WorkerNotFound
+from sdk.errors import (
+    HTTP_STATUS,
+    ApiKeyNotFound,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    PlatformError,
+    Unauthorized,
+    WorkerNotFound,
+)
 from sdk.log import ensure_streams
 from sdk.signing import (
     MAX_SIGNED_BODY_BYTES,
@@ -245,8 +254,10 @@ async def test_wrong_or_unknown_api_keys_are_refused(credentials: Credentials) -
         assert reason(exc) == expected, bad
     with pytest.raises(BadRequest, match="client, operator"):
         await credentials.create_api_key("root", "admin")  # type: ignore[arg-type]
-    with pytest.raises(BadRequest):
+    # An operator revoking a key that does not exist is told so (404), not refused as a bad request.
+    with pytest.raises(ApiKeyNotFound) as missing:
         await credentials.revoke_api_key("0" * 16)
+    assert (HTTP_STATUS[missing.value.code], reason(missing)) == (404, "unknown")
 
 
 async def test_revocation_reaches_other_gateways_through_the_watch(
@@ -398,8 +409,15 @@ async def test_revoked_worker_is_refused(credentials: Credentials, clock: FakeCl
     with pytest.raises(Unauthorized) as exc:
         credentials.verify_access(creds.access_token)
     assert reason(exc) == "revoked"
-    with pytest.raises(WorkerNotFound):
-        await credentials.revoke_worker(worker_id())
+    # The operator's actions on a worker that is not there (or no longer may be) say so: 404, 409; never
+    # the 401 of a refused credential, which an SDK would answer by refreshing its own token.
+    for action in (credentials.revoke_worker, credentials.request_rotation):
+        with pytest.raises(WorkerNotFound) as unknown:
+            await action(worker_id())
+        assert (HTTP_STATUS[unknown.value.code], reason(unknown)) == (404, "unknown")
+    with pytest.raises(Conflict) as revoked:
+        await credentials.request_rotation(wid)
+    assert (HTTP_STATUS[revoked.value.code], reason(revoked)) == (409, "revoked")
 
 
 async def test_worker_refreshes_its_tokens(credentials: Credentials) -> None:

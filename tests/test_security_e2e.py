@@ -309,6 +309,28 @@ async def test_admin_routes_need_an_operator(stack: LocalStack, http: HttpClient
         assert (response.status_code, response.json()["code"]) == (403, "forbidden")
 
 
+async def test_revoking_or_rotating_what_does_not_exist_is_404_logged_in_one_line(stack: LocalStack) -> None:
+    gateway_log = stack.logs / "gateway.log"
+    tracebacks = gateway_log.read_text().count("Traceback")
+    async with httpx.AsyncClient(base_url=stack.http_url) as raw:
+        token = (await raw.post("/api/v1/auth/token", json={"api_key": stack.operator_key})).json()["access_token"]
+        answers = [
+            await raw.delete(f"/api/v1/admin/keys/{'0' * 16}", headers=bearer(token)),
+            await raw.post("/api/v1/admin/workers/w-nobody/rotate", headers=bearer(token)),
+            await raw.post("/api/v1/admin/workers/w-nobody/revoke", headers=bearer(token)),
+        ]
+    assert [(a.status_code, a.json()["code"], a.json()["details"]["reason"]) for a in answers] == [
+        (404, "api_key_not_found", "unknown"), (404, "worker_not_found", "unknown"), (404, "worker_not_found", "unknown"),
+    ]
+
+    async def logged() -> bool:
+        return "POST /api/v1/admin/workers/w-nobody/revoke: 404 worker w-nobody is not enrolled" in gateway_log.read_text()
+
+    await wait_until(logged, 10, "the 404 in the gateway's log")
+    # A refusal the API answers on purpose is one line: no traceback for it.
+    assert gateway_log.read_text().count("Traceback") == tracebacks
+
+
 async def test_a_client_sees_only_its_own_jobs_and_an_operator_sees_all(stack: LocalStack, http: HttpClient) -> None:
     alice, bob = (await new_key(http, "alice")).api_key, (await new_key(http, "bob")).api_key
     async with HttpClient(stack.http_url, api_key=alice) as a_http, HttpClient(stack.http_url, api_key=bob) as b_http, \

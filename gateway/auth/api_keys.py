@@ -15,7 +15,7 @@ from gateway.auth.families import TokenFamilies
 from gateway.auth.records import ApiKeyRecord, Revocation, apikey_key, subject_revocation_key
 from gateway.auth.tokens import API_KEY_PREFIX, Principal, new_family_id, split_secret_token
 from sdk.api import ApiKeyInfo, ApiKeyRole, TokenPair
-from sdk.errors import BadRequest
+from sdk.errors import ApiKeyNotFound, BadRequest
 from sdk.signing import AuthReason, refused
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class ApiKeys(TokenFamilies):
     async def revoke_api_key(self, key_id: str) -> None:
         """Refuse the key from now on, and every access token issued for it so far. Idempotent: revoking
         a revoked key writes its marker again (the repair for a marker write that failed)."""
-        missing = BadRequest(f"no API key {key_id}")
+        missing = ApiKeyNotFound(f"no API key {key_id}", {"reason": AuthReason.UNKNOWN.value})
         record = await self._revoke_record(apikey_key(key_id), records.apikey_decoder.decode, missing)
         assert record.revoked_at_ms is not None
         marker = Revocation(at_ms=record.revoked_at_ms, reason="API key revoked")

@@ -179,7 +179,13 @@ class WorkerEnrollment(TokenFamilies):
         now = self._clock()
 
         def request(record: WorkerRecord | None) -> WorkerRecord:
-            return msgspec.structs.replace(_active(worker_id, record), rotation_requested_at_ms=now)
+            # The operator's request names a worker that is not there: 404 and 409, not the 401 of a
+            # refused credential (the operator's own token is fine).
+            if record is None:
+                raise WorkerNotFound(f"worker {worker_id} is not enrolled", {"reason": AuthReason.UNKNOWN.value})
+            if record.revoked_at_ms is not None:
+                raise Conflict(f"worker {worker_id} is revoked", {"reason": AuthReason.REVOKED.value})
+            return msgspec.structs.replace(record, rotation_requested_at_ms=now)
 
         changed = await self._update_worker(worker_id, request)
         assert changed is not None
@@ -202,7 +208,7 @@ class WorkerEnrollment(TokenFamilies):
     async def revoke_worker(self, worker_id: str) -> None:
         """Refuse the worker's signatures and tokens from now on; enrolling it again needs a token for it.
         Idempotent: revoking a revoked worker revokes its families again (the repair for a failed write)."""
-        missing = WorkerNotFound(f"worker {worker_id} is not enrolled")
+        missing = WorkerNotFound(f"worker {worker_id} is not enrolled", {"reason": AuthReason.UNKNOWN.value})
         record = await self._revoke_record(worker_key(worker_id), records.worker_decoder.decode, missing)
         # Refused from now on by this gateway: the revoked record replaces the mirrored one before we answer.
         if (loaded := await self._bucket.load(worker_key(worker_id), records.worker_decoder.decode)) is not None:

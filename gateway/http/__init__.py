@@ -17,6 +17,7 @@ send what passes and expect what comes back (`tests/test_openapi_fuzz.py` holds 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from litestar.logging import LoggingConfig
 from litestar.openapi import OpenAPIConfig, ResponseSpec
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
+from litestar.types import Scope
 from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 
@@ -99,6 +101,29 @@ def nats_down(_: Request, exc: Exception) -> Response[ErrorBody]:
     return _error(503, "unavailable", f"NATS is unreachable: {type(exc).__name__}")
 
 
+def _answered_status(exc: BaseException | None) -> int | None:
+    """The status a handled error is answered with; None for an unexpected one (a 500)."""
+    if isinstance(exc, PlatformError):
+        status = HTTP_STATUS.get(exc.code, 500)
+        return status if status != 500 else None
+    if isinstance(exc, HTTPException):
+        return exc.status_code if exc.status_code != 500 else None
+    return 503 if isinstance(exc, NATS_DOWN) else None
+
+
+def log_error(log: logging.Logger, scope: Scope, tb: list[str]) -> None:
+    """Litestar's exception log: an error the API answers on purpose (a 404, a refused token, NATS down)
+    is one line, at info for 4xx and warning for 5xx; only an unexpected one (a 500) gets its traceback."""
+    exc = sys.exc_info()[1]  # litestar calls this inside its `except`
+    status = _answered_status(exc)
+    if status is None:
+        log.error("%s %s: unexpected error\n%s", scope.get("method", ""), scope["path"], "".join(tb))
+        return
+    reason = exc.message if isinstance(exc, PlatformError) else getattr(exc, "detail", "") or type(exc).__name__
+    level = logging.INFO if status < 500 else logging.WARNING
+    log.log(level, "%s %s: %d %s", scope.get("method", ""), scope["path"], status, reason)
+
+
 # --- App -------------------------------------------------------------------------------------------
 
 
@@ -159,10 +184,11 @@ def create_app(
         plugins=[StrictStructSchema(), Operability()],
         request_max_body_size=MAX_BODY_BYTES,
         # Log through the process's own setup (gpuctl's, or a test's capture) instead of replacing the
-        # root logger's handlers, as litestar does by default; unexpected errors are logged too.
+        # root logger's handlers, as litestar does by default; every error is logged (`log_error`).
         logging_config=LoggingConfig(
             configure_root_logger=False,
             loggers={"litestar": {"level": "INFO", "propagate": True}},
             log_exceptions="always",
+            exception_logging_handler=log_error,
         ),
     )
