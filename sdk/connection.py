@@ -90,12 +90,16 @@ async def connect(
     password: str | None = None,
     tls: Any = None,
     on_reconnect: Callable[[], Awaitable[None]] | None = None,
+    on_refused: Callable[[], None] | None = None,
     **options: Any,
 ) -> NatsClient:
     """Connect, waiting up to `wait_s` for the server to come up; reconnects forever afterwards.
     Without `tls`, the context `GF_TLS_CA` / `GF_TLS_VERIFY` ask for (see `sdk.tls`) is used.
     `on_reconnect` runs after each reconnect (the server may have restarted and lost what lived in its
-    memory); it must return quickly, starting a task for anything slow. Inboxes are the platform's
+    memory); it must return quickly, starting a task for anything slow. `on_refused` runs at each reconnect
+    the server refuses for the connection's credentials (revoked, or the auth callout not answering):
+    nats-py keeps trying every quarter second, and only the caller can tell when to give up. A repeated
+    error is logged once until the connection is back, not at every try. Inboxes are the platform's
     (`_INBOX_platform`) unless `inbox_prefix` names the identity's own (`sdk.bus`)."""
     options.setdefault("inbox_prefix", subjects.PLATFORM_INBOX_PREFIX)
     url = nats_url_from_env(url)
@@ -106,17 +110,26 @@ async def connect(
     await wait_for_port(servers[0], wait_s)
     nc = NatsClient()
     failures: list[BaseException] = []
+    #: Errors logged since the connection was last up (a refused reconnect repeats four times a second).
+    logged: set[str] = set()
 
     async def error_cb(exc: Exception) -> None:
-        logger.warning("%s: NATS error: %s", name, exc)
-        if not nc.is_connected:
+        if str(exc) not in logged:
+            logger.warning("%s: NATS error: %s", name, exc)
+        if nc.is_connected:
+            return
+        logged.add(str(exc))
+        if not connecting.done():
             failures.append(exc)
+        elif on_refused is not None and _refusal(exc):
+            on_refused()
 
     async def disconnected_cb() -> None:
         if not (nc.is_closed or nc.is_draining):
             logger.warning("%s: disconnected from NATS", name)
 
     async def reconnected_cb() -> None:
+        logged.clear()
         logger.info("%s: reconnected to NATS", name)
         if on_reconnect is not None:
             await on_reconnect()
@@ -143,12 +156,17 @@ async def connect(
             connecting.cancel()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(nc.close(), 2)
-            if any(AUTHORIZATION_VIOLATION.lower() in str(failure).lower() for failure in failures):
+            if any(_refusal(failure) for failure in failures):
                 raise Unauthorized(f"NATS refused the credentials of {name}")
             raise Unavailable(f"{name} could not connect to NATS within {wait_s:.0f}s: {failures[-1]!r}")
     connecting.result()
     logger.info("%s: connected to NATS at %s", name, redact(nc.connected_url.geturl() if nc.connected_url else url))
     return nc
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Whether the server refused the connection's credentials."""
+    return AUTHORIZATION_VIOLATION.lower() in str(exc).lower()
 
 
 async def request(

@@ -599,6 +599,41 @@ async def test_a_revoked_workers_jobs_are_requeued(
     await wait_until(refused_in_its_log, 10, "the revoked worker to be refused")
 
 
+async def test_a_revoked_worker_stops_at_once_instead_of_reconnecting_forever(
+    stack: LocalStack, http: HttpClient, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    region = "sec-refused"
+    token = (await http.create_enrollment_token()).enrollment_token
+    worker = Worker(
+        stack.worker_url, name="refused", region=region, engines={"echo": EchoEngine()},
+        state_dir=tmp_path / "worker", enrollment_token=token, drain_timeout_s=60, connect_wait_s=2,
+    )
+    await worker.start()
+    job = await http.submit("echo", params={"sleep_s": 60}, region=region, timeout_s=120)
+    try:
+        async def running_here() -> bool:
+            view = await http.get(job.id, min_seq=job.seq)
+            return view.status == "running" and view.worker_id == worker.worker_id
+
+        await wait_until(running_here, 30, "the job to run on the worker about to be revoked")
+        await http.revoke_worker(worker.worker_id or "")
+        # Its connection is closed and every reconnect refused: after `connect_wait_s` of refusals it gives
+        # up, and its stop does not wait the 60 s drain for a job whose outcome it could not report.
+        await asyncio.wait_for(worker.identity_refused.wait(), 20)
+        started = time.monotonic()
+        await worker.stop()
+        assert time.monotonic() - started < 5
+    finally:
+        await worker.stop(drain=False)
+        await http.cancel(job.id)
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith(("worker", "sdk"))]
+    # One line for the refused reconnects (not one per try, four a second), and one that says what to do.
+    assert len([m for _, m in messages if "Authorization Violation" in m]) == 1
+    [(level, why)] = [(lv, m) for lv, m in messages if "refused this worker's identity" in m]
+    assert level == logging.ERROR and "enroll it again" in why
+
+
 async def test_a_worker_rotates_on_schedule(fresh_nats: EmbeddedNats, tmp_path: Path) -> None:
     settings = AuthSettings(worker_credentials_max_age_s=1.0)
     async with serving_gateway(fresh_nats.url, fresh_nats.secrets_dir, settings=settings):

@@ -3,7 +3,9 @@
 Everything the worker says to the platform goes through `PlatformLink`, so each mechanism has one place:
 - `connect` opens the NATS connection (the only one the worker holds), as the worker's own NATS identity
   (`sdk.bus`: a fresh proof signed with its secret at every connect), or, before its enrollment, as a
-  machine holding an enrollment token (which may only register);
+  machine holding an enrollment token (which may only register). When the server refuses the worker's
+  identity at every reconnect for `connect_wait_s` (it was revoked), the link gives up for good and
+  says so (`on_identity_refused`): nats-py alone would try four times a second forever;
 - `send` asks the gateway something: signed with the worker's HMAC secret once it has credentials (a new
   signature and nonce per attempt), and retried with backoff (stamina) while the gateway does not answer;
   a refusal (any other error reply) is raised at once as its typed error;
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -58,6 +61,9 @@ class PlatformLink:
     request_timeout_s: float = REQUEST_TIMEOUT_S
     #: Called after each reconnect (the server may have restarted and lost what lived in its memory).
     on_reconnect: Callable[[], Awaitable[None]] | None = None
+    #: Called once when the server has refused this worker's identity at every reconnect for
+    #: `connect_wait_s`, the same bound a first connect gets (revoked; a gateway restart is shorter).
+    on_identity_refused: Callable[[], None] | None = None
     #: The id reports are sent as (set by the registration).
     worker_id: str | None = field(default=None, init=False)
     #: What requests are signed with; None before the first enrollment (requests go unsigned).
@@ -66,10 +72,19 @@ class PlatformLink:
     _js: JetStreamContext | None = field(default=None, init=False)
     #: Whether the connection is an enrolling machine's (it may only register).
     enrolling: bool = field(default=False, init=False)
+    #: Since when reconnects have been refused (monotonic seconds); None while none is.
+    _refused_since: float | None = field(default=None, init=False)
+    #: Set once the refusal lasted `connect_wait_s`: the link no longer expects to get back.
+    identity_refused: bool = field(default=False, init=False)
 
     @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
+
+    @property
+    def refused(self) -> bool:
+        """Whether the server refuses this worker's identity now: what it would report cannot arrive."""
+        return self._refused_since is not None
 
     @property
     def js(self) -> JetStreamContext:
@@ -90,9 +105,29 @@ class PlatformLink:
         self.enrolling = "token" in identity and self.credentials is None
         self._nc = await connect(
             url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s,
-            on_reconnect=self.on_reconnect, **identity,
+            on_reconnect=self._reconnected,
+            on_refused=self._refused if "token" in identity and not self.enrolling else None,
+            **identity,
         )
         self._js = self._nc.jetstream()
+
+    async def _reconnected(self) -> None:
+        self._refused_since = None
+        if self.on_reconnect is not None:
+            await self.on_reconnect()
+
+    def _refused(self) -> None:
+        """A reconnect was refused for the worker's credentials (the auth callout checked its proof)."""
+        now = time.monotonic()
+        if self._refused_since is None:
+            self._refused_since = now
+            logger.warning(
+                "NATS refuses this worker's identity (revoked?); giving up if it still does in %.0fs", self.connect_wait_s
+            )
+        elif now - self._refused_since >= self.connect_wait_s and not self.identity_refused:
+            self.identity_refused = True
+            if self.on_identity_refused is not None:
+                self.on_identity_refused()
 
     async def reconnect_as_worker(self) -> None:
         """After the enrollment: the enrolling identity may only register; connect as the worker now."""
@@ -109,7 +144,8 @@ class PlatformLink:
             return
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=2)
-        await self._nc.close()
+        with contextlib.suppress(ConnectionError):  # a socket the server already closed (a refused reconnect)
+            await self._nc.close()
 
     # --- Requests -----------------------------------------------------------------------------------------
 

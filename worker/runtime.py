@@ -94,6 +94,9 @@ class Worker:
         #: Set when the GPU failed for good (`DeviceLost`): the worker drains, and its process should exit
         #: so the platform requeues its jobs elsewhere and a supervisor starts it afresh.
         self.device_lost = asyncio.Event()
+        #: Set when NATS kept refusing this worker's identity (it was revoked): the worker stops at once,
+        #: without a drain (nothing it finished could be reported), and its process should exit non-zero.
+        self.identity_refused = asyncio.Event()
 
         self._link = PlatformLink(nats_url=nats_url, name=self._name, tls=tls, connect_wait_s=connect_wait_s)
         state_dir = Path(state_dir)
@@ -117,6 +120,7 @@ class Worker:
             on_device_lost=self._on_device_lost,
         )
         self._link.on_reconnect = self._reconnected
+        self._link.on_identity_refused = self._on_identity_refused
         self._retaking: asyncio.Task[None] | None = None
         self._heartbeats = Heartbeats(
             link=self._link,
@@ -305,8 +309,11 @@ class Worker:
                 logger.warning("could not report draining: %s", exc)
             self._heartbeats.beat_now()
         # 3. Let running jobs finish, within the bound (heartbeats continue meanwhile, or the platform
-        #    would think this worker lost and requeue the very jobs it is finishing).
-        await self._jobs.drain(self._drain_timeout_s if drain else 0.0)
+        #    would think this worker lost and requeue the very jobs it is finishing). Not while NATS refuses
+        #    this worker: what the jobs finish could not be reported, and the platform requeues them anyway.
+        if self._link.refused:
+            logger.warning("not waiting for running jobs: NATS refuses this worker, so they cannot report")
+        await self._jobs.drain(self._drain_timeout_s if drain and not self._link.refused else 0.0)
         # 4. Stop the heartbeats, then the config watch.
         await self._heartbeats.stop()
         await self._config.stop()
@@ -320,6 +327,16 @@ class Worker:
             self.device_lost.set()
             # Taking no more work at once; the drain reports `draining` and lets the other jobs end.
             asyncio.get_running_loop().create_task(self.stop(drain=True))
+
+    def _on_identity_refused(self) -> None:
+        logger.error(
+            "NATS has refused this worker's identity (%s) for %.0fs: it was revoked, or its credentials are "
+            "another installation's. Stopping; enroll it again with a new token (`gpuctl workers enroll`, then "
+            "`gpu-worker configure --enrollment-token ...`)",
+            self.worker_id, self._link.connect_wait_s,
+        )
+        self.identity_refused.set()
+        asyncio.get_running_loop().create_task(self.stop(drain=False))
 
     def _on_config_change(self, config: WorkerConfig) -> None:
         self._jobs.resize(config.max_concurrency)
