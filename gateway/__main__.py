@@ -11,6 +11,7 @@ from cyclopts import App, Parameter, validators
 from gateway.auth import AuthSettings
 from gateway.main import serve
 from sdk.connection import nats_url_from_env
+from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
 from sdk.process import NatsUrlFlag, run_until_signal
 
 app = App(name="python -m gateway", help="Run the HTTP gateway and the `api.>` NATS endpoints.")
@@ -29,6 +30,8 @@ def gateway(
     tls_key: Path | None = None,
     access_ttl_s: Seconds = 900.0,
     worker_credentials_max_age_s: Seconds = 86400.0,
+    metrics_port: MetricsPortFlag = None,
+    metrics_host: MetricsHostFlag = DEFAULT_METRICS_HOST,
 ) -> None:
     """Run the HTTP gateway and the `api.>` NATS endpoints.
 
@@ -49,6 +52,7 @@ def gateway(
         lambda stop: serve(
             nats_url_from_env(nats_url), host, http_port, stop,
             secrets_dir=secrets_dir, settings=settings, tls_cert=tls_cert, tls_key=tls_key,
+            metrics_port=metrics_port, metrics_host=metrics_host,
         )
     )
 

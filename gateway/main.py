@@ -19,8 +19,10 @@ import uvicorn
 from gateway.admin import open_admin
 from gateway.auth import AuthSettings
 from gateway.http import create_app
+from gateway.metrics import Operability
 from sdk.api import CreateApiKey
 from sdk.local import OPERATOR_KEY_FILE
+from sdk.metrics import DEFAULT_METRICS_HOST, metrics_endpoint
 from sdk.private_files import write_private
 
 logger = logging.getLogger(__name__)
@@ -46,9 +48,12 @@ async def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     serve_nats_api: bool = True,
+    metrics_port: int | None = None,
+    metrics_host: str = DEFAULT_METRICS_HOST,
 ) -> None:
     """Serve until `stop` is set. With `tls_cert` (and `tls_key`, unless the certificate file holds
-    the key too) the API is HTTPS only."""
+    the key too) the API is HTTPS only. With `metrics_port`, this process's own metrics are served there
+    too (`sdk.metrics`); `/metrics` on the API port has them and the fleet's."""
     await ensure_operator_key(nats_url, secrets_dir)
     app = create_app(nats_url, secrets_dir=secrets_dir, settings=settings, serve_nats_api=serve_nats_api)
     config = uvicorn.Config(
@@ -56,14 +61,15 @@ async def serve(
         ssl_certfile=str(tls_cert) if tls_cert else None, ssl_keyfile=str(tls_key) if tls_key else None,
     )
     server = _Server(config)
-    task = asyncio.create_task(server.serve())
-    stopped = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    if (gateway := app.state.get("gateway")) is not None:
-        gateway.feed.close()
-    server.should_exit = True
-    await task
-    stopped.cancel()
+    with metrics_endpoint(metrics_port, host=metrics_host, registry=app.plugins.get(Operability).metrics.process):
+        task = asyncio.create_task(server.serve())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if (gateway := app.state.get("gateway")) is not None:
+            gateway.feed.close()
+        server.should_exit = True
+        await task
+        stopped.cancel()
     logger.info("gateway on %s:%s stopped", host, port)
 
 

@@ -17,15 +17,24 @@ from projections.service import serve
 from sdk.connection import nats_url_from_env
 from sdk.errors import BadRequest
 from sdk.history import parse_time, positions_at
+from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
 from sdk.process import NatsUrlFlag, run_until_signal, setup_logging
 
 app = App(name="python -m projections", help="Run the projections (SQLite read models), or rebuild them.")
 
 
 @app.default
-def projections(*, nats_url: NatsUrlFlag = None, db: Path = Path(".data/projections.db")) -> None:
+def projections(
+    *,
+    nats_url: NatsUrlFlag = None,
+    db: Path = Path(".data/projections.db"),
+    metrics_port: MetricsPortFlag = None,
+    metrics_host: MetricsHostFlag = DEFAULT_METRICS_HOST,
+) -> None:
     """Run the projections: SQLite read models and the `proj.>` query endpoints."""
-    run_until_signal(lambda stop: serve(nats_url_from_env(nats_url), db, stop))
+    run_until_signal(
+        lambda stop: serve(nats_url_from_env(nats_url), db, stop, metrics_port=metrics_port, metrics_host=metrics_host)
+    )
 
 
 @app.command

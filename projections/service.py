@@ -40,6 +40,7 @@ from sdk.endpoints import Endpoints
 from sdk.errors import BadRequest, JobNotFound, Unavailable, WorkerNotFound
 from sdk.jobs import JobStatus, visible_to
 from sdk.log import ensure_streams
+from sdk.metrics import DEFAULT_METRICS_HOST, Reading, Readings, metrics_endpoint
 
 logger = logging.getLogger(__name__)
 
@@ -215,15 +216,24 @@ def _parse_enum(kind: type[JobStatus] | type[WorkerStatus], value: str | None) -
         ) from None
 
 
-async def serve(nats_url: str, db_path: Path, stop: asyncio.Event) -> None:
-    """Run the projections against `nats_url` until `stop` is set."""
+async def serve(
+    nats_url: str, db_path: Path, stop: asyncio.Event, *,
+    metrics_port: int | None = None, metrics_host: str = DEFAULT_METRICS_HOST,
+) -> None:
+    """Run the projections against `nats_url` until `stop` is set; this process's own metrics (`sdk.metrics`:
+    each stream's applied position) on `metrics_port`."""
     nc = await connect(nats_url, name="projections")
     try:
         await ensure_streams(nc.jetstream())
         projections = Projections(nc, db_path)
         await projections.start()
+        applied = Reading(
+            "projections_applied_seq", "The last stream sequence applied to the read models", label="stream",
+            read=lambda: {stream: projections.applied_seq(stream) for stream in FOLDED_STREAMS},
+        )
         try:
-            await stop.wait()
+            with metrics_endpoint(metrics_port, Readings(applied), host=metrics_host):
+                await stop.wait()
         finally:
             await projections.stop()
     finally:

@@ -9,6 +9,7 @@ from cyclopts import App, Parameter
 
 from scheduler.service import serve
 from sdk.connection import nats_url_from_env
+from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
 from sdk.process import NatsUrlFlag, run_until_signal
 
 app = App(name="python -m scheduler", help="Run a scheduler (the leader places jobs; others wait as standbys).")
@@ -19,6 +20,8 @@ def scheduler(
     *,
     nats_url: NatsUrlFlag = None,
     instance_id: Annotated[str | None, Parameter(env_var="SCHEDULER_ID")] = None,
+    metrics_port: MetricsPortFlag = None,
+    metrics_host: MetricsHostFlag = DEFAULT_METRICS_HOST,
 ) -> None:
     """Run a scheduler (the leader places jobs; another instance waits as a hot standby).
 
@@ -27,7 +30,9 @@ def scheduler(
     instance_id
         This instance's name in the leader lease (default: host name and PID).
     """
-    run_until_signal(lambda stop: serve(nats_url_from_env(nats_url), stop, instance_id))
+    run_until_signal(
+        lambda stop: serve(nats_url_from_env(nats_url), stop, instance_id, metrics_port=metrics_port, metrics_host=metrics_host)
+    )
 
 
 if __name__ == "__main__":

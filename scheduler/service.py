@@ -34,6 +34,7 @@ from nats.js import api as js_api
 from nats.js.errors import NoStreamResponseError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from scheduler import metrics
 from scheduler.explain import PlacementQueries
 from scheduler.index import PlacementIndex, plan
 from scheduler.lease import LeaderLease
@@ -64,6 +65,7 @@ from sdk.events import (
 from sdk.group_commit import GroupCommit
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.log import FEED_IDLE_HEARTBEAT_S, WrongLastSequence, append, ensure_streams, load_job
+from sdk.metrics import DEFAULT_METRICS_HOST, metrics_endpoint
 from sdk.platform_config import RegionsWatch
 
 logger = logging.getLogger(__name__)
@@ -295,8 +297,9 @@ class Scheduler:
         index = PlacementIndex(self.view.candidates().values(), self.regions.table)
         if index.free_slots <= 0:
             return  # every slot is taken: ordering a long queue would change nothing
-        decisions = plan(self.view.queued(), index, self._rng.random)
-        await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
+        with metrics.PASS_SECONDS.time():
+            decisions = plan(self.view.queued(), index, self._rng.random)
+            await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
 
     async def _assign(self, job: Job, placement: Placement, why: str) -> None:
         event = JobAssigned(
@@ -305,6 +308,7 @@ class Scheduler:
         )
         assigned = await self._append(job, event)
         if assigned is not None:
+            metrics.ASSIGNMENTS.inc()
             logger.debug("job %s attempt %d -> worker %s (%s)", job.id, job.attempt, placement.worker_id, why)
             await self._dispatch(assigned, placement.worker_id, placement.region)
 
@@ -442,8 +446,11 @@ class Scheduler:
             return False
         return True
 
-async def serve(nats_url: str, stop: asyncio.Event, instance_id: str | None = None) -> None:
-    """Run one scheduler instance (leader or standby) until `stop` is set."""
+async def serve(
+    nats_url: str, stop: asyncio.Event, instance_id: str | None = None, *,
+    metrics_port: int | None = None, metrics_host: str = DEFAULT_METRICS_HOST,
+) -> None:
+    """Run one scheduler instance (leader or standby) until `stop` is set; its own metrics on `metrics_port`."""
     instance_id = instance_id or default_instance_id()
     scheduler: Scheduler | None = None
 
@@ -455,6 +462,7 @@ async def serve(nats_url: str, stop: asyncio.Event, instance_id: str | None = No
     try:
         await ensure_streams(nc.jetstream())
         async with Scheduler(nc, instance_id=instance_id) as scheduler:
-            await stop.wait()
+            with metrics_endpoint(metrics_port, metrics.readings(scheduler), host=metrics_host):
+                await stop.wait()
     finally:
         await nc.drain()

@@ -30,6 +30,8 @@ from typing import Annotated, NoReturn, TypeVar
 import uvloop
 from cyclopts import Parameter
 
+from sdk.errors import PlatformError
+
 logger = logging.getLogger(__name__)
 
 #: The supervisor's PID, given to each child, which stops when its parent is no longer that process.
@@ -210,5 +212,9 @@ def run_until_signal(serve: Callable[[asyncio.Event], Awaitable[None]]) -> NoRet
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
 
-    run_service_loop(main())
+    try:
+        run_service_loop(main())
+    except PlatformError as exc:  # a setting that cannot work (a metrics port in use): one line, not a traceback
+        logger.error("%s", exc.message)
+        exit_now(1)
     exit_now(0)

@@ -18,9 +18,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import httpx
 import jsonschema
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from sdk.broker import ISSUER_VARIABLE, EmbeddedNats, free_port, nats_server_binary
 from sdk.http import HttpClient
@@ -97,6 +99,29 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
+def own_metrics_port(service: Service) -> int:
+    """Give the service a free port of this machine for its own metrics (each container has :9100)."""
+    port = free_port()
+    service.flag("--metrics-port", str(port))
+    for variable in ("GF_METRICS_HOST", "GPU_WORKER_METRICS_HOST"):
+        if variable in service.env:
+            service.env[variable] = "127.0.0.1"
+    return port
+
+
+async def own_metrics(port: int) -> dict[str, float]:
+    """A scrape of a service's own metrics port: each sample (name and labels) with its value."""
+    async with httpx.AsyncClient() as http:
+        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert response.status_code == 200
+    samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples
+
+
 def test_the_compose_file_follows_the_compose_specification() -> None:
     schema = json.loads((files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text())
     validator = jsonschema.validators.validator_for(schema)(schema)
@@ -158,9 +183,13 @@ async def platform(broker: EmbeddedNats, tmp_path: Path) -> AsyncIterator[dict[s
     services = {name: Service(name, specs[name], tmp_path / "volumes", hosts) for name in PLATFORM}
     port = free_port()
     services["gateway"].flag("--http-port", str(port))
+    metrics_ports = {name: own_metrics_port(service) for name, service in services.items()}
     procs = {name: service.start() for name, service in services.items()}
     try:
-        yield {"url": f"http://127.0.0.1:{port}", "services": services, "procs": procs, "hosts": hosts}
+        yield {
+            "url": f"http://127.0.0.1:{port}", "services": services, "procs": procs, "hosts": hosts,
+            "metrics_ports": metrics_ports,
+        }
     finally:
         for proc in procs.values():
             stop(proc)
@@ -191,6 +220,7 @@ async def test_the_platform_services_run_from_their_compose_command_lines(
         worker = Service("worker", compose()["services"]["worker"], tmp_path / "volumes", platform["hosts"])
         worker.env["GPU_WORKER_ENROLLMENT_TOKEN"] = (await http.create_enrollment_token()).enrollment_token
         worker.command += ["--engines", "echo"]  # this machine has no GPU: the test needs no torch
+        worker_port = own_metrics_port(worker)
         proc = worker.start()
         try:
             async def online() -> bool:
@@ -199,5 +229,24 @@ async def test_the_platform_services_run_from_their_compose_command_lines(
             await wait_until(online, 60, "the compose worker to come online")
             job = await http.submit("echo", params={"from": "compose"})
             assert (await http.wait(job.id, timeout_s=30)).result == {"from": "compose"}
+            await each_service_serves_its_own_metrics(platform["metrics_ports"], worker_port)
         finally:
             await asyncio.to_thread(stop, proc)
+
+
+async def each_service_serves_its_own_metrics(ports: dict[str, int], worker_port: int) -> None:
+    """Each service's `--metrics-port` (as compose gives it) answers its process metrics and its own."""
+    scraped = {name: await own_metrics(port) for name, port in {**ports, "worker": worker_port}.items()}
+    for name, samples in scraped.items():
+        assert samples["process_resident_memory_bytes"] > 0, name
+        assert samples["process_cpu_seconds_total"] > 0, name
+    gateway = scraped["gateway"]
+    assert sum(v for k, v in gateway.items() if k.startswith("gf_http_requests_total{")) > 0
+    assert not any(k.startswith("gf_queue_depth") for k in gateway)  # the fleet is on the API's /metrics only
+    schedulers = [scraped["scheduler-1"], scraped["scheduler-2"]]
+    assert sorted(s["scheduler_leader"] for s in schedulers) == [0, 1]  # one leader, one hot standby
+    assert sum(s["scheduler_assignments_total"] for s in schedulers) >= 1
+    assert all(s["scheduler_workers_known"] >= 1 for s in schedulers)
+    assert scraped["projections"]["projections_applied_seq{stream=JOBS}"] >= 1
+    assert scraped["worker"]["gpu_worker_jobs_done_total"] == 1  # the job above
+    assert scraped["worker"]["gpu_worker_connected"] == 1

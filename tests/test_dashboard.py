@@ -25,6 +25,8 @@ CHROMIUM_ARGS = [
 #: The worker has to start (torch imports) and register on a loaded machine.
 WORKER_APPEARS_MS = 90_000
 JOB_MS = 30_000
+#: An image job loads its (tiny) model first.
+IMAGE_JOB_MS = 60_000
 
 
 @pytest.fixture
@@ -67,6 +69,13 @@ async def sign_in(page: Page, base_url: str, api_key: str) -> None:
     await expect(page.locator("#live")).to_have_text("live")
 
 
+async def ensure_worker(stack: LocalStack, page: Page, name: str, region: str) -> None:
+    """The worker `name` online on the page (started unless an earlier test did)."""
+    if f"worker-{name}" not in stack.children:
+        stack.start_worker(name, region=region)
+    await expect(page.locator("#workers tr", has_text=name)).to_contain_text("online", timeout=WORKER_APPEARS_MS)
+
+
 async def test_sign_in_see_a_worker_appear_run_a_job_and_open_its_history(
     bare_stack: LocalStack, page: Page, shots: Path
 ) -> None:
@@ -97,14 +106,37 @@ async def test_sign_in_see_a_worker_appear_run_a_job_and_open_its_history(
     await expect(page.locator("#job-params")).to_contain_text("hello from the dashboard")
     await expect(page.locator("#job-result")).to_contain_text("hello from the dashboard")
     await expect(page.locator("#job-cancel")).to_be_disabled()
+    # Where it ran and why: the placement explanation, from the log once the job was placed.
+    await expect(page.locator("#placement-summary")).to_contain_text("completed; placed on worker ")
+    await expect(page.locator("#placement-summary")).to_contain_text("in region eu-dash")
     await page.screenshot(path=shots / "dashboard-job.png", full_page=True)
+
+
+async def test_an_image_jobs_page_shows_the_picture(
+    bare_stack: LocalStack, page: Page, shots: Path, tiny_diffusion: Path
+) -> None:
+    await ensure_worker(bare_stack, page, "dash", "eu-dash")
+    await page.select_option("#submit-type", "image")
+    await page.fill("#submit-model", str(tiny_diffusion))
+    await page.fill("#submit-params", '{"prompt": "a red square", "width": 64, "height": 80, "steps": 2, "seed": 3}')
+    await page.click("#submit-form button")
+    job_row = page.locator("#jobs tbody tr").first
+    await expect(job_row).to_contain_text("image")
+    await expect(job_row.locator(".status")).to_have_text("completed", timeout=IMAGE_JOB_MS)
+    await job_row.locator("a").click()
+    picture = page.locator("#job-result img")
+    await expect(picture).to_be_visible(timeout=JOB_MS)
+    # The PNG the worker made, fetched with the token and decoded by the browser at the asked size.
+    size = await picture.evaluate("img => img.decode().then(() => [img.naturalWidth, img.naturalHeight])")
+    assert size == [64, 80]
+    await expect(page.locator("#placement-summary")).to_contain_text("in region eu-dash")
+    await page.screenshot(path=shots / "dashboard-image-job.png", full_page=True)
 
 
 async def test_cancel_a_running_job_and_manage_keys_and_enrollment(
     bare_stack: LocalStack, page: Page, shots: Path
 ) -> None:
-    bare_stack.start_worker("slow")
-    await expect(page.locator("#workers tr", has_text="slow")).to_contain_text("online", timeout=WORKER_APPEARS_MS)
+    await ensure_worker(bare_stack, page, "slow", "local")
 
     await page.fill("#submit-params", '{"sleep_s": 60}')
     await page.click("#submit-form button")

@@ -87,6 +87,10 @@ class LocalConfig(Section, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: How long a stop waits for running jobs before leaving them to the platform to requeue.
     drain_timeout_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+    #: Serve this process's own metrics (Prometheus text at /metrics) on this port; None: off.
+    metrics_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    #: The address the metrics port binds (0.0.0.0 in a container).
+    metrics_host: str = "127.0.0.1"
     memory: MemoryConfig = msgspec.field(default_factory=MemoryConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
 

@@ -218,6 +218,11 @@ class Worker:
         return self._jobs.in_flight
 
     @property
+    def connected(self) -> bool:
+        """Whether its NATS connection is up now."""
+        return self._link.connected
+
+    @property
     def loaded_models(self) -> tuple[LoadedModel, ...]:
         """The models in memory now, with the memory each took."""
         return tuple(self._models.loaded()) if self._models is not None else ()

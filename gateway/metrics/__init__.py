@@ -3,7 +3,8 @@
 - jobs (`gateway.metrics.jobs`): by type, status and region, the queue depth, latency histograms;
 - the fleet (`gateway.metrics.fleet`): each worker from its heartbeats, the scheduler leader, streams;
 - HTTP: requests by route template and status, and their duration (`http_metrics`);
-- this process (CPU, memory, open files), from `prometheus_client`.
+- this process (CPU, memory, open files), from `prometheus_client`: also served alone on the gateway's
+  `--metrics-port`, like every service's own metrics (`sdk.metrics`).
 
 `Operability` plugs it all into the litestar app (routes, middleware, a lifespan that starts the
 consumers after the gateway's own). Each app has a registry of its own, so several gateways can run in
@@ -37,18 +38,22 @@ class Metrics:
     """Every metric of one gateway app, in a registry of its own."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        self.jobs = JobMetrics(self.registry)
-        self.fleet = FleetMetrics(self.registry)
+        #: This process alone (CPU, memory, open files; its HTTP requests): also what `--metrics-port` serves.
+        self.process = CollectorRegistry()
+        ProcessCollector(registry=self.process)
         self.http_requests = Counter(
             "gf_http_requests", "HTTP requests by route template, method and status",
-            ["route", "method", "status"], registry=self.registry,
+            ["route", "method", "status"], registry=self.process,
         )
         self.http_duration = Histogram(
             "gf_http_request_duration_seconds", "HTTP request duration by route template (a stream's whole life)",
-            ["route", "method"], buckets=LATENCY_BUCKETS_S, registry=self.registry,
+            ["route", "method"], buckets=LATENCY_BUCKETS_S, registry=self.process,
         )
+        #: Everything `/metrics` answers: the fleet, and this process.
+        self.registry = CollectorRegistry()
+        self.registry.register(self.process)
+        self.jobs = JobMetrics(self.registry)
+        self.fleet = FleetMetrics(self.registry)
 
     async def scrape(self) -> bytes:
         await self.fleet.refresh()

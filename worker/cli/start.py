@@ -22,13 +22,15 @@ from rich.console import Console
 from rich.logging import RichHandler
 
 from sdk.api import JobType
-from sdk.errors import PlatformError
+from sdk.errors import BadRequest, PlatformError
+from sdk.metrics import metrics_endpoint
 from sdk.process import exit_now, run_service_loop
 from worker.cli.app import EXIT_BAD_CONFIG, EXIT_FAILED, app, fail
 from worker.cli.console import LiveStatus, Phase, ScreenSample, redacted_url
 from worker.config import ConfigError, LocalConfig, load_config
 from worker.engines import available_engines
 from worker.engines.base import BaseEngine
+from worker.metrics import readings
 from worker.models import LoadStage
 from worker.runtime import Worker
 from worker.telemetry import HostTelemetry, select_gpus
@@ -49,6 +51,7 @@ def start(
     config: Path | None = None,
     state_dir: Path | None = None,
     engines: str | None = None,
+    metrics_port: int | None = None,
 ) -> int:
     """Run the worker until SIGINT or SIGTERM.
 
@@ -67,8 +70,14 @@ def start(
     engines
         The engines to run, comma-separated: echo, llm, image, embedding (default: echo plus each model engine
         this install can import). `echo` alone starts in a second: it never imports torch.
+    metrics_port
+        Serve this process's own metrics (Prometheus text at /metrics) on this port (default:
+        $GPU_WORKER_METRICS_PORT, else off; `metrics_host` in the config binds another address than 127.0.0.1).
     """
-    flags = {"nats_url": nats_url, "name": name, "region": region, "state_dir": str(state_dir) if state_dir else None}
+    flags = {
+        "nats_url": nats_url, "name": name, "region": region, "state_dir": str(state_dir) if state_dir else None,
+        "metrics_port": metrics_port,
+    }
     try:
         local = load_config(config, overrides=flags)
         job_types = parse_engines(engines)
@@ -138,7 +147,11 @@ async def _serve(config: LocalConfig, engines: Mapping[str, BaseEngine], console
         live = LiveStatus(console, partial(_sample, worker, config))
     showing = asyncio.create_task(live.run()) if live is not None else None
     try:
-        return await _run(worker, live)
+        with metrics_endpoint(config.metrics_port, readings(worker), host=config.metrics_host):
+            return await _run(worker, live)
+    except BadRequest as exc:  # the metrics port is taken
+        logger.error("%s", exc.message)
+        return EXIT_BAD_CONFIG
     finally:
         if live is not None and showing is not None:
             live.phase = Phase.STOPPED

@@ -217,8 +217,13 @@ async function submitJob(ev) {
 
 async function loadJob(id) {
   try {
-    const [job, history] = await Promise.all([api("GET", `/api/v1/jobs/${id}`), api("GET", `/api/v1/jobs/${id}/events`)]);
+    // The explanation is the scheduler's (a queued job) or the log's; a page without it still shows the rest.
+    const [job, history, placement] = await Promise.all([
+      api("GET", `/api/v1/jobs/${id}`), api("GET", `/api/v1/jobs/${id}/events`),
+      api("GET", `/api/v1/jobs/${id}/placement`).catch((err) => ({ summary: `no explanation: ${err.message}`, reasons: [] })),
+    ]);
     if (state.jobId !== id) return;
+    renderPlacement(placement);
     $("#job-id").textContent = job.id;
     $("#job-status").textContent = job.status;
     $("#job-status").className = `status ${job.status}`;
@@ -242,6 +247,16 @@ function describe(event) {
   if (event.error) parts.push(`${event.error.code}: ${event.error.message}`);
   if (event.reason) parts.push(event.reason);
   return parts.join(", ");
+}
+
+function renderPlacement(placement) {
+  const parts = [el("p", { id: "placement-summary" }, placement.summary)];
+  if (placement.rank) parts.push(el("p", {}, `Chosen for: ${placement.rank}`));
+  if (placement.reasons.length) {
+    parts.push(el("ul", { id: "placement-reasons" }, ...placement.reasons.map((r) => el("li", {},
+      `${r.workers} worker${r.workers === 1 ? "" : "s"}: ${r.reason}`, el("small", {}, ` (${r.change})`)))));
+  }
+  $("#job-placement").replaceChildren(...parts);
 }
 
 async function renderResult(job) {
