@@ -123,7 +123,7 @@ BAD_SETTINGS = {
     "file: an unknown key lists the valid keys": (
         "regoin: eu\n", {}, {},
         "{path}: unknown key `regoin`; valid keys: nats_url, name, region, state_dir, credentials_path, "
-        "enrollment_token, gpus, log_level, drain_timeout_s, memory, tls",
+        "enrollment_token, gpus, log_level, drain_timeout_s, metrics_port, metrics_host, memory, tls",
     ),
     "file: an unknown nested key lists the section's keys": (
         "memory:\n  limit: 5\n", {}, {}, "{path}: unknown key `memory.limit`; valid keys: memory.limit_bytes",
