@@ -105,7 +105,10 @@ async def test_model_too_large_for_free_memory_fails_with_a_typed_error(
             return any(w.name == "small" and w.status == "online" for w in await client.workers())
 
         await wait_until(online, 60, "the small worker")
-        job = await client.submit("llm", model=str(tiny_gpt2), region="tiny-region", params={"prompt": "hi"})
+        # Strict: only the small worker may take it (nearest would run it on a worker that has room).
+        job = await client.submit(
+            "llm", model=str(tiny_gpt2), region="tiny-region", region_policy="strict", params={"prompt": "hi"}
+        )
         done = await client.wait(job.id, timeout_s=60)
         assert done.status == "failed"
         assert done.error.code == "insufficient_gpu_memory"
