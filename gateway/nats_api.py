@@ -7,8 +7,8 @@ and long polls on one endpoint (`api.jobs.wait`) never take the slots of another
 
 Every request is authenticated before its body is decoded, one way per endpoint:
 - `api.auth.*`: none (the body carries the API key or refresh token);
-- `api.jobs.*`: the access token in the `Authorization` header; a client sees its own jobs only
-  (`api.jobs.stream` answers several messages: the checked text chunks, then the job);
+- `api.jobs.*`, `api.direct.*`: the access token in the `Authorization` header; a client sees its own
+  jobs and sessions only (`api.jobs.stream` answers several messages: the checked text chunks, then the job);
 - `api.workers.list|get|config.set`: an operator's access token;
 - `api.workers.report|heartbeat|rotate|result.<worker_id>`: the worker's signature (`sdk.signing`);
 - `api.workers.register`: an enrollment token in the body (new worker) or the worker's signature;
@@ -49,6 +49,7 @@ from sdk.api import (
     WorkerReport,
     decode,
 )
+from sdk.direct import OpenSession, SessionRef
 from sdk.endpoints import MAX_IN_FLIGHT, STREAMED, Endpoints, Handler
 from sdk.errors import BadRequest
 from sdk.events import Heartbeat, encoder
@@ -80,6 +81,10 @@ class NatsApi:
                 lambda m, p: g.placement(decode(m.data, ExplainPlacement).id, job_scope(p))
             ),
             subjects.API_JOBS_STREAM: self._as_client(self._stream),
+            subjects.API_DIRECT_OPEN: self._as_client(lambda m, p: g.open_session(decode(m.data, OpenSession), p.subject)),
+            subjects.API_DIRECT_CLOSE: self._as_client(
+                lambda m, p: g.close_session(decode(m.data, SessionRef).id, job_scope(p), p.subject)
+            ),
             subjects.API_WORKERS_LIST: self._as_operator(lambda m: g.workers(decode(m.data, ListWorkers))),
             subjects.API_WORKERS_GET: self._as_operator(lambda m: g.worker(decode(m.data, GetWorker).id)),
             subjects.API_WORKERS_REGISTER: self._register,

@@ -2,7 +2,7 @@
 
 Each concept lives in its own module, as one part of `Gateway`: jobs (`gateway.jobs`), workers
 (`gateway.workers`), their runtime config (`gateway.worker_config`), regions, queue limits and
-placement explanations (`gateway.geo`, `gateway.backpressure`); credentials are `gateway.auth`'s.
+placement explanations (`gateway.geo`, `gateway.backpressure`), direct sessions (`gateway.direct`); credentials are `gateway.auth`'s.
 The parts name the resources they use (`nc`, `js`, `feed`, ...); `Gateway` owns them and their lifecycle.
 """
 
@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 from gateway.admin import Admin
 from gateway.auth import Credentials, Principal
 from gateway.backpressure import Backpressure
+from gateway.direct import DirectCommands
 from gateway.feed import JobFeed
 from gateway.geo import GeoCommands
 from gateway.jobs import JobCommands, require_connected
@@ -28,7 +29,7 @@ from sdk.group_commit import GroupCommit
 logger = logging.getLogger(__name__)
 
 
-class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands):
+class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands, DirectCommands):
     def __init__(self, nc: NatsClient, credentials: Credentials) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -37,10 +38,12 @@ class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands):
         self.credentials = credentials
         self.admin = Admin(self.js, credentials)
         self.backpressure = Backpressure(self.js)
+        self.session_signer = credentials.session_signer
 
     async def start(self) -> None:
         self.config_bucket = await Bucket.open(self.js, subjects.WORKER_CONFIG_BUCKET)
         self.platform_config = await Bucket.open(self.js, subjects.PLATFORM_CONFIG_BUCKET)
+        await self.publish_session_key()
         await self.feed.start()
         await self.backpressure.start()
 

@@ -40,6 +40,7 @@ from scheduler.index import PlacementIndex, plan
 from scheduler.lease import LeaderLease
 from scheduler.placement import Placement
 from scheduler.recovery import recover
+from scheduler.sessions import DirectSessions
 from scheduler.view import SchedulerView, TrackedWorker
 from sdk import subjects
 from sdk.connection import connect
@@ -129,6 +130,12 @@ class Scheduler:
         #: The operator's latency table between regions, followed live (`platform-config`, key `regions`).
         self.regions = RegionsWatch(self._js)
         self._queries = PlacementQueries(nc, self.view, lambda: self.regions.table, lambda: not self._catching_up)
+        #: Held by a pass's placement, and by a direct session's, so both count the same free slots.
+        self._placing = asyncio.Lock()
+        self._sessions = DirectSessions(
+            nc, self.view, latencies=lambda: self.regions.table, leading=lambda: self.is_leader,
+            ready=lambda: not self._catching_up, placing=self._placing, rng=self._rng, slot_freed=self._wake.set,
+        )
 
     @property
     def is_leader(self) -> bool:
@@ -146,11 +153,13 @@ class Scheduler:
             subjects.JOBS_STREAM,
             subjects.WORKERS_STREAM,
             subjects.HEARTBEATS_STREAM,
+            subjects.SESSIONS_STREAM,
             subjects.WORKER_CONFIG_BUCKET,
         }
         await self._follow(subjects.JOBS_STREAM, subjects.JOBS_SUBJECTS, self._on_job)
         await self._follow(subjects.WORKERS_STREAM, subjects.WORKERS_SUBJECTS, self._on_worker)
         await self._follow(subjects.HEARTBEATS_STREAM, subjects.HEARTBEATS_SUBJECTS, self._on_heartbeat)
+        await self._follow(subjects.SESSIONS_STREAM, subjects.SESSIONS_SUBJECTS, self._sessions.on_event)
         kv = await self._js.key_value(subjects.WORKER_CONFIG_BUCKET)
         self._config_watcher = await kv.watchall()
         self._watch_task = asyncio.create_task(
@@ -158,6 +167,7 @@ class Scheduler:
         )
         await self.regions.start()
         await self._queries.start()
+        await self._sessions.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.instance_id}")
         await self._lease.start()
         logger.info("scheduler %s started", self.instance_id)
@@ -178,6 +188,7 @@ class Scheduler:
         # 3. Stop the feeds and the queries (the connection may be gone already: nothing to unsubscribe then).
         with contextlib.suppress(nats.errors.Error):
             await self._queries.stop()
+            await self._sessions.stop()
             await self.regions.stop()
             if self._config_watcher is not None:
                 await self._config_watcher.stop()
@@ -294,12 +305,13 @@ class Scheduler:
     async def _place(self) -> None:
         if not self.view.queued_count:
             return
-        index = PlacementIndex(self.view.candidates().values(), self.regions.table)
-        if index.free_slots <= 0:
-            return  # every slot is taken: ordering a long queue would change nothing
-        with metrics.PASS_SECONDS.time():
-            decisions = plan(self.view.queued(), index, self._rng.random)
-            await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
+        async with self._placing:
+            index = PlacementIndex(self.view.candidates().values(), self.regions.table)
+            if index.free_slots <= 0:
+                return  # every slot is taken: ordering a long queue would change nothing
+            with metrics.PASS_SECONDS.time():
+                decisions = plan(self.view.queued(), index, self._rng.random)
+                await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
 
     async def _assign(self, job: Job, placement: Placement, why: str) -> None:
         event = JobAssigned(
@@ -320,6 +332,7 @@ class Scheduler:
         outcomes: list[tuple[Job, JobEvent, str]] = [
             (job, recover(job, reason=reason), reason) for job, reason in self.view.orphaned_jobs()
         ]
+        self._sessions.sweep()
         expired = self.view.expired_jobs(now_ms())
         outcomes += [(job, JobExpired(job_id=job.id), "waited past its timeout") for job in expired]
         await asyncio.gather(*(self._settle(job, event, why) for job, event, why in outcomes))

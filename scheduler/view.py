@@ -21,6 +21,7 @@ import msgspec
 from scheduler.fairness import fair_order
 from scheduler.placement import Candidate
 from scheduler.recovery import NOT_HELD_AFTER_HEARTBEATS, NOT_HELD_BY_WORKER, HeldReport, is_expired, not_held
+from scheduler.sessions import SessionBook
 from sdk.api import WorkerConfig
 from sdk.errors import BadRequest, InvalidTransition, StaleAttempt
 from sdk.events import (
@@ -111,6 +112,8 @@ class SchedulerView:
         self._config_defaults: dict[str, Any] = {}
         self._config_overrides: dict[str, dict[str, Any]] = {}
         self._configs: dict[str, WorkerConfig] = {}
+        #: Open direct sessions: each holds a slot of its worker (`scheduler.sessions`).
+        self.sessions = SessionBook()
 
     # --- jobs ------------------------------------------------------------------------------------
 
@@ -252,7 +255,7 @@ class SchedulerView:
                 region=worker.region,
                 capabilities=tuple(worker.lifecycle.capabilities),
                 max_concurrency=config.max_concurrency,
-                in_flight=len(self._held.get(worker.worker_id, ())),
+                in_flight=len(self._held.get(worker.worker_id, ())) + self.sessions.slots(worker.worker_id),
                 acceptance_rate=config.load_control.acceptance_rate,
                 allowed_models=tuple(config.models),
                 loaded_models=tuple(sorted(worker.loaded_models)),

@@ -62,11 +62,13 @@ from sdk.api import (
 )
 from sdk.auth import API_KEY_ENV, Headers, TokenSession
 from sdk.connection import connect, nats_url_from_env
+from sdk.direct import DEFAULT_TTL_S, OpenSession, SessionClosedView, SessionRef
 from sdk.errors import BadRequest, JobError, Timeout
 from sdk.jobs import JobStatus
 from sdk.placement import ExplainPlacement, PlacementView
 from sdk.platform_config import QueueLimits
 from sdk.regions import RegionLatencies
+from sdk.sessions import DirectSession
 from sdk.transport import NatsTransport, Route, Transport
 
 #: A moment to travel to: an aware datetime, or RFC 3339 text as it is.
@@ -115,6 +117,10 @@ class Client:
         """The NATS connection of a client over NATS."""
         assert isinstance(self.transport, NatsTransport), "this client speaks HTTP"
         return self.transport.nc
+
+    @property
+    def over_nats(self) -> bool:
+        return isinstance(self.transport, NatsTransport)
 
     async def close(self) -> None:
         await self.transport.close()
@@ -234,6 +240,28 @@ class Client:
     async def events(self, job_id: str) -> list[EventRecord]:
         page = await self._call(routes.EVENTS, JobEventsRequest(id=job_id), JobEvents)
         return page.items
+
+    def direct(
+        self,
+        type: str,
+        *,
+        model: str | None = None,
+        region: str | None = None,
+        region_policy: RegionPolicy | None = None,
+        max_latency_ms: float | None = None,
+        ttl_s: float = DEFAULT_TTL_S,
+    ) -> DirectSession:
+        """A direct session on a warm worker, for `async with` (`sdk.sessions`): its requests bypass the
+        scheduler. `NoWorkerAvailable` (with the placement explanation's reasons) when none can take it."""
+        opening = OpenSession(
+            type=type, model=model, region=region or self.region, region_policy=region_policy,  # type: ignore[arg-type]
+            max_latency_ms=max_latency_ms, ttl_s=ttl_s,
+        )
+        return DirectSession(self, opening)
+
+    async def close_session(self, session_id: str) -> SessionClosedView:
+        """Close a direct session (its owner's, or any for an operator); how it ended and its usage."""
+        return await self._call(routes.DIRECT_CLOSE, SessionRef(id=session_id), SessionClosedView)
 
     # --- Workers and their configuration (an operator's key) ---------------------------------------
 

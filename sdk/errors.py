@@ -107,6 +107,32 @@ class InsufficientGpuMemory(PlatformError):
     code = "insufficient_gpu_memory"
 
 
+class SessionNotFound(PlatformError):
+    """No direct session of that id (or one of another client's)."""
+
+    code = "session_not_found"
+
+
+class SessionEnded(PlatformError):
+    """The direct session is over (closed, expired, its worker lost or draining): open another one."""
+
+    code = "session_ended"
+
+
+class TokenRefused(PlatformError):
+    """A worker refused a direct request's session token (`details.reason`: `malformed`, `signature`,
+    `wrong_worker`, `expired`, `no_key`)."""
+
+    code = "token_refused"
+
+
+class NoWorkerAvailable(PlatformError):
+    """No worker can take a direct session now; `details.reasons` groups the refusals like a queued
+    job's placement explanation."""
+
+    code = "no_worker_available"
+
+
 _BY_CODE: dict[str, type[PlatformError]] = {
     cls.code: cls
     for cls in (
@@ -125,6 +151,10 @@ _BY_CODE: dict[str, type[PlatformError]] = {
         InsufficientGpuMemory,
         QueueFull,
         JobError,
+        SessionNotFound,
+        SessionEnded,
+        TokenRefused,
+        NoWorkerAvailable,
     )
 }
 
@@ -143,6 +173,10 @@ HTTP_STATUS: dict[str, int] = {
     InsufficientGpuMemory.code: 507,
     QueueFull.code: 429,
     JobError.code: 409,
+    SessionNotFound.code: 404,
+    SessionEnded.code: 410,
+    TokenRefused.code: 403,
+    NoWorkerAvailable.code: 409,
     PlatformError.code: 500,
 }
 

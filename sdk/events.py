@@ -221,6 +221,40 @@ WorkerEvent = (
     | WorkerCredentialsRotated
 )
 
+# --- Direct sessions (subject `sessions.<session_id>`) --------------------------------------------
+
+
+class DirectSessionOpened(Event, frozen=True, tag="session.opened"):
+    """A client leased one slot of a worker for direct requests until `expires_at_ms`."""
+
+    session_id: str
+    #: The API key id that opened it (operators too: every session has an owner).
+    owner: str
+    worker_id: str
+    region: str
+    job_type: str
+    expires_at_ms: int
+    model: str | None = None
+    #: Why this worker won (`scheduler.placement.describe_rank`).
+    rank: str | None = None
+
+
+class DirectSessionClosed(Event, frozen=True, tag="session.closed"):
+    """The session ended: `closed` (by its owner or an operator), `expired`, `worker_lost` or
+    `worker_draining`. The usage is the worker's count; None when the worker could not be asked."""
+
+    session_id: str
+    worker_id: str
+    reason: str
+    #: Who closed it (an API key id), for `closed`; None when the platform ended it.
+    closed_by: str | None = None
+    requests: int | None = None
+    tokens: int | None = None
+    errors: int | None = None
+
+
+SessionEvent = DirectSessionOpened | DirectSessionClosed
+
 # --- Telemetry (stream HEARTBEATS, subject `heartbeats.<region>.<worker_id>`) --------------------
 
 
@@ -265,6 +299,7 @@ job_event_decoder = msgspec.json.Decoder(JobEvent)
 worker_event_decoder = msgspec.json.Decoder(WorkerEvent)
 heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 dispatch_decoder = msgspec.json.Decoder(Dispatch)
+session_event_decoder = msgspec.json.Decoder(SessionEvent)
 
 
 def event_type(event: Event) -> str:

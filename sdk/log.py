@@ -58,6 +58,13 @@ def stream_configs() -> list[js_api.StreamConfig]:
             allow_direct=True,
         ),
         js_api.StreamConfig(
+            name=subjects.SESSIONS_STREAM,
+            subjects=[subjects.SESSIONS_SUBJECTS],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=file,
+            allow_direct=True,
+        ),
+        js_api.StreamConfig(
             name=subjects.HEARTBEATS_STREAM,
             subjects=[subjects.HEARTBEATS_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,

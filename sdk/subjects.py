@@ -26,12 +26,18 @@ HEARTBEATS_SUBJECTS = "heartbeats.*.*"
 DISPATCH_STREAM = "DISPATCH"
 DISPATCH_SUBJECTS = "dispatch.*.*"
 
+#: Direct sessions' openings and closings, one subject per session (the aggregate): who leased which
+#: worker, when, and on close the usage. Single requests are not in the log.
+SESSIONS_STREAM = "SESSIONS"
+SESSIONS_SUBJECTS = "sessions.*"
+
 #: Each stream with the subjects it holds (what a reader of the whole stream filters on).
 STREAM_SUBJECTS = {
     JOBS_STREAM: JOBS_SUBJECTS,
     WORKERS_STREAM: WORKERS_SUBJECTS,
     HEARTBEATS_STREAM: HEARTBEATS_SUBJECTS,
     DISPATCH_STREAM: DISPATCH_SUBJECTS,
+    SESSIONS_STREAM: SESSIONS_SUBJECTS,
 }
 
 # --- Buckets -------------------------------------------------------------------------------------
@@ -98,6 +104,15 @@ PROJ_WORKERS_LIST = "proj.workers.list"
 #: The schedulers' query endpoints (every instance folds the same view, so any may answer).
 SCHED_QUEUE = "scheduler"
 SCHED_PLACEMENT = "sched.placement"
+#: The gateway's direct-session endpoints (open, close) for SDK clients over NATS.
+API_DIRECT_ALL = "api.direct.>"
+API_DIRECT_OPEN = "api.direct.open"
+API_DIRECT_CLOSE = "api.direct.close"
+#: The leader scheduler places a new direct session (no queue group: every instance hears it, only the
+#: leader answers, so the session's slot is counted by the one that places jobs).
+SCHED_DIRECT_OPEN = "sched.direct.open"
+#: Direct requests to any worker (clients' permission): `direct.<worker_id>`, core request-reply.
+DIRECT_ALL = "direct.*"
 #: Streams an owned job's text to the requester's inbox: checked chunks, then the job (`STREAM_END_HEADER`).
 API_JOBS_STREAM = "api.jobs.stream"
 #: A worker uploads a large result (an image) of a job it holds; the gateway stores it (signed, capped).
@@ -206,3 +221,18 @@ def stream_subjects_of_job(job_id: str) -> str:
     """Every worker's chunks for `job_id` (the gateway filters them by sender)."""
     return f"stream.*.{job_id}"
 
+
+
+def session_subject(session_id: str) -> str:
+    return f"sessions.{session_id}"
+
+
+def direct_subject(worker_id: str) -> str:
+    """Where a worker serves its direct sessions' requests (each carries a session token)."""
+    return f"direct.{worker_id}"
+
+
+def direct_end_subject(worker_id: str) -> str:
+    """The platform ends a session on its worker here and gets its usage: one token deeper than
+    `DIRECT_ALL`, so clients (who may publish `direct.*`) cannot reach it."""
+    return f"direct.{worker_id}.end"

@@ -13,6 +13,7 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api as js_api
@@ -227,6 +228,44 @@ async def test_a_client_reaches_the_job_api_and_its_own_inboxes_only(
                     "$JS.API.STREAM.LIST", f"$JS.API.STREAM.MSG.GET.OBJ_{subjects.RESULTS_BUCKET}",
                     f"$O.{subjects.RESULTS_BUCKET}.M.x", "stream.w1.j1"):
         await client.refused_publish(subject)
+
+
+async def test_clients_request_any_direct_subject_and_each_worker_serves_only_its_own(
+    platform: Platform, sessions: list[Session]
+) -> None:
+    me, other = await platform.enroll("direct-a"), await platform.enroll("direct-b")
+    worker = await platform.as_worker(me)
+    client = await platform.connect(**bus.client_options(await platform.api_key()))
+    sessions += [worker, client]
+
+    async def answer_in_three_messages(msg: Msg) -> None:
+        for piece in (b"one", b"two", b"three"):  # a streamed answer: the response permission allows several
+            await worker.nc.publish(msg.reply, piece)
+
+    await worker.nc.subscribe(subjects.direct_subject(me.worker_id), cb=answer_in_three_messages)
+    await worker.nc.subscribe(subjects.direct_end_subject(me.worker_id))
+    await worker.nc.flush()
+    inbox = client.nc.new_inbox()
+    answers = await client.nc.subscribe(inbox)
+    await client.nc.flush()
+    await client.nc.publish(subjects.direct_subject(me.worker_id), b"{}", reply=inbox)
+    received = []
+    for _ in range(3):
+        received.append((await answers.next_msg(timeout=5)).data)
+    assert received == [b"one", b"two", b"three"], (worker.errors, client.errors)
+
+    # A worker hears neither another worker's requests nor its end orders, and writes to no inbox unasked.
+    for subject in (subjects.direct_subject(other.worker_id), subjects.direct_end_subject(other.worker_id), "direct.*",
+                    "direct.>"):
+        sub = await worker.refused_subscription(subject)
+        await platform.nc.publish(subject.replace(">", "x").replace("*", "x"), b"secret")
+        assert await nothing_arrives(sub), subject
+    await worker.refused_publish(f"{inbox}.unasked")
+    # A client cannot end a session on a worker (only the platform can), nor pose as a worker.
+    await client.refused_publish(subjects.direct_end_subject(me.worker_id))
+    sub = await client.refused_subscription(subjects.direct_subject(other.worker_id))
+    await platform.nc.publish(subjects.direct_subject(other.worker_id), b"secret")
+    assert await nothing_arrives(sub)
 
 
 async def test_an_operator_key_also_reaches_the_worker_queries(platform: Platform, sessions: list[Session]) -> None:

@@ -103,4 +103,4 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_violation(
             raise AssertionError(f"schemathesis ran over {FUZZ_TIMEOUT_S}s:\n{log.read_text()[-4000:]}") from None
     report = log.read_text(errors="replace")
     assert process.returncode == 0, report[-8000:]
-    assert "Selected: 35/35" in report and "Stateful" in report, report[-3000:]
+    assert "Selected: 38/38" in report and "Stateful" in report, report[-3000:]

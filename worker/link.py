@@ -87,6 +87,11 @@ class PlatformLink:
         return self._refused_since is not None
 
     @property
+    def nc(self) -> NatsClient:
+        assert self._nc is not None, "connect() first"
+        return self._nc
+
+    @property
     def js(self) -> JetStreamContext:
         assert self._js is not None, "connect() first"
         return self._js

@@ -7,7 +7,8 @@
   when a heartbeat's answer says so);
 - `worker.config_watch.ConfigWatch`: the runtime config, followed in the `worker-config` KV bucket;
 - `worker.heartbeats.Heartbeats`: telemetry and load, on an interval;
-- `worker.jobs.JobRunner`: dispatches, from receipt to report and ack.
+- `worker.jobs.JobRunner`: dispatches, from receipt to report and ack;
+- `worker.direct.DirectServer`: direct sessions' requests on `direct.<worker_id>`, checked offline.
 
 `start()` connects, registers, reads the runtime config, starts heartbeats and then takes dispatches;
 `stop()` undoes it in order (see `_shutdown`). `Worker.from_config` builds a worker the way
@@ -43,6 +44,7 @@ from sdk.api import (
 )
 from sdk.errors import PlatformError
 from worker.config_watch import ConfigWatch
+from worker.direct import DirectServer
 from worker.engines.base import BaseEngine
 from worker.heartbeats import Heartbeats
 from worker.jobs import JobRunner
@@ -58,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 #: How long registration and job reports keep retrying an unanswered gateway (it may be restarting).
 REQUEST_RETRY_S = 60.0
+#: How long a draining worker waits for the platform to collect its direct sessions' usage.
+DIRECT_HANDOVER_S = 5.0
 
 
 class Worker:
@@ -117,6 +121,10 @@ class Worker:
             engines=self._engines,
             models=models,
             request_retry_s=request_retry_s,
+            on_device_lost=self._on_device_lost,
+        )
+        self._direct = DirectServer(
+            link=self._link, config=self._config, engines=self._engines, models=models,
             on_device_lost=self._on_device_lost,
         )
         self._link.on_reconnect = self._reconnected
@@ -255,6 +263,7 @@ class Worker:
             self._heartbeats.start()
             assert self.worker_id is not None
             await self._jobs.start(self.worker_id, self.region)
+            await self._direct.start(self.worker_id)
         except BaseException:
             await self.stop(drain=False)
             raise
@@ -302,9 +311,11 @@ class Worker:
         logger.info("dispatch consumer of worker %s made again after a broker restart", worker_id)
 
     async def _shutdown(self, drain: bool) -> None:
-        # 1. Take no new dispatches; jobs still waiting for a slot go back to be redelivered.
+        # 1. Take no new dispatches; jobs still waiting for a slot go back to be redelivered. Direct
+        #    requests are refused from now on: their clients open a session elsewhere.
         if self._retaking is not None:
             self._retaking.cancel()
+        self._direct.draining = True
         await self._jobs.stop_taking()
         # 2. Tell the platform to send nothing more; heartbeats say `draining` from now on.
         if drain and self.worker_id is not None and self._link.connected:
@@ -316,10 +327,14 @@ class Worker:
         # 3. Let running jobs finish, within the bound (heartbeats continue meanwhile, or the platform
         #    would think this worker lost and requeue the very jobs it is finishing). Not while NATS refuses
         #    this worker: what the jobs finish could not be reported, and the platform requeues them anyway.
+        #    Meanwhile the platform ends this worker's direct sessions and collects their usage.
         if self._link.refused:
             logger.warning("not waiting for running jobs: NATS refuses this worker, so they cannot report")
-        await self._jobs.drain(self._drain_timeout_s if drain and not self._link.refused else 0.0)
-        # 4. Stop the heartbeats, then the config watch.
+        drain_s = self._drain_timeout_s if drain and not self._link.refused else 0.0
+        await asyncio.gather(self._jobs.drain(drain_s), self._direct.collected(min(drain_s, DIRECT_HANDOVER_S)))
+        # 4. Stop serving direct requests (the platform has had the drain to collect its sessions'
+        #    usage), the heartbeats, then the config watch.
+        await self._direct.stop()
         await self._heartbeats.stop()
         await self._config.stop()
         # 5. Close the connection, flushing the last acks first.

@@ -4,10 +4,12 @@ Each part is one concept; `Credentials` only puts them together and opens the bu
 
 from __future__ import annotations
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nats.js import JetStreamContext
 
 from gateway.auth.api_keys import ApiKeys
 from gateway.auth.families import AuthSettings, Clock, TokenFamilies
+from gateway.auth.master_key import session_signing_key
 from gateway.auth.replay import NonceWindow
 from gateway.auth.signed import SignedRequests
 from gateway.kv import Bucket
@@ -20,6 +22,8 @@ class Credentials(ApiKeys, SignedRequests):
     ) -> None:
         TokenFamilies.__init__(self, bucket, master_key, settings=settings, clock=clock)
         self.nonces = NonceWindow(settings.replay_window_s)
+        #: Signs direct-session tokens (`gateway.direct`).
+        self.session_signer: Ed25519PrivateKey = session_signing_key(master_key)
 
     @classmethod
     async def open(

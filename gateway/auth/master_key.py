@@ -14,6 +14,8 @@ import secrets
 import stat
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from sdk.private_files import write_private
 
 logger = logging.getLogger(__name__)
@@ -55,3 +57,9 @@ def derive_key(master_key: bytes, purpose: str) -> bytes:
 def worker_secret(master_key: bytes, worker_id: str, generation: int) -> bytes:
     """The HMAC secret of a worker's credential generation; derived, so nothing secret is stored."""
     return derive_key(master_key, f"worker:{worker_id}:{generation}")
+
+
+def session_signing_key(master_key: bytes) -> Ed25519PrivateKey:
+    """The Ed25519 key that signs direct-session tokens (`sdk.direct`): derived, so every gateway of the
+    platform signs alike, and workers verify with its public half from their runtime config."""
+    return Ed25519PrivateKey.from_private_bytes(derive_key(master_key, "direct-session-tokens"))

@@ -39,6 +39,9 @@ class Permissions(msgspec.Struct, frozen=True, kw_only=True):
 
     publish: tuple[str, ...]
     subscribe: tuple[str, ...]
+    #: May answer the requests it receives (any number of messages per request, for streamed answers,
+    #: within `RESPONSE_TTL_S`), without a publish permission on the requesters' inboxes.
+    allow_responses: bool = False
 
 
 def _b64(data: bytes) -> str:
@@ -72,12 +75,17 @@ def decode(token: str) -> dict[str, Any]:
     return body
 
 
+#: How long after a request its receiver may still answer (a direct LLM request streams its text).
+RESPONSE_TTL_S = 600
+
+
 def user_claims(user_nkey: str, name: str, permissions: Permissions, expires_at_s: int) -> dict[str, Any]:
     """A user in the global account with exactly `permissions`, until `expires_at_s` (the server closes
     the connection then, and the client's reconnect asks the callout again)."""
     nats: dict[str, Any] = {
         "pub": {"allow": list(permissions.publish)},
         "sub": {"allow": list(permissions.subscribe)},
+        **({"resp": {"max": -1, "ttl": RESPONSE_TTL_S * 1_000_000_000}} if permissions.allow_responses else {}),
         "subs": -1,
         "data": -1,
         "payload": -1,

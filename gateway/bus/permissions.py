@@ -56,7 +56,14 @@ def worker_permissions(worker_id: str) -> Permissions:
             *(f"$JS.API.DIRECT.GET.{_CONFIG_STREAM}.{key}" for key in own_config),
             f"$JS.FC.{_CONFIG_STREAM}.>",
         ),
-        subscribe=(f"{subjects.worker_inbox_prefix(worker_id)}.>",),
+        # Its own direct subject (clients' requests) and the platform's end orders beneath it; answers go
+        # to the requester's inbox through the response permission, and nowhere else.
+        subscribe=(
+            f"{subjects.worker_inbox_prefix(worker_id)}.>",
+            subjects.direct_subject(worker_id),
+            subjects.direct_end_subject(worker_id),
+        ),
+        allow_responses=True,
     )
 
 
@@ -66,9 +73,10 @@ def enrolling_permissions(inbox_prefix: str) -> Permissions:
 
 
 def client_permissions(inbox_prefix: str, *, operator: bool) -> Permissions:
-    """A client: the gateway's job and auth endpoints (every request carries its access token, and the
-    gateway scopes it to the client's jobs), its own inboxes."""
-    publish = (subjects.API_JOBS_ALL, subjects.API_AUTH_ALL)
+    """A client: the gateway's job, direct-session and auth endpoints (every request carries its access
+    token, and the gateway scopes it to the client's jobs and sessions), any worker's direct subject
+    (each request carries a session token the worker checks), its own inboxes."""
+    publish = (subjects.API_JOBS_ALL, subjects.API_DIRECT_ALL, subjects.API_AUTH_ALL, subjects.DIRECT_ALL)
     return Permissions(
         publish=publish + (OPERATOR_ENDPOINTS if operator else ()), subscribe=(f"{inbox_prefix}.>",)
     )

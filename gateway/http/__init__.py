@@ -37,7 +37,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from gateway.auth import AuthSettings, Credentials, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE
 from gateway.bus import bus_authority
-from gateway.http import geo, jobs, openai, operators, webhooks
+from gateway.http import direct, geo, jobs, openai, operators, webhooks
 from gateway.http.openapi import StrictStructSchema
 from gateway.http.params import NO_AUTH, provide_gateway, provide_principal
 from gateway.metrics import Operability
@@ -163,7 +163,7 @@ def create_app(
             await nc.drain()
 
     return Litestar(
-        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, health, openai.router, *webhooks.ROUTES],
+        route_handlers=[*jobs.ROUTES, *operators.ROUTES, *geo.ROUTES, *direct.ROUTES, health, openai.router, *webhooks.ROUTES],
         dependencies={"gateway": Provide(provide_gateway), "principal": Provide(provide_principal)},
         lifespan=[lifespan],
         exception_handlers={

@@ -18,6 +18,7 @@ from litestar.openapi.spec.enums import OpenAPIType
 from litestar.typing import FieldDefinition
 
 from sdk.api import NEEDS_MODEL, Strict, SubmitJob
+from sdk.direct import OpenSession
 from sdk.errors import ErrorBody
 
 #: What each error status means on this API (the `code` in the body says which case it is).
@@ -25,8 +26,11 @@ ERROR_STATUSES: dict[int, str] = {
     400: "Bad input: the message names the field or the rule (`bad_request`); nothing was changed",
     401: "No valid access token, or a wrong credential (`unauthorized`, `details.reason` says why)",
     403: "The token's role may not do this (`forbidden`)",
-    404: "No such job, worker or key for this caller (`job_not_found`, `worker_not_found`, `not_found`)",
-    409: "The request conflicts with the current state (`invalid_transition`, `conflict`)",
+    404: "No such job, worker, key or direct session for this caller (`job_not_found`, `worker_not_found`, "
+    "`not_found`, `session_not_found`)",
+    409: "The request conflicts with the current state (`invalid_transition`, `conflict`), or no worker can take "
+    "a direct session now (`no_worker_available`, `details.reasons` as a placement explanation)",
+    410: "The direct session is over: closed, expired, or its worker lost or draining (`session_ended`); open another",
     413: "The body is larger than the limit (`body_too_large`)",
     429: "A queue limit is reached (`queue_full`, `details.limit`); nothing was appended; retry after `Retry-After`",
     503: "NATS or the read model cannot answer now (`unavailable`); retry later",
@@ -53,7 +57,7 @@ class StrictStructSchema(StructSchemaPlugin):
         schema = super().to_openapi_schema(field_definition, schema_creator)  # type: ignore[arg-type]
         schema.additional_properties = False
         _keep_zero_bounds(field_definition.type_, schema)
-        if field_definition.type_ is SubmitJob:
+        if field_definition.type_ in (SubmitJob, OpenSession):
             schema.schema_if = Schema(
                 properties={"type": Schema(enum=list(NEEDS_MODEL))}, required=["type"]
             )

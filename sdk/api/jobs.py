@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import msgspec
 
@@ -26,6 +26,27 @@ CURSOR_PATTERN = r"^[1-9][0-9]{0,18}$"
 RegionPolicy = Literal["nearest", "strict", "any"]
 
 
+class Placed(Protocol):
+    """A request that placement reads: a job's submission or a direct session's opening."""
+
+    type: str
+    model: str | None
+    region: str | None
+    region_policy: str | None
+    max_latency_ms: float | None
+
+
+def check_placement(req: Placed, what: str) -> None:
+    """What a request that is placed (a job, a direct session) must say together: a `model` for the types
+    that run one, a `region` for a policy that needs it, `max_latency_ms` only with `nearest`."""
+    if req.type in NEEDS_MODEL and req.model is None:
+        raise ValueError(f"`model` is required for {req.type} {what}")
+    if req.region is None and req.region_policy in ("nearest", "strict"):
+        raise ValueError(f"`region_policy` {req.region_policy} needs a `region`")
+    if req.max_latency_ms is not None and (req.region is None or req.region_policy not in (None, "nearest")):
+        raise ValueError("`max_latency_ms` needs a `region` and the `nearest` region policy")
+
+
 class SubmitJob(Strict):
     type: JobType
     model: ModelName | None = None
@@ -43,12 +64,7 @@ class SubmitJob(Strict):
     webhook_url: Annotated[str, msgspec.Meta(max_length=2048, pattern=r"^https?://[^\s]+$")] | None = None
 
     def __post_init__(self) -> None:
-        if self.type in NEEDS_MODEL and self.model is None:
-            raise ValueError(f"`model` is required for {self.type} jobs")
-        if self.region is None and self.region_policy in ("nearest", "strict"):
-            raise ValueError(f"`region_policy` {self.region_policy} needs a `region`")
-        if self.max_latency_ms is not None and (self.region is None or self.region_policy not in (None, "nearest")):
-            raise ValueError("`max_latency_ms` needs a `region` and the `nearest` region policy")
+        check_placement(self, "jobs")
 
 
 class Submitted(msgspec.Struct, kw_only=True):

@@ -105,6 +105,9 @@ class WorkerConfig(Strict):
     load_control: LoadControl = msgspec.field(default_factory=LoadControl)
     #: Allowed models and their settings; empty means any model may run.
     models: dict[str, ModelSettings] = {}
+    #: The platform's Ed25519 public key (hex) that signs direct-session tokens (`sdk.direct`). Written
+    #: into `_defaults` by the gateway, so every worker can check a token offline; not an operator setting.
+    session_key: str = ""
 
 
 class GetWorkerConfig(Strict):
