@@ -59,6 +59,10 @@ bench-peers *ARGS:
     fi
     python -m bench.peers {{ARGS}}
 
+# Direct mode: a direct echo request vs a scheduled echo job vs raw NATS request-reply (docs/benchmarks.md).
+bench-direct *ARGS:
+    python -m bench.direct {{ARGS}}
+
 # Rebuild the read models from the streams.
 replay *ARGS:
     gpuctl replay {{ARGS}}
