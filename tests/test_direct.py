@@ -24,7 +24,7 @@ from sdk.events import DirectSessionClosed, DirectSessionOpened, now_ms, session
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import read_subject
-from tests.conftest import start_stack, wait_until
+from tests.conftest import running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -41,17 +41,12 @@ async def online(operator: HttpClient, names: set[str]) -> bool:
 
 @pytest.fixture(scope="module")
 async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    stack = await start_stack(tmp_path_factory.mktemp("direct"), [])
-    try:
+    async with running_stack(tmp_path_factory.mktemp("direct"), []) as stack:
         for name, (region, engines) in WORKERS.items():
             stack.start_worker(name, region, "--engines", engines)
         async with HttpClient(stack.http_url, api_key=stack.operator_key) as operator:
             await wait_until(lambda: online(operator, set(WORKERS)), 90, f"workers {sorted(WORKERS)}")
-    except BaseException:
-        stack.stop()
-        raise
-    yield stack
-    stack.stop()
+        yield stack
 
 
 @pytest.fixture
