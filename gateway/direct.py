@@ -83,7 +83,7 @@ class DirectCommands:
         place = PlaceSession(session_id=session_id, owner=owner, request=req)
         try:
             placed = await request(self.nc, subjects.SCHED_DIRECT_OPEN, place, SessionPlaced, timeout_s=PLACE_TIMEOUT_S)
-        except (Timeout, Unavailable):
+        except Timeout:  # schedulers listen, but none leads now (a take-over in progress)
             raise Unavailable("no scheduler leader answered; nothing was opened, retry", {"retry_after_s": 1}) from None
         claims = SessionClaims(
             session_id=session_id, worker_id=placed.worker_id, expires_at_ms=placed.expires_at_ms,

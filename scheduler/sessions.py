@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -153,7 +154,10 @@ class DirectSessions:
             reply = msgspec.json.encode(await self.open(decode(msg.data, PlaceSession)))
         except PlatformError as exc:
             reply, headers = error_reply(exc)
-        await self._nc.publish(msg.reply, reply, headers=headers)
+        try:
+            await self._nc.publish(msg.reply, reply, headers=headers)
+        except nats.errors.Error as exc:  # the gateway times out and answers 503; the session stays logged
+            logger.warning("direct session: the answer to %s was not sent: %s", msg.subject, exc)
 
     async def open(self, place: PlaceSession) -> SessionPlaced:
         """Choose the session's worker as a job's would be, log the opening and count its slot."""
