@@ -61,6 +61,9 @@ async def test_the_document_publishes_what_the_server_enforces(operator: httpx.A
     assert submit["properties"]["type"]["enum"] == ["echo", "llm", "image", "embedding"]
     assert submit["additionalProperties"] is False
     assert (submit["if"]["properties"]["type"]["enum"], submit["then"]["required"]) == (["llm", "image", "embedding"], ["model"])
+    opening = schemas["OpenSession"]
+    assert opening["then"]["required"] == ["model"] and opening["allOf"] == submit["allOf"]
+    assert [rule["then"]["required"] for rule in submit["allOf"]] == [["region"], ["region"]]
     assert schemas["IssueTokens"]["properties"]["api_key"]["pattern"].startswith("^gfk_")
     assert schemas["CreateEnrollment"]["properties"]["ttl_s"]["maximum"] == 30 * 86400
     defaults = document["paths"]["/api/v1/config/defaults"]["put"]["requestBody"]["content"]["application/json"]

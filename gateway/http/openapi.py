@@ -62,7 +62,25 @@ class StrictStructSchema(StructSchemaPlugin):
                 properties={"type": Schema(enum=list(NEEDS_MODEL))}, required=["type"]
             )
             schema.then = Schema(required=["model"], properties={"model": Schema(type=OpenAPIType.STRING)})
+            schema.all_of = list(_REGION_RULES)
         return schema
+
+
+#: What `sdk.api.jobs.check_placement` refuses besides a missing model: a policy that needs a region
+#: without one, and `max_latency_ms` without a region or with a policy other than `nearest`.
+_REGION_RULES = (
+    Schema(
+        schema_if=Schema(properties={"region_policy": Schema(enum=["nearest", "strict"])}, required=["region_policy"]),
+        then=Schema(required=["region"], properties={"region": Schema(type=OpenAPIType.STRING)}),
+    ),
+    Schema(
+        schema_if=Schema(properties={"max_latency_ms": Schema(type=OpenAPIType.NUMBER)}, required=["max_latency_ms"]),
+        then=Schema(
+            required=["region"],
+            properties={"region": Schema(type=OpenAPIType.STRING), "region_policy": Schema(enum=["nearest", None])},
+        ),
+    ),
+)
 
 
 def _keep_zero_bounds(struct: type[Strict], schema: Schema) -> None:
