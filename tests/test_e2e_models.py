@@ -60,12 +60,21 @@ async def test_llm_job_returns_text_and_a_second_job_reuses_the_loaded_model(
     assert await model_loads(client, done.worker_id, model) == loads, "the warm model was not loaded again"
 
 
-async def test_streamed_tokens_add_up_to_the_final_text(client: Client, http: HttpClient, tiny_gpt2: Path) -> None:
+async def test_streamed_tokens_add_up_to_the_final_text(
+    stack: LocalStack, client: Client, http: HttpClient, tiny_gpt2: Path
+) -> None:
+    # The job waits in a region with no worker yet, so both readers are following it before its worker
+    # exists (a process start takes seconds): the tiny model can otherwise finish before they subscribe.
     params = {"prompt": "stream me", "max_new_tokens": 24, "temperature": 0.9, "seed": 7}
-    job = await client.submit("llm", model=str(tiny_gpt2), params=params)
-    via_nats, via_http = await asyncio.gather(
-        _collect(client.stream(job.id, timeout_s=60)), _collect(http.stream(job.id, timeout_s=60))
+    job = await client.submit("llm", model=str(tiny_gpt2), region="stream-region", region_policy="strict", params=params)
+    readers = asyncio.gather(
+        _collect(client.stream(job.id, timeout_s=90)), _collect(http.stream(job.id, timeout_s=90))
     )
+    streamer = stack.start_worker("streamer", "stream-region")
+    try:
+        via_nats, via_http = await readers
+    finally:
+        streamer.stop()
     done = await client.wait(job.id, timeout_s=10)
     assert "".join(via_nats) == done.result["text"]
     assert "".join(via_http) == done.result["text"]

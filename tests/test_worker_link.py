@@ -84,3 +84,22 @@ async def test_a_refused_report_is_raised_at_once_and_never_retried(
         await gateway.close()
     assert refused.value.message == "attempt 1 is not current"
     assert len(received) == 1
+
+
+async def test_a_connection_the_client_gave_up_on_is_reported_once_and_a_close_asked_for_is_not(
+    nats_server: EmbeddedNats,
+) -> None:
+    lost: list[str] = []
+    link = PlatformLink(nats_url=nats_server.url, name="lost-test", tls=None, connect_wait_s=5.0)
+    link.on_connection_lost = lambda: lost.append("lost")
+    await link.connect()
+    # What nats-py does when an error inside a reconnect makes it give up: it closes the client itself.
+    assert link._nc is not None
+    await link._nc.close()
+    assert lost == ["lost"]
+
+    asked = PlatformLink(nats_url=nats_server.url, name="closed-test", tls=None, connect_wait_s=5.0)
+    asked.on_connection_lost = lambda: lost.append("asked")
+    await asked.connect()
+    await asked.close()
+    assert lost == ["lost"]

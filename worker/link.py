@@ -64,6 +64,9 @@ class PlatformLink:
     #: Called once when the server has refused this worker's identity at every reconnect for
     #: `connect_wait_s`, the same bound a first connect gets (revoked; a gateway restart is shorter).
     on_identity_refused: Callable[[], None] | None = None
+    #: Called once when the NATS client closed the connection for good without being asked to (it gave up
+    #: after an error during a reconnect): nothing would ever reconnect it, so only a restart helps.
+    on_connection_lost: Callable[[], None] | None = None
     #: The id reports are sent as (set by the registration).
     worker_id: str | None = field(default=None, init=False)
     #: What requests are signed with; None before the first enrollment (requests go unsigned).
@@ -76,6 +79,8 @@ class PlatformLink:
     _refused_since: float | None = field(default=None, init=False)
     #: Set once the refusal lasted `connect_wait_s`: the link no longer expects to get back.
     identity_refused: bool = field(default=False, init=False)
+    #: Set while `close` runs: a close asked for is not a lost connection.
+    _closing: bool = field(default=False, init=False)
 
     @property
     def connected(self) -> bool:
@@ -112,6 +117,7 @@ class PlatformLink:
             url, name=f"gpu-worker-{self.name}", tls=self.tls, wait_s=self.connect_wait_s,
             on_reconnect=self._reconnected,
             on_refused=self._refused if "token" in identity and not self.enrolling else None,
+            closed_cb=self._closed,
             **identity,
         )
         self._js = self._nc.jetstream()
@@ -134,6 +140,13 @@ class PlatformLink:
             if self.on_identity_refused is not None:
                 self.on_identity_refused()
 
+    async def _closed(self) -> None:
+        if self._closing:
+            return
+        logger.error("%s: the NATS client closed the connection for good; nothing will reconnect it", self.name)
+        if self.on_connection_lost is not None:
+            self.on_connection_lost()
+
     async def reconnect_as_worker(self) -> None:
         """After the enrollment: the enrolling identity may only register; connect as the worker now."""
         await self.close()
@@ -147,10 +160,14 @@ class PlatformLink:
         """Close the connection, flushing what is still buffered (the last acks) first; idempotent."""
         if self._nc is None or self._nc.is_closed:
             return
-        with contextlib.suppress(Exception):
-            await self._nc.flush(timeout=2)
-        with contextlib.suppress(ConnectionError):  # a socket the server already closed (a refused reconnect)
-            await self._nc.close()
+        self._closing = True
+        try:
+            with contextlib.suppress(Exception):
+                await self._nc.flush(timeout=2)
+            with contextlib.suppress(ConnectionError):  # a socket the server already closed (a refused reconnect)
+                await self._nc.close()
+        finally:
+            self._closing = False
 
     # --- Requests -----------------------------------------------------------------------------------------
 

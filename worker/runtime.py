@@ -101,6 +101,9 @@ class Worker:
         #: Set when NATS kept refusing this worker's identity (it was revoked): the worker stops at once,
         #: without a drain (nothing it finished could be reported), and its process should exit non-zero.
         self.identity_refused = asyncio.Event()
+        #: Set when the NATS client closed the connection for good (it gave up inside a reconnect): the
+        #: worker stops without a drain and its process exits non-zero, so a supervisor starts it afresh.
+        self.connection_lost = asyncio.Event()
 
         self._link = PlatformLink(nats_url=nats_url, name=self._name, tls=tls, connect_wait_s=connect_wait_s)
         state_dir = Path(state_dir)
@@ -129,6 +132,7 @@ class Worker:
         )
         self._link.on_reconnect = self._reconnected
         self._link.on_identity_refused = self._on_identity_refused
+        self._link.on_connection_lost = self._on_connection_lost
         self._retaking: asyncio.Task[None] | None = None
         self._heartbeats = Heartbeats(
             link=self._link,
@@ -357,6 +361,12 @@ class Worker:
         )
         self.identity_refused.set()
         asyncio.get_running_loop().create_task(self.stop(drain=False))
+
+    def _on_connection_lost(self) -> None:
+        if not self._jobs.stopping and not self.connection_lost.is_set():
+            logger.error("worker %s lost its NATS connection for good: stopping, to be started afresh", self.worker_id)
+            self.connection_lost.set()
+            asyncio.get_running_loop().create_task(self.stop(drain=False))
 
     def _on_config_change(self, config: WorkerConfig) -> None:
         self._jobs.resize(config.max_concurrency)

@@ -196,13 +196,10 @@ async def _run(worker: Worker, live: LiveStatus | None) -> int:
         return EXIT_FAILED
     if live is not None:
         live.phase = Phase.ONLINE
-    # A GPU that failed for good, or a platform that refuses this worker (revoked), stops it too, and the
-    # exit status says so.
-    ending = [
-        asyncio.create_task(stop_requested.wait()),
-        asyncio.create_task(worker.device_lost.wait()),
-        asyncio.create_task(worker.identity_refused.wait()),
-    ]
+    # A GPU that failed for good, a platform that refuses this worker (revoked), or a connection the NATS
+    # client gave up on stops it too, and the exit status says so (a supervisor starts it again).
+    failures = (worker.device_lost, worker.identity_refused, worker.connection_lost)
+    ending = [asyncio.create_task(stop_requested.wait()), *(asyncio.create_task(f.wait()) for f in failures)]
     await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
     for task in ending:
         task.cancel()
@@ -210,7 +207,7 @@ async def _run(worker: Worker, live: LiveStatus | None) -> int:
         live.phase = Phase.DRAINING
     await worker.stop(drain=True)
     await asyncio.gather(*forced)
-    return EXIT_FAILED if worker.device_lost.is_set() or worker.identity_refused.is_set() else 0
+    return EXIT_FAILED if any(failure.is_set() for failure in failures) else 0
 
 
 async def _sample(worker: Worker, config: LocalConfig) -> ScreenSample:
