@@ -31,10 +31,10 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import NoStreamResponseError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from scheduler import metrics
+from scheduler.dispatch import Orders
 from scheduler.explain import PlacementQueries
 from scheduler.index import PlacementIndex, plan
 from scheduler.lease import LeaderLease
@@ -45,8 +45,6 @@ from scheduler.view import SchedulerView, TrackedWorker
 from sdk import subjects
 from sdk.connection import connect
 from sdk.events import (
-    Assignment,
-    CancelOrder,
     JobAssigned,
     JobCancelled,
     JobCancelRequested,
@@ -57,7 +55,6 @@ from sdk.events import (
     JobRequeued,
     JobSubmitted,
     WorkerLost,
-    encoder,
     heartbeat_decoder,
     job_event_decoder,
     now_ms,
@@ -122,8 +119,7 @@ class Scheduler:
         self._settled_term = 0
         self._last_sweep_s = 0.0
         #: Jobs whose assignment or cancel order must be (re)sent to their worker.
-        self._redispatch: set[str] = set()
-        self._cancels: set[str] = set()
+        self._orders = Orders(self._js, on_no_stream=self.broker_restarted)
         #: Re-creating what a restarted broker lost; placing and dispatching wait for it.
         self._restoring: asyncio.Task[None] | None = None
         self._stopping = False
@@ -235,7 +231,7 @@ class Scheduler:
             case JobSubmitted() | JobRequeued() | JobCompleted() | JobFailed() | JobCancelled():
                 self._wake.set()  # a job to place, or a slot freed
             case JobCancelRequested() if self.is_leader:
-                self._cancels.add(job.id)
+                self._orders.cancels.add(job.id)
                 self._wake.set()
 
     def _on_worker(self, msg: Msg) -> None:
@@ -289,7 +285,7 @@ class Scheduler:
             await self._sweep(now_s)
         if self._restoring is not None and not self._restoring.done():
             return  # no stream to dispatch to yet: placing now would only assign jobs nobody receives
-        await self._send_orders()
+        await self._orders.send(self.view)
         await self._place()
 
     def _take_office(self) -> None:
@@ -298,9 +294,9 @@ class Scheduler:
         recent_ms = now_ms() - REDISPATCH_WINDOW_S * 1000
         for job in self.view.jobs.values():
             if job.status is JobStatus.ASSIGNED and (job.assigned_at_ms or 0) >= recent_ms:
-                self._redispatch.add(job.id)
+                self._orders.redispatch.add(job.id)
             if job.status in HELD_BY_WORKER and job.cancel_requested:
-                self._cancels.add(job.id)
+                self._orders.cancels.add(job.id)
 
     async def _place(self) -> None:
         if not self.view.queued_count:
@@ -322,7 +318,7 @@ class Scheduler:
         if assigned is not None:
             metrics.ASSIGNMENTS.inc()
             logger.debug("job %s attempt %d -> worker %s (%s)", job.id, job.attempt, placement.worker_id, why)
-            await self._dispatch(assigned, placement.worker_id, placement.region)
+            await self._orders.dispatch(assigned, placement.worker_id, placement.region)
 
     async def _sweep(self, now_s: float) -> None:
         """Declare silent workers lost; take back the jobs of gone workers and the jobs that living workers
@@ -363,7 +359,7 @@ class Scheduler:
             logger.warning("job %s: %s not confirmed (%r); reloading", job.id, type(event).__name__, exc)
             reloaded = await self._reload(job.id)
             if isinstance(event, JobAssigned) and reloaded is not None and _holds(reloaded, event):
-                self._redispatch.add(job.id)  # our assignment landed: it still needs its dispatch
+                self._orders.redispatch.add(job.id)  # our assignment landed: it still needs its dispatch
             return None
         new = apply(job, event, ack.seq)
         self.view.put_job(new)
@@ -404,60 +400,6 @@ class Scheduler:
         logger.info("scheduler %s: streams in place after a reconnect; dispatching again", self.instance_id)
         self._wake.set()
 
-    # --- dispatch ------------------------------------------------------------------------------
-
-    async def _send_orders(self) -> None:
-        redispatch, self._redispatch = self._redispatch, set()
-        cancels, self._cancels = self._cancels, set()
-        sends = []
-        for job_id in redispatch | cancels:
-            job = self.view.jobs.get(job_id)
-            worker = self.view.workers.get(job.worker_id or "") if job is not None else None
-            if job is None or worker is None:
-                continue  # finished, or requeued meanwhile: nothing to send
-            if job_id in redispatch and job.status is JobStatus.ASSIGNED:
-                sends.append(self._dispatch(job, worker.worker_id, worker.region))
-            if job_id in cancels and job.status in HELD_BY_WORKER:
-                sends.append(self._send_cancel(job, worker.worker_id, worker.region))
-        await asyncio.gather(*sends)
-
-    async def _dispatch(self, job: Job, worker_id: str, region: str) -> None:
-        order = Assignment(
-            job_id=job.id,
-            attempt=job.attempt,
-            job_type=job.type,
-            model=job.model,
-            params=job.params,
-            timeout_s=job.timeout_s,
-        )
-        if not await self._publish(worker_id, region, order, msg_id=f"assign-{job.id}-{job.attempt}"):
-            self._redispatch.add(job.id)
-
-    async def _send_cancel(self, job: Job, worker_id: str, region: str) -> None:
-        order = CancelOrder(job_id=job.id, attempt=job.attempt)
-        if await self._publish(worker_id, region, order, msg_id=f"cancel-{job.id}-{job.attempt}"):
-            logger.info("job %s: cancel order sent to worker %s", job.id, worker_id)
-        else:
-            self._cancels.add(job.id)
-
-    async def _publish(self, worker_id: str, region: str, order: Assignment | CancelOrder, *, msg_id: str) -> bool:
-        """Publish to the worker's dispatch subject; the message id makes a retry harmless."""
-        try:
-            await self._js.publish(
-                subjects.dispatch_subject(region, worker_id),
-                encoder.encode(order),
-                headers={subjects.MSG_ID_HEADER: msg_id},
-            )
-        except NoStreamResponseError:
-            logger.warning("job %s: no DISPATCH stream (a restarted broker?); re-creating it", order.job_id)
-            self.broker_restarted()
-            return False
-        except (nats.errors.Error, TimeoutError) as exc:
-            # Not woken again for it: the next pass (a tick or an event later) retries.
-            logger.warning("job %s: %s for worker %s not sent (%r); retrying",
-                           order.job_id, type(order).__name__, worker_id, exc)
-            return False
-        return True
 
 async def serve(
     nats_url: str, stop: asyncio.Event, instance_id: str | None = None, *,

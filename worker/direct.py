@@ -33,7 +33,7 @@ from sdk.errors import JobError, PlatformError, SessionEnded, Timeout
 from sdk.events import Assignment, encoder, now_ms
 from worker.config_watch import ConfigWatch
 from worker.engines.base import BaseEngine, DeviceLost, EngineError, JobContext
-from worker.jobs import run_engine
+from worker.execution import run_engine
 from worker.link import PlatformLink
 from worker.models import ModelProvider
 from worker.outcomes import Interrupted, preflight

@@ -27,19 +27,18 @@ from nats.js import api as js_api
 
 from sdk import subjects
 from sdk.api import (
-    ModelSettings,
     ReportCancelled,
     ReportFailed,
     ReportProgress,
     ReportStarted,
     StreamChunk,
-    WorkerConfig,
     WorkerReport,
 )
 from sdk.errors import InvalidTransition, JobNotFound, PlatformError, StaleAttempt, Timeout, Unavailable
 from sdk.events import Assignment, CancelOrder, dispatch_decoder
 from worker.config_watch import ConfigWatch
-from worker.engines.base import BaseEngine, DeviceLost, EngineError, JobContext, ModelSpec
+from worker.engines.base import BaseEngine, DeviceLost, EngineError, JobContext
+from worker.execution import run_engine
 from worker.link import PlatformLink
 from worker.models import ModelProvider
 from worker.outcomes import Interrupted, outcome_report, preflight
@@ -50,8 +49,6 @@ logger = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.5
 #: JetStream redelivers an unacked dispatch after this; a held job renews it every third of it.
 DISPATCH_ACK_WAIT_S = 60.0
-#: After a cancel or a timeout, how long an engine may take to wind down before it is cut off.
-CANCEL_GRACE_S = 5.0
 
 #: The platform's answers that mean "this attempt is not yours (any more)": never retried.
 NOT_YOURS = (StaleAttempt, InvalidTransition, JobNotFound)
@@ -408,57 +405,6 @@ class _Progress:
         self._closed = True
         if self._task is not None:
             self._task.cancel()
-
-
-async def run_engine(
-    engine: BaseEngine, models: ModelProvider | None, config: WorkerConfig, model_name: str | None,
-    ctx: JobContext, timeout_s: float | None, *, cancellable: bool = True,
-) -> Any:
-    """Run one job (or direct request) on `engine`; an `Interrupted` run was cancelled or timed out.
-    Without `cancellable` (a direct request: nothing but its deadline stops it) the run is bounded by
-    `asyncio.timeout` alone, which spares the watcher task per run (about a tenth of a direct round trip)."""
-    if not cancellable and not engine.needs_model:
-        try:
-            async with asyncio.timeout(timeout_s) as deadline:
-                return await engine.inference(None, ctx)
-        except TimeoutError:
-            if deadline.expired():
-                raise Interrupted from None
-            raise
-    async with contextlib.AsyncExitStack() as model_lease:
-        model = None
-        if engine.needs_model:
-            # Held until the run ends, so the cache never evicts a model in use. The timeout bounds the
-            # run's own work; loading is the cache's, and only a cancel interrupts it.
-            assert models is not None and model_name is not None  # construction and preflight
-            settings = config.models.get(model_name, ModelSettings())
-            lease = model_lease.enter_async_context(models.use(engine, ModelSpec(name=model_name, settings=settings)))
-            model = await _interruptible(lease, ctx, timeout_s=None)
-        return await _interruptible(engine.inference(model, ctx), ctx, timeout_s=timeout_s)
-
-
-async def _interruptible(coro: Any, ctx: JobContext, *, timeout_s: float | None) -> Any:
-    """Await `coro` unless the job is cancelled or `timeout_s` passes; then set `ctx.cancelled` so the
-    engine winds down, give it CANCEL_GRACE_S, cut it off and raise `Interrupted`."""
-    task = asyncio.ensure_future(coro)
-    task.add_done_callback(_retrieve)
-    stop = asyncio.ensure_future(ctx.cancelled.wait())
-    try:
-        done, _ = await asyncio.wait({task, stop}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        ctx.cancelled.set()
-        await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
-        raise Interrupted
-    finally:
-        stop.cancel()
-        task.cancel()
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    # An engine that fails after it was cut off has nobody to tell; don't warn about it at exit.
-    if not task.cancelled():
-        task.exception()
 
 
 async def _keep_alive(msg: Msg) -> None:
