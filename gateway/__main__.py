@@ -32,6 +32,7 @@ def gateway(
     worker_credentials_max_age_s: Seconds = 86400.0,
     metrics_port: MetricsPortFlag = None,
     metrics_host: MetricsHostFlag = DEFAULT_METRICS_HOST,
+    reuse_port: bool = False,
 ) -> None:
     """Run the HTTP gateway and the `api.>` NATS endpoints.
 
@@ -46,13 +47,16 @@ def gateway(
         How long an access token is valid.
     worker_credentials_max_age_s
         Workers rotate credentials older than this (they are told at a heartbeat).
+    reuse_port
+        Share `http_port` with other gateways on this machine (SO_REUSEPORT): the kernel spreads new
+        connections over every gateway that listens there.
     """
     settings = AuthSettings(access_ttl_s=access_ttl_s, worker_credentials_max_age_s=worker_credentials_max_age_s)
     run_until_signal(
         lambda stop: serve(
             nats_url_from_env(nats_url), host, http_port, stop,
             secrets_dir=secrets_dir, settings=settings, tls_cert=tls_cert, tls_key=tls_key,
-            metrics_port=metrics_port, metrics_host=metrics_host,
+            metrics_port=metrics_port, metrics_host=metrics_host, reuse_port=reuse_port,
         )
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,10 +51,13 @@ async def serve(
     serve_nats_api: bool = True,
     metrics_port: int | None = None,
     metrics_host: str = DEFAULT_METRICS_HOST,
+    reuse_port: bool = False,
 ) -> None:
     """Serve until `stop` is set. With `tls_cert` (and `tls_key`, unless the certificate file holds
     the key too) the API is HTTPS only. With `metrics_port`, this process's own metrics are served there
-    too (`sdk.metrics`); `/metrics` on the API port has them and the fleet's."""
+    too (`sdk.metrics`); `/metrics` on the API port has them and the fleet's. With `reuse_port` several
+    gateways listen on the same port and the kernel spreads new connections over them (one that dies
+    drops out of the group)."""
     await ensure_operator_key(nats_url, secrets_dir)
     app = create_app(nats_url, secrets_dir=secrets_dir, settings=settings, serve_nats_api=serve_nats_api)
     config = uvicorn.Config(
@@ -62,7 +66,7 @@ async def serve(
     )
     server = _Server(config)
     with metrics_endpoint(metrics_port, host=metrics_host, registry=app.plugins.get(Operability).metrics.process):
-        task = asyncio.create_task(server.serve())
+        task = asyncio.create_task(server.serve(sockets=[shared_socket(host, port)] if reuse_port else None))
         stopped = asyncio.create_task(stop.wait())
         await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
         if (gateway := app.state.get("gateway")) is not None:
@@ -71,6 +75,18 @@ async def serve(
         await task
         stopped.cancel()
     logger.info("gateway on %s:%s stopped", host, port)
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT, which other gateways on the same port also bind (Linux, the BSDs)."""
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise OSError("--reuse-port needs SO_REUSEPORT, which this platform lacks: run one gateway per port")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    logger.info("gateway shares %s:%s with the other gateways (SO_REUSEPORT)", host, port)
+    return sock
 
 
 async def ensure_operator_key(nats_url: str | None, secrets_dir: Path) -> None:

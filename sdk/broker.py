@@ -3,10 +3,17 @@ run with the platform's `nats.conf`: two static users (`platform` for the servic
 system account) whose passwords the server reads from its environment (`GF_<USER>_PASSWORD`), and an
 auth callout (the gateway, `gateway.bus`) that names every worker's and client's identity. The
 callout signs those identities with the issuer key: its public half is `GF_AUTH_ISSUER` in the
-server's environment, its seed `nats-issuer.seed` in the secrets dir, beside `nats.env`."""
+server's environment, its seed `nats-issuer.seed` in the secrets dir, beside `nats.env`.
+
+A cluster (`NatsCluster`) is several such servers routed to each other: each node runs `nats.conf` plus
+a `cluster {}` block (its route port, the others' routes, a route password from `nats.env`) written to
+`<secrets_dir>/<node>.conf`, mode 0600 since the route URLs carry that password. Each node has a store of
+its own; a store once used by a single server is never given to a cluster node, which would delete its
+streams as orphans (`sdk.migrate` moves them instead)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -14,13 +21,16 @@ import shutil
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import nats.errors
 import nkeys
 
-from sdk.connection import port_open, with_user
+from sdk.connection import connect, port_open, redact, with_user
 from sdk.private_files import write_private
-from sdk.process import Child
+from sdk.process import Child, stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +42,12 @@ NATS_CONF = Path(__file__).resolve().parent.parent / "nats.conf"
 NATS_USERS = ("platform", "system")
 NATS_ENV_FILE = "nats.env"
 ISSUER_SEED_FILE = "nats-issuer.seed"
+#: The user cluster nodes authenticate their routes with (its password: `GF_ROUTE_PASSWORD` in nats.env).
+ROUTE_USER = "route"
+#: The name every node of a cluster shares; a route from a server of another cluster is refused.
+CLUSTER_NAME = "gpu-fabric"
+#: How long a new cluster may take to elect its JetStream meta leader (streams cannot be created before).
+CLUSTER_READY_S = 30.0
 #: The variable nats.conf reads the auth callout's issuer (an account public key) from.
 ISSUER_VARIABLE = "GF_AUTH_ISSUER"
 #: Where a deployment without a secrets dir of ours hands the gateway the issuer's seed.
@@ -47,7 +63,7 @@ def nats_passwords() -> dict[str, str]:
     """New random passwords for every user, as the environment nats-server needs."""
     # The prefix keeps a password from looking like a number: nats-server parses an environment value
     # like a config value, and an all-digit one would become an integer and fail.
-    return {password_variable(user): f"gf_{secrets.token_urlsafe(24)}" for user in NATS_USERS}
+    return {password_variable(user): f"gf_{secrets.token_urlsafe(24)}" for user in (*NATS_USERS, ROUTE_USER)}
 
 
 def load_or_create_issuer(secrets_dir: Path) -> nkeys.KeyPair:
@@ -99,9 +115,34 @@ def nats_server_binary() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(count: int, avoid: frozenset[int] = frozenset()) -> list[int]:
+    """`count` distinct free ports, none in `avoid`: held open together while chosen, so that the kernel
+    cannot hand out one of them twice."""
+    held: list[socket.socket] = []
+    try:
+        while len(held) < count:
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+            if sock.getsockname()[1] in avoid:
+                held.pop().close()
+        return [int(sock.getsockname()[1]) for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+@dataclass(frozen=True)
+class ClusterNode:
+    """A node's place in a cluster: its server name (the identity its store's raft state is kept under, so
+    the same across restarts), the port it takes routes on, and every node's route port."""
+
+    server_name: str
+    route_port: int
+    route_ports: tuple[int, ...]
 
 
 class EmbeddedNats(Child):
@@ -111,7 +152,7 @@ class EmbeddedNats(Child):
     `secrets_dir` (default `<store_dir>/secrets`) holds `nats.env` (passwords, issuer) and the issuer's
     seed, created on first start; a gateway started with the same secrets dir answers the server's
     auth callout. `env` replaces what `nats.env` holds. With `tls_cert` and `tls_key` the server accepts
-    TLS connections only.
+    TLS connections only. With `cluster` it is one node of a `NatsCluster`.
     """
 
     def __init__(
@@ -125,6 +166,7 @@ class EmbeddedNats(Child):
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         name: str = "nats-server",
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.store_dir / "secrets"
@@ -133,6 +175,7 @@ class EmbeddedNats(Child):
         self.config = config
         self.tls_cert = tls_cert
         self.tls_key = tls_key
+        self.cluster = cluster
 
     @property
     def address(self) -> str:
@@ -150,15 +193,37 @@ class EmbeddedNats(Child):
         return self.url_as("platform")
 
     def command(self) -> list[str]:
-        cmd = [nats_server_binary(), "-c", str(self.config), "-a", "127.0.0.1", "-p", str(self.port),
+        config = self.config if self.cluster is None else self._write_node_config(self.cluster)
+        cmd = [nats_server_binary(), "-c", str(config), "-a", "127.0.0.1", "-p", str(self.port),
                "-sd", str(self.store_dir)]
+        if self.cluster is not None:
+            cmd += ["-n", self.cluster.server_name]
         if self.tls_cert is not None:
             cmd += ["--tls", "--tlscert", str(self.tls_cert), "--tlskey", str(self.tls_key or self.tls_cert)]
         return cmd
 
+    def _write_node_config(self, node: ClusterNode) -> Path:
+        """`nats.conf` plus this node's `cluster {}` block, in the secrets dir (the routes carry the password;
+        nats-server cannot put a variable inside a URL, and an `include` of an absolute path fails)."""
+        password = self.env[password_variable(ROUTE_USER)]
+        routes = ", ".join(
+            f"nats-route://{ROUTE_USER}:{password}@127.0.0.1:{port}" for port in node.route_ports if port != node.route_port
+        )
+        block = (
+            f"\n# --- Written by sdk.broker: node {node.server_name} of cluster {CLUSTER_NAME} ---\n"
+            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.route_port}\n"
+            f"  authorization {{ user: {ROUTE_USER}, password: ${password_variable(ROUTE_USER)} }}\n"
+            f"  routes: [ {routes} ]\n}}\n"
+        )
+        path = self.secrets_dir / f"{node.server_name}.conf"
+        write_private(path, (self.config.read_text(encoding="utf-8") + block).encode())
+        return path
+
     def start(self, wait_s: float = 15.0) -> None:
         """Start it (again, on the same store) and return once it listens."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
         super().start()
         assert self.process is not None
         deadline = time.monotonic() + wait_s
@@ -177,3 +242,88 @@ class EmbeddedNats(Child):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NatsCluster:
+    """`size` nodes routed to each other, each a child of its own (`nats-server`, `nats-server-2`, ...) with
+    its store in `<root>/<server name>`. Client ports are `port`, `port + 1`, ... (free ports without
+    `port`); route ports are free ports. Clients get every node's URL (`address`, comma-separated) and
+    reconnect to a live one by themselves."""
+
+    def __init__(
+        self,
+        root: Path,
+        size: int,
+        *,
+        port: int | None = None,
+        secrets_dir: Path,
+        log_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        if size < 2:
+            raise ValueError(f"a cluster has 2 or more nodes, not {size}")
+        client_ports = [port + index for index in range(size)] if port else free_ports(size)
+        route_ports = tuple(free_ports(size, avoid=frozenset(client_ports)))
+        self.nodes: list[EmbeddedNats] = []
+        for index in range(size):
+            name = "nats-server" if index == 0 else f"nats-server-{index + 1}"
+            server_name = f"gf-{index + 1}"
+            self.nodes.append(EmbeddedNats(
+                Path(root) / server_name, port=client_ports[index], env=env, secrets_dir=secrets_dir,
+                log_file=Path(log_dir) / f"{name}.log" if log_dir else None, name=name,
+                cluster=ClusterNode(server_name, route_ports[index], route_ports),
+            ))
+
+    @property
+    def address(self) -> str:
+        """Every node's URL without credentials, comma-separated."""
+        return ",".join(node.address for node in self.nodes)
+
+    def url_as(self, user: str) -> str:
+        return with_user(self.address, user, self.nodes[0].env[password_variable(user)])
+
+    @property
+    def url(self) -> str:
+        return self.url_as("platform")
+
+    def start(self, ready_s: float = CLUSTER_READY_S) -> None:
+        """Start every node, and return once the cluster has a JetStream meta leader (before that, no
+        stream can be created)."""
+        for node in self.nodes:
+            node.start()
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, wait_for_jetstream(self.url, ready_s)).result()
+        logger.info("NATS cluster of %d nodes ready at %s", len(self.nodes), self.address)
+
+    def stop(self) -> None:
+        stop_all(self.nodes)
+
+    def __enter__(self) -> "NatsCluster":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def wait_for_jetstream(url: str, timeout_s: float) -> None:
+    """Return once the JetStream meta leader at `url` answers twice in a row (a new cluster may elect
+    again as its last routes connect); raise `TimeoutError` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    nc = await connect(url, name="jetstream-check", wait_s=timeout_s)
+    answered = 0
+    try:
+        while True:
+            try:
+                # Stream names come from the meta leader, unlike account info, which any node answers.
+                reply = await nc.request("$JS.API.STREAM.NAMES", b"", timeout=1.0)
+                answered = answered + 1 if b'"error"' not in reply.data else 0
+                if answered == 2:
+                    return
+            except nats.errors.Error:
+                answered = 0  # no meta leader yet: the request times out or nobody answers
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"JetStream at {redact(url)} not ready after {timeout_s:.0f}s")
+            await asyncio.sleep(0.2)
+    finally:
+        await nc.close()

@@ -71,13 +71,17 @@ def port_open(host: str, port: int, timeout_s: float = 0.2) -> bool:
         return False
 
 
-async def wait_for_port(url: str, timeout_s: float) -> None:
-    parsed = urlparse(url if "://" in url else f"nats://{url}")
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 4222
+async def wait_for_port(servers: list[str], timeout_s: float) -> None:
+    """Return once one of `servers` (URLs) accepts TCP connections: in a cluster, any live node will do."""
+    addresses = []
+    for url in servers:
+        parsed = urlparse(url if "://" in url else f"nats://{url}")
+        addresses.append((parsed.hostname or "127.0.0.1", parsed.port or 4222))
     deadline = time.monotonic() + timeout_s
-    while not await asyncio.to_thread(port_open, host, port):
+    while not any([await asyncio.to_thread(port_open, host, port) for host, port in addresses]):
         if time.monotonic() > deadline:
-            raise Unavailable(f"NATS at {host}:{port} is not reachable after {timeout_s:.0f}s")
+            shown = ", ".join(f"{host}:{port}" for host, port in addresses)
+            raise Unavailable(f"NATS at {shown} is not reachable after {timeout_s:.0f}s")
         await asyncio.sleep(0.1)
 
 
@@ -107,7 +111,7 @@ async def connect(
         tls = context_from_env()
     servers = [u.strip() for u in url.split(",")]
     deadline = time.monotonic() + wait_s
-    await wait_for_port(servers[0], wait_s)
+    await wait_for_port(servers, wait_s)
     nc = NatsClient()
     failures: list[BaseException] = []
     #: Errors logged since the connection was last up (a refused reconnect repeats four times a second).

@@ -49,6 +49,7 @@ console = Console(stderr=True)
 app = App(name="gpuctl", help="Run and operate the gpu-fabric platform.")
 
 Port = Annotated[int, Parameter(validator=validators.Number(gte=1, lte=65535))]
+Count = Annotated[int, Parameter(validator=validators.Number(gte=1, lte=16))]
 NatsUrl = Annotated[str | None, Parameter(env_var="NATS_URL", help="Use this NATS server instead of starting one.")]
 
 
@@ -107,13 +108,37 @@ def up(
     nats_port: Port = 4222,
     worker: bool = True,
     nats_url: NatsUrl = None,
+    cluster: Count = 1,
+    replicas: Count | None = None,
+    gateways: Count = 1,
+    projections: Count = 1,
+    schedulers: Count | None = None,
 ) -> None:
     """Run the platform: NATS (unless NATS_URL is set), gateway, scheduler, projections and a local worker.
 
     Ctrl-C or SIGTERM stops every child it started and exits 0. A child that dies is restarted.
+
+    Parameters
+    ----------
+    cluster
+        Start this many NATS nodes routed to each other (client ports NATS_PORT, NATS_PORT+1, ...).
+    replicas
+        Copies of every stream and bucket (default: min(3, cluster)); existing ones with fewer are raised.
+    gateways
+        Gateway processes sharing HTTP_PORT (SO_REUSEPORT) and answering `api.>` in one queue group.
+    projections
+        Projections replicas, each with its own SQLite file, answering `proj.>` in one queue group.
+    schedulers
+        Scheduler processes, one leader and hot standbys (default: 2 with --cluster, else 1).
     """
     setup_logging("WARNING")
-    stack = LocalStack(data_dir, http_port=http_port, nats_port=nats_port, nats_url=nats_url)
+    if problem := _cluster_problem(cluster, replicas, nats_url):
+        console.print(f"[red]gpuctl: {problem}[/]")
+        sys.exit(2)
+    stack = LocalStack(
+        data_dir, http_port=http_port, nats_port=nats_port, nats_url=nats_url, cluster=cluster, replicas=replicas,
+        gateways=gateways, projections=projections, schedulers=schedulers,
+    )
     stopping = threading.Event()  # set by a signal; wakes the loop below at once
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -143,6 +168,15 @@ def up(
     finally:
         stack.stop()
         console.print("stopped every component")
+
+
+def _cluster_problem(cluster: int, replicas: int | None, nats_url: str | None) -> str | None:
+    """Why these `gpuctl up` options cannot run together, if they cannot."""
+    if cluster > 1 and nats_url is not None:
+        return "--cluster starts its own NATS nodes; unset NATS_URL (or drop --cluster to use that server)"
+    if replicas is not None and nats_url is None and replicas > cluster:
+        return f"--replicas {replicas} needs at least {replicas} NATS nodes (--cluster {replicas})"
+    return None
 
 
 # --- gpuctl keys / gpuctl workers: the platform's HTTP admin API, as its operator --------------------

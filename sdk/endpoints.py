@@ -26,6 +26,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from sdk.connection import error_reply
 from sdk.errors import PlatformError, Unavailable
@@ -94,6 +95,9 @@ class Endpoints:
             reply = answer if isinstance(answer, bytes) else _encoder.encode(answer)
         except PlatformError as exc:
             reply, headers = error_reply(exc)
+        except (NoStreamResponseError, ServiceUnavailableError, nats.errors.TimeoutError) as exc:
+            # A stream failing over to another node (or JetStream electing its leader): try again soon.
+            reply, headers = error_reply(Unavailable(f"the event log is not answering now: {type(exc).__name__}"))
         except asyncio.CancelledError:  # stopped: the caller learns it now, not at its timeout
             if msg.reply:
                 reply, headers = error_reply(Unavailable(f"{self._name} is stopping"))

@@ -31,17 +31,21 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
+import psutil
+from nats.js.errors import BadRequestError, KeyNotFoundError
 from rich.table import Table
 
-from sdk.broker import EmbeddedNats, free_port
-from sdk.connection import redact
+from sdk import subjects
+from sdk.broker import CLUSTER_READY_S, EmbeddedNats, NatsCluster, free_port, wait_for_jetstream
+from sdk.connection import connect, redact
 from sdk.http import HttpClient
+from sdk.log import NO_SUITABLE_PEERS_ERR_CODE, REPLICAS_ENV, ensure_streams
 from sdk.process import Child, stop_all
 
 logger = logging.getLogger(__name__)
@@ -50,6 +54,9 @@ T = TypeVar("T")
 
 SECRETS_DIR = "secrets"
 OPERATOR_KEY_FILE = "operator.key"
+#: Where the nodes of a local cluster keep their stores (`<data_dir>/nats-cluster/gf-1`, ...); never
+#: `<data_dir>/nats`, a single server's store, which a cluster node would delete as orphaned streams.
+CLUSTER_STORE_DIR = "nats-cluster"
 #: Held by the stack that runs on a data dir (`DataDirLock`).
 LOCK_FILE = "gpuctl.lock"
 DEFAULT_API_URL = "http://127.0.0.1:8000"
@@ -130,30 +137,61 @@ class LocalStack:
         nats_port: int | None = None,
         nats_url: str | None = None,
         env: dict[str, str] | None = None,
+        cluster: int = 1,
+        replicas: int | None = None,
+        gateways: int = 1,
+        projections: int = 1,
+        schedulers: int | None = None,
     ) -> None:
         """With `nats_url` (credentials included) the stack uses that server for every component
-        instead of starting one."""
+        instead of starting one. `cluster` > 1 starts that many NATS nodes routed to each other (client
+        ports `nats_port`, `nats_port + 1`, ...) and gives every process all their URLs. Every stream and
+        bucket gets `replicas` copies (default: min(3, nodes)). `gateways` processes share the HTTP port,
+        `projections` replicas each keep a database of their own, and `schedulers` (default 2 on a
+        cluster, else 1) elect one leader; the first of each is named as on one node (`gateway`), the
+        others `gateway-2`, ... (`replicas_of`)."""
         self.data_dir = Path(data_dir).resolve()
         self.logs = self.data_dir / "logs"
         self.secrets_dir = self.data_dir / SECRETS_DIR
         self.http_port = http_port or free_port()
-        self.env = env or {}
-        self.broker: EmbeddedNats | None = None
+        self.replicas = replicas or min(3, cluster)
+        self.counts = {"gateway": gateways, "projections": projections, "scheduler": schedulers or (2 if cluster > 1 else 1)}
+        self.env = {**(env or {}), REPLICAS_ENV: str(self.replicas)}
+        #: The NATS servers this stack runs (none with `nats_url`); `broker` is the first.
+        self.brokers: list[EmbeddedNats] = []
         if nats_url is not None:
             self.platform_url = self.worker_url = self.client_url = nats_url
+        elif cluster > 1:
+            nodes = NatsCluster(
+                self.data_dir / CLUSTER_STORE_DIR, cluster, port=nats_port, secrets_dir=self.secrets_dir, log_dir=self.logs
+            )
+            self.brokers = nodes.nodes
+            self.platform_url = nodes.url_as("platform")
+            self.worker_url = self.client_url = nodes.address
         else:
-            self.broker = EmbeddedNats(
+            broker = EmbeddedNats(
                 self.data_dir / "nats", port=nats_port, secrets_dir=self.secrets_dir,
                 log_file=self.logs / "nats-server.log",
             )
-            self.platform_url = self.broker.url_as("platform")
+            self.brokers = [broker]
+            self.platform_url = broker.url_as("platform")
             # Workers and clients bring their own identity (`sdk.bus`): their URL carries no password.
-            self.worker_url = self.client_url = self.broker.address
+            self.worker_url = self.client_url = broker.address
         #: An operator API key (from `secrets/operator.key`, created on the first start).
         self.operator_key: str | None = None
-        #: Every process of the stack, broker first: started, restarted and shown in this order.
+        #: Every process of the stack, brokers first: started, restarted and shown in this order.
         self.children: dict[str, Child] = {}
         self.lock = DataDirLock(self.data_dir)
+
+    @property
+    def broker(self) -> EmbeddedNats | None:
+        """The (first) NATS server this stack runs; None when it uses a server given by URL."""
+        return self.brokers[0] if self.brokers else None
+
+    def replicas_of(self, service: str) -> list[Child]:
+        """The running processes of `service` (`gateway`, `projections`, `scheduler`, `nats-server`,
+        `worker`), by their PIDs in `child.process.pid`: what a test kills."""
+        return [c for name, c in self.children.items() if name == service or name.startswith(f"{service}-")]
 
     @property
     def nats_url(self) -> str:
@@ -189,12 +227,21 @@ class LocalStack:
         `sdk.process`)."""
         self.lock.acquire(self.http_url)
         self.logs.mkdir(parents=True, exist_ok=True)
-        if self.broker is not None:
-            self.children[self.broker.name] = self.broker
-            self.broker.start()
-        self.service("gateway", ["gateway", "--http-port", str(self.http_port), "--secrets-dir", str(self.secrets_dir)])
-        self.service("scheduler", ["scheduler"])
-        self.service("projections", ["projections", "--db", str(self.data_dir / "projections.db")])
+        for broker in self.brokers:
+            self.children[broker.name] = broker
+            broker.start()
+        if len(self.brokers) > 1:
+            self._run(self._cluster_ready())
+        gateway_flags = ["--http-port", str(self.http_port), "--secrets-dir", str(self.secrets_dir)]
+        if self.counts["gateway"] > 1:
+            gateway_flags.append("--reuse-port")  # one port, the kernel spreads connections over them
+        for name in _replica_names("gateway", self.counts["gateway"]):
+            self.service(name, ["gateway", *gateway_flags])
+        for name in _replica_names("scheduler", self.counts["scheduler"]):
+            # Its name is its id in the leader lease, so `leader()` finds the process that leads.
+            self.service(name, ["scheduler", "--instance-id", name])
+        for name in _replica_names("projections", self.counts["projections"]):
+            self.service(name, ["projections", "--db", str(self.data_dir / f"{name}.db")])
         self.operator_key = self._wait_for_gateway()
         for name in workers:
             self.start_worker(name)
@@ -215,15 +262,47 @@ class LocalStack:
         return child
 
     def _wait_for_gateway(self, timeout_s: float = GATEWAY_START_S) -> str:
-        """The operator key the gateway wrote at its first start, once the gateway answers."""
+        """The operator key the gateway wrote at its first start, once every gateway listens and one answers."""
         deadline = time.monotonic() + timeout_s
         while True:
-            gateway = self.children["gateway"]
-            if self.operator_key_file.exists() and _healthy(self.http_url):
+            gateways = self.replicas_of("gateway")
+            if self.operator_key_file.exists() and _healthy(self.http_url) and all(map(_listening, gateways)):
                 return self.operator_key_file.read_text(encoding="utf-8").strip()
-            if not gateway.running or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not come up ({gateway.state}; see {gateway.log_path})")
+            for gateway in gateways:
+                if not gateway.running or time.monotonic() > deadline:
+                    raise RuntimeError(f"{gateway.name} did not come up ({gateway.state}; see {gateway.log_path})")
             time.sleep(0.1)
+
+    async def _cluster_ready(self) -> None:
+        """Every stream and bucket, with their replicas, before the services start: they would race to
+        make them, and a stream made by an older version on one node gets its replicas here."""
+        await wait_for_jetstream(self.platform_url, CLUSTER_READY_S)
+        deadline = time.monotonic() + CLUSTER_READY_S
+        nc = await connect(self.platform_url, name="gpuctl")
+        try:
+            while True:
+                try:
+                    return await ensure_streams(nc.jetstream(), self.replicas)
+                except BadRequestError as exc:
+                    # A new cluster elects its meta leader before every node has joined it.
+                    if exc.err_code != NO_SUITABLE_PEERS_ERR_CODE or time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    async def leader(self) -> Child | None:
+        """The scheduler process that holds the leader lease now (None while none does)."""
+        nc = await connect(self.platform_url, name="gpuctl")
+        try:
+            kv = await nc.jetstream().key_value(subjects.SCHEDULER_LEASE_BUCKET)
+            try:
+                entry = await kv.get(subjects.SCHEDULER_LEASE_KEY)
+            except KeyNotFoundError:
+                return None
+            return self.children.get((entry.value or b"").decode())
+        finally:
+            await nc.close()
 
     # --- Operator actions, through the HTTP admin API like any client's ----------------------------
 
@@ -233,15 +312,20 @@ class LocalStack:
         return created.enrollment_token
 
     def _as_operator(self, action: Callable[[HttpClient], Awaitable[T]]) -> T:
-        """Run an admin call to completion from sync code, also when an event loop is running here (a
-        test's): on a thread of its own, with a loop of its own."""
+        """Run an admin call to completion from sync code."""
 
         async def run() -> T:
             async with HttpClient(self.http_url, api_key=self.operator_key) as http:
                 return await action(http)
 
+        return self._run(run())
+
+    @staticmethod
+    def _run(work: Coroutine[Any, Any, T]) -> T:
+        """Run `work` to completion from sync code, also when an event loop is running here (a test's): on a
+        thread of its own, with a loop of its own."""
         with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, run()).result()
+            return pool.submit(asyncio.run, work).result()
 
     def restart_crashed(self, after_s: float = 2.0) -> None:
         """Start again each child that died (the broker first, on its store), `after_s` after its last start."""
@@ -259,9 +343,8 @@ class LocalStack:
         by side, then the broker, then the data dir is free again."""
         workers = [c for c in self.children.values() if c.name.startswith("worker")]
         stop_all(workers)
-        stop_all([c for c in self.children.values() if c not in workers and c is not self.broker])
-        if self.broker is not None:
-            self.broker.stop()
+        stop_all([c for c in self.children.values() if c not in workers and c not in self.brokers])
+        stop_all(self.brokers)
         self.lock.release()
 
     def table(self) -> Table:
@@ -273,6 +356,22 @@ class LocalStack:
             pid = str(child.process.pid) if child.process else "-"
             table.add_row(child.name, pid, f"[{style}]{child.state}[/]", str(child.restarts), str(child.log_path))
         return table
+
+
+def _replica_names(service: str, count: int) -> list[str]:
+    """`gateway`, `gateway-2`, ...: the first is named as when it runs alone."""
+    return [service if index == 1 else f"{service}-{index}" for index in range(1, count + 1)]
+
+
+def _listening(child: Child) -> bool:
+    """Whether `child` holds a listening TCP socket (a gateway has bound the port it shares)."""
+    if not child.running:
+        return False
+    assert child.process is not None
+    try:
+        return any(c.status == psutil.CONN_LISTEN for c in psutil.Process(child.process.pid).net_connections("tcp"))
+    except psutil.Error:
+        return False
 
 
 def _healthy(url: str) -> bool:

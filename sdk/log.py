@@ -7,6 +7,7 @@ expected sequence) are set the same way everywhere.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -31,17 +32,23 @@ LEASE_TTL_S = 5.0
 #: cluster node that held it), and nats-py makes it again only after two missed heartbeats: at its
 #: default (5 s) the scheduler saw nothing for 10 to 20 s after a broker restart (docs/reliability.md).
 FEED_IDLE_HEARTBEAT_S = 0.5
+#: JetStream's answer while a cluster cannot place that many copies (a node not joined yet, or down).
+NO_SUITABLE_PEERS_ERR_CODE = 10005
+#: How many copies of every stream and bucket a cluster keeps (`gpuctl up --replicas` sets it for the
+#: services it starts; a deployment sets it on each service). Unset: 1, what a single server holds.
+REPLICAS_ENV = "GF_STREAM_REPLICAS"
 
 
 class WrongLastSequence(Exception):
     """Another writer appended to the subject first; re-read and decide again."""
 
 
-def stream_configs() -> list[js_api.StreamConfig]:
+def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
     file = js_api.StorageType.FILE
     return [
         js_api.StreamConfig(
             name=subjects.JOBS_STREAM,
+            num_replicas=replicas,
             subjects=[subjects.JOBS_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=file,
@@ -52,6 +59,7 @@ def stream_configs() -> list[js_api.StreamConfig]:
         ),
         js_api.StreamConfig(
             name=subjects.WORKERS_STREAM,
+            num_replicas=replicas,
             subjects=[subjects.WORKERS_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=file,
@@ -59,6 +67,7 @@ def stream_configs() -> list[js_api.StreamConfig]:
         ),
         js_api.StreamConfig(
             name=subjects.SESSIONS_STREAM,
+            num_replicas=replicas,
             subjects=[subjects.SESSIONS_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=file,
@@ -66,6 +75,7 @@ def stream_configs() -> list[js_api.StreamConfig]:
         ),
         js_api.StreamConfig(
             name=subjects.HEARTBEATS_STREAM,
+            num_replicas=replicas,
             subjects=[subjects.HEARTBEATS_SUBJECTS],
             retention=js_api.RetentionPolicy.LIMITS,
             storage=file,
@@ -75,6 +85,7 @@ def stream_configs() -> list[js_api.StreamConfig]:
         ),
         js_api.StreamConfig(
             name=subjects.DISPATCH_STREAM,
+            num_replicas=replicas,
             subjects=[subjects.DISPATCH_SUBJECTS],
             retention=js_api.RetentionPolicy.WORK_QUEUE,
             # Derived from `JobAssigned` in JOBS: a dispatch lost with a server restart is requeued by the
@@ -84,33 +95,74 @@ def stream_configs() -> list[js_api.StreamConfig]:
     ]
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    """Create (or bring up to date) every stream and bucket; safe to run from every service at start."""
-    for config in stream_configs():
+def configured_replicas() -> int:
+    """The replicas this deployment asks for (`GF_STREAM_REPLICAS`), 1 when unset."""
+    value = os.environ.get(REPLICAS_ENV, "1")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{REPLICAS_ENV}={value!r}: expected a whole number of copies, 1 or more")
+    return int(value)
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> None:
+    """Create (or bring up to date) every stream and bucket; safe to run from every service at start.
+
+    Each gets `replicas` copies (default `configured_replicas()`). One that exists with fewer, made by an
+    older version or before the cluster grew, is raised to that many (JetStream copies it to the new
+    peers); one with more keeps them: lowering is an operator's decision, never a side effect of a
+    service started without the setting."""
+    replicas = replicas or configured_replicas()
+    for config in stream_configs(replicas):
+        existing = await _replicas_of(js, config.name)
+        config.num_replicas = max(replicas, existing)
+        if not existing:
+            await js.add_stream(config)  # of two services adding it at once, both succeed
+            continue
         try:
-            await js.add_stream(config)
-        except BadRequestError:
-            try:
-                await js.update_stream(config)
-            except BadRequestError as exc:
-                # e.g. a storage type changed since this data dir was made: keep what is there.
-                logger.warning("stream %s keeps its existing config: %s", config.name, exc.description)
-    await _ensure_kv(js, subjects.WORKER_CONFIG_BUCKET, history=10)
-    await _ensure_kv(js, subjects.SCHEDULER_LEASE_BUCKET, ttl=LEASE_TTL_S)
-    await _ensure_kv(js, subjects.AUTH_BUCKET, history=1)
-    await _ensure_kv(js, subjects.PLATFORM_CONFIG_BUCKET, history=10)
-    await _ensure_kv(js, subjects.WEBHOOKS_BUCKET, history=1)
+            await js.update_stream(config)
+        except BadRequestError as exc:
+            # e.g. a storage type changed since this data dir was made: keep what is there.
+            logger.warning("stream %s keeps its existing config: %s", config.name, exc.description)
+    await _ensure_kv(js, subjects.WORKER_CONFIG_BUCKET, replicas, history=10)
+    await _ensure_kv(js, subjects.SCHEDULER_LEASE_BUCKET, replicas, ttl=LEASE_TTL_S)
+    await _ensure_kv(js, subjects.AUTH_BUCKET, replicas, history=1)
+    await _ensure_kv(js, subjects.PLATFORM_CONFIG_BUCKET, replicas, history=10)
+    await _ensure_kv(js, subjects.WEBHOOKS_BUCKET, replicas, history=1)
     try:
         await js.object_store(subjects.RESULTS_BUCKET)
     except BucketNotFoundError:
-        await js.create_object_store(subjects.RESULTS_BUCKET, storage=js_api.StorageType.FILE)
+        await js.create_object_store(
+            subjects.RESULTS_BUCKET,
+            js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE, replicas=replicas),
+        )
+    else:
+        await _raise_replicas(js, f"OBJ_{subjects.RESULTS_BUCKET}", replicas)
 
 
-async def _ensure_kv(js: JetStreamContext, bucket: str, **options: Any) -> None:
+async def _ensure_kv(js: JetStreamContext, bucket: str, replicas: int, **options: Any) -> None:
     try:
         await js.key_value(bucket)
     except BucketNotFoundError:
-        await js.create_key_value(js_api.KeyValueConfig(bucket=bucket, **options))
+        await js.create_key_value(js_api.KeyValueConfig(bucket=bucket, replicas=replicas, **options))
+    else:
+        await _raise_replicas(js, f"KV_{bucket}", replicas)
+
+
+async def _replicas_of(js: JetStreamContext, stream: str) -> int:
+    """How many copies `stream` has now; 0 when it does not exist."""
+    try:
+        return (await js.stream_info(stream)).config.num_replicas or 1
+    except NotFoundError:
+        return 0
+
+
+async def _raise_replicas(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Give the stream behind a bucket `replicas` copies when it has fewer (its config otherwise as it is)."""
+    config = (await js.stream_info(stream)).config
+    if (config.num_replicas or 1) >= replicas:
+        return
+    config.num_replicas = replicas
+    await js.update_stream(config)
+    logger.info("stream %s now has %d replicas", stream, replicas)
 
 
 async def append(

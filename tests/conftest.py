@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -145,11 +146,14 @@ async def serving_gateway(
         await task
 
 
-async def start_stack(data_dir: Path, workers: list[str], regions: dict[str, str] | None = None) -> LocalStack:
+async def start_stack(
+    data_dir: Path, workers: list[str], regions: dict[str, str] | None = None, **options: Any
+) -> LocalStack:
     """Gateway, scheduler, projections and `workers` (in `regions[name]`, default `local`), with short
     heartbeats so losses show in seconds. Each worker enrolls with a token of its own;
-    `stack.operator_key` is an operator's API key."""
-    stack = LocalStack(data_dir)
+    `stack.operator_key` is an operator's API key. `options` go to `LocalStack` (`cluster=3`,
+    `gateways=2`, `projections=2`, ...)."""
+    stack = LocalStack(data_dir, **options)
     stack.start()
     try:
         async with HttpClient(stack.http_url, api_key=stack.operator_key) as http:

@@ -33,6 +33,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_503_SERVICE_UNAVAILABLE
 from litestar.types import Scope
 from nats.errors import ConnectionClosedError, NoServersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from gateway.auth import AuthSettings, Credentials, load_or_create_master_key
 from gateway.auth.master_key import MASTER_KEY_FILE
@@ -51,7 +52,13 @@ from sdk.log import ensure_streams
 
 logger = logging.getLogger(__name__)
 
-NATS_DOWN = (ConnectionClosedError, NoServersError, OutboundBufferLimitError, NatsTimeoutError)
+#: NATS, or the stream a request needs, cannot answer now: 503, and the caller tries again. A stream
+#: whose node just died answers nobody until its replicas elect a leader (`NoStreamResponseError`), and
+#: JetStream says `ServiceUnavailableError` while its cluster has no meta leader.
+NATS_DOWN = (
+    ConnectionClosedError, NoServersError, OutboundBufferLimitError, NatsTimeoutError, NoStreamResponseError,
+    ServiceUnavailableError,
+)
 
 
 # --- Health ----------------------------------------------------------------------------------------
