@@ -184,10 +184,10 @@ async def start_stack(
 
 @asynccontextmanager
 async def running_stack(
-    data_dir: Path, workers: list[str], regions: dict[str, str] | None = None
+    data_dir: Path, workers: list[str], regions: dict[str, str] | None = None, **options: Any
 ) -> AsyncIterator[LocalStack]:
     """`start_stack` for the length of a `with` block: every process is stopped by its PID at the end."""
-    stack = await start_stack(data_dir, workers, regions)
+    stack = await start_stack(data_dir, workers, regions, **options)
     try:
         yield stack
     finally:

@@ -24,7 +24,7 @@ from sdk.events import event_type
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import LEASE_TTL_S
-from tests.conftest import start_stack, wait_until
+from tests.conftest import running_stack, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +38,8 @@ PLATFORM_STREAMS = [
 
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    stack = await start_stack(tmp_path_factory.mktemp("cluster"), ["w1"], cluster=3, gateways=2, projections=2)
-    yield stack
-    stack.stop()
+    async with running_stack(tmp_path_factory.mktemp("cluster"), ["w1"], cluster=3, gateways=2, projections=2) as stack:
+        yield stack
 
 
 @pytest.fixture
