@@ -156,7 +156,7 @@ class LocalStack:
         self.http_port = http_port or free_port()
         self.replicas = replicas or min(3, cluster)
         self.counts = {"gateway": gateways, "projections": projections, "scheduler": schedulers or (2 if cluster > 1 else 1)}
-        self.env = {**(env or {}), REPLICAS_ENV: str(self.replicas)}
+        self.env = env or {}
         #: The NATS servers this stack runs (none with `nats_url`); `broker` is the first.
         self.brokers: list[EmbeddedNats] = []
         if nats_url is not None:
@@ -218,7 +218,7 @@ class LocalStack:
         """A service named `name` (a second scheduler: `service("scheduler-2", ["scheduler"])`): `args` are
         its package and flags, run as `python -m <package> <flags>` and connected as the platform user."""
         module, *flags = args
-        return self._child(name, flags, module=module, env={"NATS_URL": self.platform_url})
+        return self._child(name, flags, module=module, env={"NATS_URL": self.platform_url, REPLICAS_ENV: str(self.replicas)})
 
     def start(self, workers: list[str] = ()) -> None:  # type: ignore[assignment]
         """Start the broker (unless given a server), the services and `workers`; return once the gateway

@@ -114,14 +114,16 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> N
     for config in stream_configs(replicas):
         existing = await _replicas_of(js, config.name)
         config.num_replicas = max(replicas, existing)
-        if not existing:
-            await js.add_stream(config)  # of two services adding it at once, both succeed
-            continue
         try:
-            await js.update_stream(config)
-        except BadRequestError as exc:
-            # e.g. a storage type changed since this data dir was made: keep what is there.
-            logger.warning("stream %s keeps its existing config: %s", config.name, exc.description)
+            await js.add_stream(config)  # nothing changes when it exists with this config
+        except BadRequestError:
+            if not existing:
+                raise  # e.g. a cluster that cannot place that many copies (yet)
+            try:
+                await js.update_stream(config)
+            except BadRequestError as exc:
+                # e.g. a storage type changed since this data dir was made: keep what is there.
+                logger.warning("stream %s keeps its existing config: %s", config.name, exc.description)
     await _ensure_kv(js, subjects.WORKER_CONFIG_BUCKET, replicas, history=10)
     await _ensure_kv(js, subjects.SCHEDULER_LEASE_BUCKET, replicas, ttl=LEASE_TTL_S)
     await _ensure_kv(js, subjects.AUTH_BUCKET, replicas, history=1)
