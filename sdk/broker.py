@@ -14,6 +14,7 @@ streams as orphans (`sdk.migrate` moves them instead)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -28,6 +29,7 @@ from pathlib import Path
 import nats.errors
 import nkeys
 
+from sdk import subjects
 from sdk.connection import connect, port_open, redact, with_user
 from sdk.private_files import write_private
 from sdk.process import Child, stop_all
@@ -44,10 +46,14 @@ NATS_ENV_FILE = "nats.env"
 ISSUER_SEED_FILE = "nats-issuer.seed"
 #: The user cluster nodes authenticate their routes with (its password: `GF_ROUTE_PASSWORD` in nats.env).
 ROUTE_USER = "route"
+#: The user a far region's leaf server connects to the platform's servers as (`GF_LEAF_PASSWORD`).
+LEAF_USER = "leaf"
 #: The name every node of a cluster shares; a route from a server of another cluster is refused.
 CLUSTER_NAME = "gpu-fabric"
 #: How long a new cluster may take to elect its JetStream meta leader (streams cannot be created before).
 CLUSTER_READY_S = 30.0
+#: The stream `wait_for_jetstream` creates and deletes to learn whether the cluster can place replicas.
+PROBE_STREAM = "GF_PLACEMENT_PROBE"
 #: The variable nats.conf reads the auth callout's issuer (an account public key) from.
 ISSUER_VARIABLE = "GF_AUTH_ISSUER"
 #: Where a deployment without a secrets dir of ours hands the gateway the issuer's seed.
@@ -63,7 +69,7 @@ def nats_passwords() -> dict[str, str]:
     """New random passwords for every user, as the environment nats-server needs."""
     # The prefix keeps a password from looking like a number: nats-server parses an environment value
     # like a config value, and an all-digit one would become an integer and fail.
-    return {password_variable(user): f"gf_{secrets.token_urlsafe(24)}" for user in (*NATS_USERS, ROUTE_USER)}
+    return {password_variable(user): f"gf_{secrets.token_urlsafe(24)}" for user in (*NATS_USERS, ROUTE_USER, LEAF_USER)}
 
 
 def load_or_create_issuer(secrets_dir: Path) -> nkeys.KeyPair:
@@ -152,7 +158,8 @@ class EmbeddedNats(Child):
     `secrets_dir` (default `<store_dir>/secrets`) holds `nats.env` (passwords, issuer) and the issuer's
     seed, created on first start; a gateway started with the same secrets dir answers the server's
     auth callout. `env` replaces what `nats.env` holds. With `tls_cert` and `tls_key` the server accepts
-    TLS connections only. With `cluster` it is one node of a `NatsCluster`.
+    TLS connections only. With `cluster` it is one node of a `NatsCluster`; with `leafnode_port` it takes
+    the connections of `LeafNats` servers there.
     """
 
     def __init__(
@@ -167,6 +174,7 @@ class EmbeddedNats(Child):
         tls_key: Path | None = None,
         name: str = "nats-server",
         cluster: ClusterNode | None = None,
+        leafnode_port: int | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         self.secrets_dir = Path(secrets_dir) if secrets_dir is not None else self.store_dir / "secrets"
@@ -176,6 +184,7 @@ class EmbeddedNats(Child):
         self.tls_cert = tls_cert
         self.tls_key = tls_key
         self.cluster = cluster
+        self.leafnode_port = leafnode_port
 
     @property
     def address(self) -> str:
@@ -193,7 +202,7 @@ class EmbeddedNats(Child):
         return self.url_as("platform")
 
     def command(self) -> list[str]:
-        config = self.config if self.cluster is None else self._write_node_config(self.cluster)
+        config = self.config if self.cluster is None and self.leafnode_port is None else self._write_node_config()
         cmd = [nats_server_binary(), "-c", str(config), "-a", "127.0.0.1", "-p", str(self.port),
                "-sd", str(self.store_dir)]
         if self.cluster is not None:
@@ -202,21 +211,33 @@ class EmbeddedNats(Child):
             cmd += ["--tls", "--tlscert", str(self.tls_cert), "--tlskey", str(self.tls_key or self.tls_cert)]
         return cmd
 
-    def _write_node_config(self, node: ClusterNode) -> Path:
-        """`nats.conf` plus this node's `cluster {}` block, in the secrets dir (the routes carry the password;
-        nats-server cannot put a variable inside a URL, and an `include` of an absolute path fails)."""
-        password = self.env[password_variable(ROUTE_USER)]
-        routes = ", ".join(
-            f"nats-route://{ROUTE_USER}:{password}@127.0.0.1:{port}" for port in node.route_ports if port != node.route_port
-        )
-        block = (
-            f"\n# --- Written by sdk.broker: node {node.server_name} of cluster {CLUSTER_NAME} ---\n"
-            f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.route_port}\n"
-            f"  authorization {{ user: {ROUTE_USER}, password: ${password_variable(ROUTE_USER)} }}\n"
-            f"  routes: [ {routes} ]\n}}\n"
-        )
-        path = self.secrets_dir / f"{node.server_name}.conf"
-        write_private(path, (self.config.read_text(encoding="utf-8") + block).encode())
+    def _write_node_config(self) -> Path:
+        """`nats.conf` plus this node's `cluster {}` block (routes to the other nodes) and `leafnodes {}`
+        block (where far regions' leaf servers connect), in the secrets dir: the routes carry the route
+        password, since nats-server cannot put a variable inside a URL (nor `include` an absolute path)."""
+        blocks = [self.config.read_text(encoding="utf-8")]
+        if self.leafnode_port is not None:
+            # The hub's JetStream answers leaf servers' clients under `$JS.<domain>.API` only.
+            blocks[0] = blocks[0].replace("jetstream {", f"jetstream {{\n  domain: {subjects.JETSTREAM_DOMAIN}", 1)
+        if (node := self.cluster) is not None:
+            password = self.env[password_variable(ROUTE_USER)]
+            routes = ", ".join(
+                f"nats-route://{ROUTE_USER}:{password}@127.0.0.1:{port}" for port in node.route_ports if port != node.route_port
+            )
+            blocks.append(
+                f"# --- Written by sdk.broker: node {node.server_name} of cluster {CLUSTER_NAME} ---\n"
+                f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.route_port}\n"
+                f"  authorization {{ user: {ROUTE_USER}, password: ${password_variable(ROUTE_USER)} }}\n"
+                f"  routes: [ {routes} ]\n}}\n"
+            )
+        if self.leafnode_port is not None:
+            blocks.append(
+                "# --- Written by sdk.broker: leaf servers of far regions connect here, into the global account ---\n"
+                f"leafnodes {{\n  listen: 127.0.0.1:{self.leafnode_port}\n"
+                f"  authorization {{ user: {LEAF_USER}, password: ${password_variable(LEAF_USER)} }}\n}}\n"
+            )
+        path = self.secrets_dir / f"{self.cluster.server_name if self.cluster else self.name}.conf"
+        write_private(path, "\n".join(blocks).encode())
         return path
 
     def start(self, wait_s: float = 15.0) -> None:
@@ -248,7 +269,8 @@ class NatsCluster:
     """`size` nodes routed to each other, each a child of its own (`nats-server`, `nats-server-2`, ...) with
     its store in `<root>/<server name>`. Client ports are `port`, `port + 1`, ... (free ports without
     `port`); route ports are free ports. Clients get every node's URL (`address`, comma-separated) and
-    reconnect to a live one by themselves."""
+    reconnect to a live one by themselves. With `leafnodes` every node also takes leaf servers' connections.
+    """
 
     def __init__(
         self,
@@ -259,11 +281,13 @@ class NatsCluster:
         secrets_dir: Path,
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
+        leafnodes: bool = False,
     ) -> None:
         if size < 2:
             raise ValueError(f"a cluster has 2 or more nodes, not {size}")
         client_ports = [port + index for index in range(size)] if port else free_ports(size)
         route_ports = tuple(free_ports(size, avoid=frozenset(client_ports)))
+        leaf_ports = free_ports(size, avoid=frozenset([*client_ports, *route_ports])) if leafnodes else [None] * size
         self.nodes: list[EmbeddedNats] = []
         for index in range(size):
             name = "nats-server" if index == 0 else f"nats-server-{index + 1}"
@@ -271,7 +295,7 @@ class NatsCluster:
             self.nodes.append(EmbeddedNats(
                 Path(root) / server_name, port=client_ports[index], env=env, secrets_dir=secrets_dir,
                 log_file=Path(log_dir) / f"{name}.log" if log_dir else None, name=name,
-                cluster=ClusterNode(server_name, route_ports[index], route_ports),
+                cluster=ClusterNode(server_name, route_ports[index], route_ports), leafnode_port=leaf_ports[index],
             ))
 
     @property
@@ -287,12 +311,11 @@ class NatsCluster:
         return self.url_as("platform")
 
     def start(self, ready_s: float = CLUSTER_READY_S) -> None:
-        """Start every node, and return once the cluster has a JetStream meta leader (before that, no
-        stream can be created)."""
+        """Start every node, and return once the cluster can place a stream on all of them."""
         for node in self.nodes:
             node.start()
         with ThreadPoolExecutor(1) as pool:
-            pool.submit(asyncio.run, wait_for_jetstream(self.url, ready_s)).result()
+            pool.submit(asyncio.run, wait_for_jetstream(self.url, ready_s, len(self.nodes))).result()
         logger.info("NATS cluster of %d nodes ready at %s", len(self.nodes), self.address)
 
     def stop(self) -> None:
@@ -306,24 +329,71 @@ class NatsCluster:
         self.stop()
 
 
-async def wait_for_jetstream(url: str, timeout_s: float) -> None:
-    """Return once the JetStream meta leader at `url` answers twice in a row (a new cluster may elect
-    again as its last routes connect); raise `TimeoutError` after `timeout_s`."""
+async def wait_for_jetstream(url: str, timeout_s: float, replicas: int = 1) -> None:
+    """Return once JetStream at `url` can place a stream with `replicas` copies: a new cluster elects its
+    meta leader before every node has joined, and refuses such a stream until then ("no suitable peers").
+    The probe is a memory stream, deleted at once. Raise `TimeoutError` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     nc = await connect(url, name="jetstream-check", wait_s=timeout_s)
-    answered = 0
+    probe = {"name": PROBE_STREAM, "subjects": [], "storage": "memory", "num_replicas": replicas}
     try:
         while True:
             try:
-                # Stream names come from the meta leader, unlike account info, which any node answers.
-                reply = await nc.request("$JS.API.STREAM.NAMES", b"", timeout=1.0)
-                answered = answered + 1 if b'"error"' not in reply.data else 0
-                if answered == 2:
+                reply = await nc.request(f"$JS.API.STREAM.CREATE.{PROBE_STREAM}", json.dumps(probe).encode(), timeout=2.0)
+                if b'"error"' not in reply.data:
+                    await nc.request(f"$JS.API.STREAM.DELETE.{PROBE_STREAM}", b"", timeout=2.0)
                     return
             except nats.errors.Error:
-                answered = 0  # no meta leader yet: the request times out or nobody answers
+                pass  # no meta leader yet: the request times out or nobody answers
             if time.monotonic() > deadline:
-                raise TimeoutError(f"JetStream at {redact(url)} not ready after {timeout_s:.0f}s")
+                raise TimeoutError(f"JetStream at {redact(url)} cannot place {replicas} replicas after {timeout_s:.0f}s")
             await asyncio.sleep(0.2)
     finally:
         await nc.close()
+
+
+class LeafNats(Child):
+    """A far region's own nats-server, a leaf node of the platform's servers (`hub_leaf_urls`, their
+    leafnode ports): workers of the region connect to it nearby, and it carries their traffic to the
+    platform over one connection. It keeps no JetStream of its own, so the workers' JetStream requests
+    (their dispatch consumers) go to the platform's; it asks the platform's auth callout, over the same
+    connection, who each connecting worker is. Its config, written to `<secrets_dir>/<name>.conf`, holds
+    the leaf password. Users of the leaf server: `platform` only (operators); everyone else by the callout."""
+
+    def __init__(
+        self, hub_leaf_urls: list[str], *, secrets_dir: Path, port: int | None = None,
+        log_file: Path | None = None, name: str = "nats-leaf",
+    ) -> None:
+        super().__init__(name, [], log_file, load_or_create_nats_env(Path(secrets_dir)))
+        self.secrets_dir = Path(secrets_dir)
+        self.hub_leaf_urls = hub_leaf_urls
+        self.port = port or free_port()
+
+    @property
+    def address(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        password = self.env[password_variable(LEAF_USER)]
+        remotes = ", ".join(f'"{with_user(url, LEAF_USER, password).replace("nats://", "nats-leaf://")}"' for url in self.hub_leaf_urls)
+        config = (
+            f"server_name: {self.name}\nmax_payload: 8MB\n"
+            "authorization {\n  timeout: 5\n"
+            f"  users = [ {{ user: platform, password: ${password_variable('platform')} }} ]\n"
+            f"  auth_callout {{ issuer: ${ISSUER_VARIABLE}, auth_users: [ platform ] }}\n}}\n"
+            f"leafnodes {{ remotes = [ {{ urls: [ {remotes} ] }} ] }}\n"
+            # No JetStream here: the workers' JetStream API calls go to the platform's, in its domain.
+            f'mappings = {{ "$JS.API.>": "$JS.{subjects.JETSTREAM_DOMAIN}.API.>" }}\n'
+        )
+        path = self.secrets_dir / f"{self.name}.conf"
+        write_private(path, config.encode())
+        return [nats_server_binary(), "-c", str(path), "-a", "127.0.0.1", "-p", str(self.port)]
+
+    def start(self, wait_s: float = 15.0) -> None:
+        super().start()
+        deadline = time.monotonic() + wait_s
+        while not port_open("127.0.0.1", self.port):
+            if not self.running or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"leaf nats-server {self.name} did not listen on {self.port} ({self.state})")
+            time.sleep(0.05)

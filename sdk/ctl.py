@@ -113,6 +113,7 @@ def up(
     gateways: Count = 1,
     projections: Count = 1,
     schedulers: Count | None = None,
+    leafnodes: bool = False,
 ) -> None:
     """Run the platform: NATS (unless NATS_URL is set), gateway, scheduler, projections and a local worker.
 
@@ -130,6 +131,8 @@ def up(
         Projections replicas, each with its own SQLite file, answering `proj.>` in one queue group.
     schedulers
         Scheduler processes, one leader and hot standbys (default: 2 with --cluster, else 1).
+    leafnodes
+        Every NATS node also listens for far regions' leaf servers (docs/deployment.md, "Far regions").
     """
     setup_logging("WARNING")
     if problem := _cluster_problem(cluster, replicas, nats_url):
@@ -137,7 +140,7 @@ def up(
         sys.exit(2)
     stack = LocalStack(
         data_dir, http_port=http_port, nats_port=nats_port, nats_url=nats_url, cluster=cluster, replicas=replicas,
-        gateways=gateways, projections=projections, schedulers=schedulers,
+        gateways=gateways, projections=projections, schedulers=schedulers, leafnodes=leafnodes,
     )
     stopping = threading.Event()  # set by a signal; wakes the loop below at once
 
@@ -160,6 +163,8 @@ def up(
             f"operator API key in {stack.operator_key_file} (export GF_API_KEY=$(cat {stack.operator_key_file})); "
             f"NATS passwords in {stack.secrets_dir / 'nats.env'}"
         )
+        if stack.leafnode_urls:
+            console.print(f"leaf servers of far regions connect to {','.join(stack.leafnode_urls)} as `leaf`")
         with Live(stack.table(), console=console, refresh_per_second=2) as live:
             while not stopping.is_set():
                 stack.restart_crashed()

@@ -38,14 +38,16 @@ from typing import IO, Any, TypeVar
 
 import httpx
 import psutil
-from nats.js.errors import BadRequestError, KeyNotFoundError
+from nats.aio.client import Client as NatsClient
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from rich.table import Table
 
 from sdk import subjects
 from sdk.broker import CLUSTER_READY_S, EmbeddedNats, NatsCluster, free_port, wait_for_jetstream
 from sdk.connection import connect, redact
 from sdk.http import HttpClient
-from sdk.log import NO_SUITABLE_PEERS_ERR_CODE, REPLICAS_ENV, ensure_streams
+from sdk.log import REPLICAS_ENV, ensure_streams
+from sdk.migrate import move_streams
 from sdk.process import Child, stop_all
 
 logger = logging.getLogger(__name__)
@@ -54,6 +56,8 @@ T = TypeVar("T")
 
 SECRETS_DIR = "secrets"
 OPERATOR_KEY_FILE = "operator.key"
+#: A single server's store (`gpuctl up` without --cluster).
+SINGLE_STORE_DIR = "nats"
 #: Where the nodes of a local cluster keep their stores (`<data_dir>/nats-cluster/gf-1`, ...); never
 #: `<data_dir>/nats`, a single server's store, which a cluster node would delete as orphaned streams.
 CLUSTER_STORE_DIR = "nats-cluster"
@@ -142,6 +146,7 @@ class LocalStack:
         gateways: int = 1,
         projections: int = 1,
         schedulers: int | None = None,
+        leafnodes: bool = False,
     ) -> None:
         """With `nats_url` (credentials included) the stack uses that server for every component
         instead of starting one. `cluster` > 1 starts that many NATS nodes routed to each other (client
@@ -149,7 +154,8 @@ class LocalStack:
         bucket gets `replicas` copies (default: min(3, nodes)). `gateways` processes share the HTTP port,
         `projections` replicas each keep a database of their own, and `schedulers` (default 2 on a
         cluster, else 1) elect one leader; the first of each is named as on one node (`gateway`), the
-        others `gateway-2`, ... (`replicas_of`)."""
+        others `gateway-2`, ... (`replicas_of`). With `leafnodes` every NATS node also listens for far
+        regions' leaf servers (`leafnode_urls`, `sdk.broker.LeafNats`)."""
         self.data_dir = Path(data_dir).resolve()
         self.logs = self.data_dir / "logs"
         self.secrets_dir = self.data_dir / SECRETS_DIR
@@ -163,15 +169,16 @@ class LocalStack:
             self.platform_url = self.worker_url = self.client_url = nats_url
         elif cluster > 1:
             nodes = NatsCluster(
-                self.data_dir / CLUSTER_STORE_DIR, cluster, port=nats_port, secrets_dir=self.secrets_dir, log_dir=self.logs
+                self.data_dir / CLUSTER_STORE_DIR, cluster, port=nats_port, secrets_dir=self.secrets_dir, log_dir=self.logs,
+                leafnodes=leafnodes,
             )
             self.brokers = nodes.nodes
             self.platform_url = nodes.url_as("platform")
             self.worker_url = self.client_url = nodes.address
         else:
             broker = EmbeddedNats(
-                self.data_dir / "nats", port=nats_port, secrets_dir=self.secrets_dir,
-                log_file=self.logs / "nats-server.log",
+                self.data_dir / SINGLE_STORE_DIR, port=nats_port, secrets_dir=self.secrets_dir,
+                log_file=self.logs / "nats-server.log", leafnode_port=free_port() if leafnodes else None,
             )
             self.brokers = [broker]
             self.platform_url = broker.url_as("platform")
@@ -187,6 +194,11 @@ class LocalStack:
     def broker(self) -> EmbeddedNats | None:
         """The (first) NATS server this stack runs; None when it uses a server given by URL."""
         return self.brokers[0] if self.brokers else None
+
+    @property
+    def leafnode_urls(self) -> list[str]:
+        """Where a far region's leaf server connects (`nats://host:port` of each node's leafnode listener)."""
+        return [f"nats://127.0.0.1:{b.leafnode_port}" for b in self.brokers if b.leafnode_port is not None]
 
     def replicas_of(self, service: str) -> list[Child]:
         """The running processes of `service` (`gateway`, `projections`, `scheduler`, `nats-server`,
@@ -275,21 +287,34 @@ class LocalStack:
 
     async def _cluster_ready(self) -> None:
         """Every stream and bucket, with their replicas, before the services start: they would race to
-        make them, and a stream made by an older version on one node gets its replicas here."""
-        await wait_for_jetstream(self.platform_url, CLUSTER_READY_S)
-        deadline = time.monotonic() + CLUSTER_READY_S
+        make them, and a stream made by an older version on one node gets its replicas here. The first
+        cluster on a data dir that a single server used takes over that server's streams (`sdk.migrate`)."""
+        await wait_for_jetstream(self.platform_url, CLUSTER_READY_S, self.replicas)
         nc = await connect(self.platform_url, name="gpuctl")
         try:
-            while True:
-                try:
-                    return await ensure_streams(nc.jetstream(), self.replicas)
-                except BadRequestError as exc:
-                    # A new cluster elects its meta leader before every node has joined it.
-                    if exc.err_code != NO_SUITABLE_PEERS_ERR_CODE or time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.2)
+            single_store = self.data_dir / SINGLE_STORE_DIR
+            if (single_store / "jetstream").is_dir() and not await _has_stream(nc, subjects.JOBS_STREAM):
+                await self._move_single_node_streams(single_store, nc)
+            await ensure_streams(nc.jetstream(), self.replicas)
         finally:
             await nc.close()
+
+    async def _move_single_node_streams(self, store: Path, cluster: NatsClient) -> None:
+        """Run the single server on its old store (on a port of its own, for this only) and move its
+        streams into the cluster; the old store is left as it was."""
+        single = EmbeddedNats(store, secrets_dir=self.secrets_dir, log_file=self.logs / "nats-single-node.log")
+        single.start()
+        try:
+            source = await connect(single.url, name="gpuctl-migrate")
+            try:
+                moved = await move_streams(source, cluster, self.replicas)
+            finally:
+                await source.close()
+        finally:
+            single.stop()
+        logger.warning("moved %s from the single server's store %s into the cluster (%d replicas); that store "
+                       "is no longer used: delete it once the cluster has what you expect", ", ".join(moved) or "nothing",
+                       store, self.replicas)
 
     async def leader(self) -> Child | None:
         """The scheduler process that holds the leader lease now (None while none does)."""
@@ -356,6 +381,14 @@ class LocalStack:
             pid = str(child.process.pid) if child.process else "-"
             table.add_row(child.name, pid, f"[{style}]{child.state}[/]", str(child.restarts), str(child.log_path))
         return table
+
+
+async def _has_stream(nc: NatsClient, stream: str) -> bool:
+    try:
+        await nc.jetstream().stream_info(stream)
+    except NotFoundError:
+        return False
+    return True
 
 
 def _replica_names(service: str, count: int) -> list[str]:

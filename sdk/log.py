@@ -32,8 +32,6 @@ LEASE_TTL_S = 5.0
 #: cluster node that held it), and nats-py makes it again only after two missed heartbeats: at its
 #: default (5 s) the scheduler saw nothing for 10 to 20 s after a broker restart (docs/reliability.md).
 FEED_IDLE_HEARTBEAT_S = 0.5
-#: JetStream's answer while a cluster cannot place that many copies (a node not joined yet, or down).
-NO_SUITABLE_PEERS_ERR_CODE = 10005
 #: How many copies of every stream and bucket a cluster keeps (`gpuctl up --replicas` sets it for the
 #: services it starts; a deployment sets it on each service). Unset: 1, what a single server holds.
 REPLICAS_ENV = "GF_STREAM_REPLICAS"

@@ -40,6 +40,18 @@ STREAM_SUBJECTS = {
     SESSIONS_STREAM: SESSIONS_SUBJECTS,
 }
 
+#: The JetStream domain of servers that take far regions' leaf servers: a leaf server's clients reach the
+#: platform's JetStream API as `$JS.<domain>.API.>` (a server does not share its plain `$JS.API.>` over a
+#: leaf connection); the leaf server maps their `$JS.API.>` there (`sdk.broker.LeafNats`).
+JETSTREAM_DOMAIN = "gpu-fabric"
+JS_API_PREFIX = "$JS.API."
+
+
+def in_jetstream_domain(subject: str) -> str:
+    """`$JS.API.X` as a leaf server's client sends it after the leaf's mapping: `$JS.<domain>.API.X`."""
+    return subject.replace(JS_API_PREFIX, f"$JS.{JETSTREAM_DOMAIN}.API.", 1)
+
+
 # --- Buckets -------------------------------------------------------------------------------------
 
 #: Runtime configuration pushed to workers: key `_defaults` plus one key per worker id.

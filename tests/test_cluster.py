@@ -36,6 +36,37 @@ PLATFORM_STREAMS = [
 ]
 
 
+async def test_a_single_node_data_dir_moves_into_a_new_cluster_with_its_history(tmp_path: Path) -> None:
+    single = LocalStack(tmp_path)
+    single.start()
+    try:
+        async with HttpClient(single.http_url, api_key=single.operator_key) as client:
+            # No worker: the job waits in the log for one.
+            accepted = await client.submit("echo", params={"from": "one node"})
+            key = await client.create_api_key("alice")
+    finally:
+        single.stop()
+
+    grown = LocalStack(tmp_path, cluster=3)
+    grown.start()
+    try:
+        nc = await connect(grown.nats_url, name="test-cluster")
+        try:
+            jobs = await nc.jetstream().stream_info(subjects.JOBS_STREAM)
+        finally:
+            await nc.close()
+        assert jobs.config.num_replicas == 3
+        # The same sequence numbers (a client's `min_seq` still means the same write), the same keys.
+        async with HttpClient(grown.http_url, api_key=key.api_key) as alice:
+            assert [job.id for job in (await alice.list()).items] == []
+        async with HttpClient(grown.http_url, api_key=grown.operator_key) as client:
+            view = await client.get(accepted.id, min_seq=accepted.seq)
+            assert (view.status, view.params) == ("pending", {"from": "one node"})
+            assert [event_type(record.event) for record in await client.events(accepted.id)] == ["job.submitted"]
+    finally:
+        grown.stop()
+
+
 @pytest.fixture(scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
     async with running_stack(tmp_path_factory.mktemp("cluster"), ["w1"], cluster=3, gateways=2, projections=2) as stack:

@@ -25,7 +25,7 @@ OPERATOR_ENDPOINTS = (
 )
 
 
-def worker_permissions(worker_id: str) -> Permissions:
+def _own_permissions(worker_id: str) -> Permissions:
     """A worker: its own gateway endpoints, its token stream, its dispatch consumer, its config keys."""
     consumer = subjects.dispatch_consumer(worker_id)
     own_config = [f"{_CONFIG_KEYS}.{key}" for key in (subjects.WORKER_CONFIG_DEFAULTS_KEY, worker_id)]
@@ -65,6 +65,14 @@ def worker_permissions(worker_id: str) -> Permissions:
         ),
         allow_responses=True,
     )
+
+
+def worker_permissions(worker_id: str) -> Permissions:
+    """`_own_permissions`, each JetStream API subject also as it reads through a far region's leaf server
+    (in the platform's JetStream domain, docs/deployment.md)."""
+    own = _own_permissions(worker_id)
+    via_leaf = tuple(subjects.in_jetstream_domain(s) for s in own.publish if s.startswith(subjects.JS_API_PREFIX))
+    return Permissions(publish=own.publish + via_leaf, subscribe=own.subscribe)
 
 
 def enrolling_permissions(inbox_prefix: str) -> Permissions:
