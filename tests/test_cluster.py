@@ -61,7 +61,7 @@ async def test_a_single_node_data_dir_moves_into_a_new_cluster_with_its_history(
             assert [job.id for job in (await alice.list()).items] == []
         async with HttpClient(grown.http_url, api_key=grown.operator_key) as client:
             view = await client.get(accepted.id, min_seq=accepted.seq)
-            assert (view.status, view.params) == ("pending", {"from": "one node"})
+            assert (view.status, view.params) == ("queued", {"from": "one node"})
             assert [event_type(record.event) for record in await client.events(accepted.id)] == ["job.submitted"]
     finally:
         grown.stop()
