@@ -30,7 +30,8 @@ pytestmark = pytest.mark.slow
 
 #: Every stream and bucket the platform makes (`sdk.log.ensure_streams`), as JetStream names them.
 PLATFORM_STREAMS = [
-    subjects.JOBS_STREAM, subjects.WORKERS_STREAM, subjects.HEARTBEATS_STREAM, subjects.DISPATCH_STREAM,
+    subjects.JOBS_STREAM, subjects.WORKERS_STREAM, subjects.SESSIONS_STREAM, subjects.HEARTBEATS_STREAM,
+    subjects.DISPATCH_STREAM,
     f"KV_{subjects.WORKER_CONFIG_BUCKET}", f"KV_{subjects.SCHEDULER_LEASE_BUCKET}", f"KV_{subjects.AUTH_BUCKET}",
     f"KV_{subjects.PLATFORM_CONFIG_BUCKET}", f"KV_{subjects.WEBHOOKS_BUCKET}", f"OBJ_{subjects.RESULTS_BUCKET}",
 ]
