@@ -9,6 +9,8 @@ event log, `dispatch.>` or `stream.>`.
 
 from __future__ import annotations
 
+import msgspec
+
 from gateway.bus.jwt import Permissions
 from sdk import subjects
 
@@ -72,7 +74,7 @@ def worker_permissions(worker_id: str) -> Permissions:
     (in the platform's JetStream domain, docs/deployment.md)."""
     own = _own_permissions(worker_id)
     via_leaf = tuple(subjects.in_jetstream_domain(s) for s in own.publish if s.startswith(subjects.JS_API_PREFIX))
-    return Permissions(publish=own.publish + via_leaf, subscribe=own.subscribe)
+    return msgspec.structs.replace(own, publish=own.publish + via_leaf)
 
 
 def enrolling_permissions(inbox_prefix: str) -> Permissions:
