@@ -40,11 +40,13 @@ test-fast *ARGS:
 lint:
     ruff check sdk gateway scheduler worker projections bench tests
 
-# Benchmarks: echo jobs through the platform vs raw JetStream, the LLM overhead, placement at fleet scale. Figures go to docs/benchmarks.md.
+# Benchmarks: echo jobs through the platform vs raw JetStream, the LLM overhead, placement at fleet scale,
+# replaying the log (100,000 events; `python -m bench.replay --jobs 250000` for a million). Figures go to docs/benchmarks.md.
 bench *ARGS:
     python -m bench.echo_throughput {{ARGS}}
     python -m bench.llm_overhead
     python -m bench.placement
+    python -m bench.replay --jobs 25000 --rounds 3
 
 # The same no-op job on the platform, Celery + Redis and taskiq + JetStream, back to back; one table of
 # ratios (figures in docs/benchmarks.md). Installs the peers first: the `bench` extra and Debian's redis-server.

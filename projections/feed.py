@@ -1,7 +1,10 @@
-"""Reading the folded streams: ordered push consumers that feed one bounded queue, drained in batches.
+"""Reading the folded streams: ordered push consumers that append to one bounded buffer, drained in batches.
 
 The live service and the replay read through this same code, so a rebuilt database is folded from
-exactly the messages the live one saw.
+exactly the messages the live one saw. It is the replay's hot path (docs/benchmarks.md, "Replaying the
+log"): a delivery costs one list append and a split of the reply subject (no `msg.metadata` objects, no
+`asyncio.Queue` per message), and the reader takes everything buffered at once, so the fold works on
+large batches while the consumers keep delivering.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from sdk import subjects
-from sdk.log import FEED_IDLE_HEARTBEAT_S
+from sdk.log import FEED_IDLE_HEARTBEAT_S, ack_fields
 
 logger = logging.getLogger(__name__)
 
@@ -25,11 +28,12 @@ FOLDED_STREAMS = {
     subjects.WORKERS_STREAM: subjects.WORKERS_SUBJECTS,
     subjects.HEARTBEATS_STREAM: subjects.HEARTBEATS_SUBJECTS,
 }
-#: A full queue blocks the consumers' callbacks, and JetStream's flow control then holds back the
+#: A full buffer blocks the consumers' callbacks, and JetStream's flow control then holds back the
 #: rest of a large backlog instead of it piling up in memory.
-QUEUE_SIZE = 10_000
-#: The most events written in one transaction.
-BATCH_MAX = 1_000
+BUFFER_SIZE = 20_000
+#: The most events written in one transaction: large enough that most of a backlog's job lifecycles
+#: fall inside one batch (a row written once, not once per event), small enough to keep a commit short.
+BATCH_MAX = 10_000
 
 
 class Delivered(NamedTuple):
@@ -40,14 +44,44 @@ class Delivered(NamedTuple):
     pending: int
 
 
-async def follow(
-    js: JetStreamContext, stream: str, after_seq: int, queue: asyncio.Queue[Delivered]
-) -> JetStreamContext.PushSubscription:
-    """Put every message of `stream` after `after_seq` on `queue`, in order, until unsubscribed."""
+class Feed:
+    """A bounded buffer of deliveries, in arrival order: `put` from the consumers, `take` batches."""
+
+    def __init__(self, size: int = BUFFER_SIZE) -> None:
+        self._size = size
+        self._buffer: list[Delivered] = []
+        self._ready = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+
+    def __len__(self) -> int:
+        return len(self._buffer)
+
+    async def put(self, delivered: Delivered) -> None:
+        self._buffer.append(delivered)
+        self._ready.set()
+        if len(self._buffer) >= self._size:
+            self._room.clear()
+            await self._room.wait()
+
+    async def take(self, max_size: int = BATCH_MAX) -> list[Delivered]:
+        """Wait for one delivery, then take everything already buffered (up to `max_size`)."""
+        await self._ready.wait()
+        batch = self._buffer[:max_size]
+        del self._buffer[:max_size]
+        if not self._buffer:
+            self._ready.clear()
+        if len(self._buffer) < self._size:
+            self._room.set()
+        return batch
+
+
+async def follow(js: JetStreamContext, stream: str, after_seq: int, feed: Feed) -> JetStreamContext.PushSubscription:
+    """Put every message of `stream` after `after_seq` into `feed`, in order, until unsubscribed."""
 
     async def deliver(msg: Msg) -> None:
-        meta = msg.metadata
-        await queue.put(Delivered(stream, meta.sequence.stream, msg.data, meta.num_pending))
+        seq, _, pending = ack_fields(msg.reply)
+        await feed.put(Delivered(stream, seq, msg.data, pending))
 
     if after_seq:
         start = js_api.ConsumerConfig(
@@ -59,12 +93,6 @@ async def follow(
     return await js.subscribe(
         FOLDED_STREAMS[stream], stream=stream, cb=deliver, ordered_consumer=True, config=start,
         idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
+        # The feed bounds memory; nats-py's own limits would drop messages of a large backlog instead.
+        pending_msgs_limit=4 * BUFFER_SIZE, pending_bytes_limit=256 * 2**20,
     )
-
-
-async def next_batch(queue: asyncio.Queue[Delivered], max_size: int = BATCH_MAX) -> list[Delivered]:
-    """Wait for one message, then take whatever else is already queued (up to `max_size`)."""
-    batch = [await queue.get()]
-    while len(batch) < max_size and not queue.empty():
-        batch.append(queue.get_nowait())
-    return batch

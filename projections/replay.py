@@ -1,23 +1,26 @@
 """Rebuilding the read models from the streams (DESIGN, invariant 5): the proof that they are derived.
 
-The rebuild folds through the same `Store.apply_batch` as the live service, into a temporary file next
-to the database, and swaps it in with one rename; a failed rebuild leaves the old database as it was.
+The rebuild reads the streams here and folds them through the same `Store.apply_batch` as the live
+service in a second process (`projections.refold`, so reading and folding run side by side), into a
+temporary file next to the database, and swaps it in with one rename; a failed rebuild leaves the old database as it was.
 Stop the projections service that uses `db_path` first: it would keep writing to the replaced file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from projections.feed import FOLDED_STREAMS, QUEUE_SIZE, Delivered, follow, next_batch
-from projections.store import Store
+from projections.feed import FOLDED_STREAMS, Feed, follow
+from projections.refold import frame
 from sdk import subjects
 from sdk.connection import connect
 from sdk.errors import Unavailable
@@ -51,13 +54,7 @@ async def rebuild(
         os.close(fd)
         scratch = Path(name)
         try:
-            store = await Store.open(scratch)
-            try:
-                for stream, last_seq in targets.items():
-                    await _replay(js, store, stream, last_seq)
-                positions = dict(store.positions)
-            finally:
-                await store.close()
+            positions = await _fold_in_child(js, scratch, targets)
             # A write-ahead log left by the old database must not be read as part of the new one.
             for suffix in ("-wal", "-shm"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
@@ -75,26 +72,52 @@ async def _last_seq(js: JetStreamContext, stream: str) -> int:
     return state.last_seq if state.messages else 0
 
 
-async def _replay(js: JetStreamContext, store: Store, stream: str, last_seq: int) -> None:
-    """Fold `stream` from its first message up to and including `last_seq`."""
+async def _fold_in_child(js: JetStreamContext, scratch: Path, targets: Mapping[str, int]) -> dict[str, int]:
+    """Read each stream up to its target here and fold it in `projections.refold` (a process of its own,
+    so reading and folding use two cores); return the positions it reached."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "projections.refold", str(scratch),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        for stream, last_seq in targets.items():
+            await _replay(js, child.stdin, stream, last_seq)
+        child.stdin.close()
+        out = await child.stdout.read()
+        if await child.wait() != 0:
+            raise RuntimeError(f"the fold process exited with {child.returncode} (its log is above)")
+    except BaseException:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+        raise
+    return {stream: seq for stream, seq in json.loads(out).items()}
+
+
+async def _replay(js: JetStreamContext, fold: asyncio.StreamWriter, stream: str, last_seq: int) -> None:
+    """Send `stream` from its first message up to and including `last_seq` to the fold, in batches."""
     if last_seq == 0:
         return
-    queue: asyncio.Queue[Delivered] = asyncio.Queue(QUEUE_SIZE)
-    sub = await follow(js, stream, 0, queue)
+    feed = Feed()
+    sub = await follow(js, stream, 0, feed)
+    reached = 0
     try:
         while True:
             try:
-                batch = await asyncio.wait_for(next_batch(queue), REPLAY_IDLE_S)
+                batch = await asyncio.wait_for(feed.take(), REPLAY_IDLE_S)
             except TimeoutError:
                 raise Unavailable(
-                    f"{stream} delivered nothing for {REPLAY_IDLE_S:g}s at #{store.positions.get(stream, 0)} "
-                    f"of #{last_seq}"
+                    f"{stream} delivered nothing for {REPLAY_IDLE_S:g}s at #{reached} of #{last_seq}"
                 ) from None
-            wanted = [d for d in batch if d.seq <= last_seq]
-            await store.apply_batch(wanted)
+            wanted = batch if batch[-1].seq <= last_seq else [d for d in batch if d.seq <= last_seq]
+            if wanted:
+                fold.write(frame(wanted))
+                await fold.drain()  # waits while the fold is behind: memory stays bounded
+                reached = wanted[-1].seq
             # Done at the target, or earlier when the stream has nothing more (messages aged out).
-            if len(wanted) < len(batch) or wanted[-1].seq == last_seq or wanted[-1].pending == 0:
+            if len(wanted) < len(batch) or reached == last_seq or wanted[-1].pending == 0:
                 break
     finally:
         await sub.unsubscribe()
-    logger.info("replayed %s up to #%d", stream, store.positions.get(stream, 0))
+    logger.info("replayed %s up to #%d", stream, reached)

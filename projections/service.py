@@ -1,6 +1,6 @@
 """The projections service: folds JOBS, WORKERS and HEARTBEATS into SQLite and answers `proj.>` queries.
 
-Thin by design: consumers put messages on a queue, one task writes them in batches through the store,
+Thin by design: consumers put messages into a feed (`projections.feed`), one task writes them in batches through the store,
 and the query handlers read the store. Readers that passed `min_seq` wait on a condition that every
 committed batch signals (DESIGN, invariant 6).
 """
@@ -20,7 +20,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from projections.feed import FOLDED_STREAMS, QUEUE_SIZE, Delivered, follow, next_batch
+from projections.feed import FOLDED_STREAMS, Feed, follow
 from projections.store import Store, WorkerStatus, worker_view
 from sdk import subjects
 from sdk.api import (
@@ -61,7 +61,7 @@ class Projections:
         self._db_path = db_path
         self._min_seq_wait_s = min_seq_wait_s
         self._store: Store | None = None
-        self._queue: asyncio.Queue[Delivered] = asyncio.Queue(QUEUE_SIZE)
+        self._feed = Feed()
         #: Notified after every committed batch; `wait_for` sleeps on it.
         self._applied = asyncio.Condition()
         #: Held while a batch is written, so `stop` never cancels a transaction halfway.
@@ -72,11 +72,11 @@ class Projections:
 
     async def start(self) -> None:
         self._store = store = await Store.open(self._db_path)
-        self._queue = asyncio.Queue(QUEUE_SIZE)  # nothing left over from an earlier start
+        self._feed = Feed()  # nothing left over from an earlier start
         self._applier = asyncio.create_task(self._apply_forever(store), name="projections-applier")
         js = self._nc.jetstream()
         for stream in FOLDED_STREAMS:
-            self._consumers.append(await follow(js, stream, store.positions.get(stream, 0), self._queue))
+            self._consumers.append(await follow(js, stream, store.positions.get(stream, 0), self._feed))
         routes = {
             subjects.PROJ_JOBS_GET: self._get_job,
             subjects.PROJ_JOBS_LIST: self._list_jobs,
@@ -126,7 +126,7 @@ class Projections:
 
     async def _apply_forever(self, store: Store) -> None:
         while True:
-            batch = await next_batch(self._queue)
+            batch = await self._feed.take()
             # Dropping a batch would leave a hole behind the next position, so a refused write is retried.
             while True:
                 try:

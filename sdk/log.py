@@ -197,6 +197,16 @@ def refusal(exc: APIError, subject: str, expected_seq: int | None) -> Exception:
     return exc
 
 
+def ack_fields(reply: str) -> tuple[int, int, int]:
+    """`(stream sequence, timestamp ns, pending)` from a JetStream delivery's reply subject, without
+    nats-py's `msg.metadata` objects (the replay's hot path): the v1 form
+    `$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>` or the v2 form, which adds a
+    domain and an account hash after `ACK` (and may end with a random token)."""
+    tokens = reply.split(".")
+    at = 5 if len(tokens) == 9 else 7
+    return int(tokens[at]), int(tokens[at + 2]), int(tokens[at + 3])
+
+
 async def read_subject(js: JetStreamContext, stream: str, subject: str) -> list[tuple[bytes, int]]:
     """Every message on `subject`, oldest first, as `(data, seq)`, through direct gets."""
     out: list[tuple[bytes, int]] = []

@@ -1,0 +1,65 @@
+"""The rebuild's second process: `python -m projections.refold DB` folds the batches it reads on stdin into
+DB through `Store.apply_batch`, and prints the positions reached as JSON when stdin ends.
+
+Why a process: reading a stream through nats-py and folding it into SQLite each take about half of a
+replay's CPU time, and in one Python process they take turns. The replay (`projections.replay`) reads,
+this process folds, so on two free cores a rebuild runs about as fast as nats-py alone can read the log
+(docs/benchmarks.md, "Replaying the log"). The pipe bounds memory: the reader waits while the folder is
+behind, and its consumers' flow control then holds back the rest of the stream.
+
+A frame is a 4-byte big-endian length, then a msgpack list of `Delivered`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import BinaryIO
+
+import msgspec
+
+from projections.feed import Delivered
+from projections.store import Store
+from sdk.process import setup_logging
+
+logger = logging.getLogger(__name__)
+
+FRAME_HEADER_BYTES = 4
+batch_encoder = msgspec.msgpack.Encoder()
+batch_decoder = msgspec.msgpack.Decoder(list[Delivered])
+
+
+def frame(batch: list[Delivered]) -> bytes:
+    payload = batch_encoder.encode(batch)
+    return len(payload).to_bytes(FRAME_HEADER_BYTES, "big") + payload
+
+
+def read_frame(stream: BinaryIO) -> list[Delivered] | None:
+    """The next batch, or None at the end of the input."""
+    header = stream.read(FRAME_HEADER_BYTES)
+    if len(header) < FRAME_HEADER_BYTES:
+        return None
+    return batch_decoder.decode(stream.read(int.from_bytes(header, "big")))
+
+
+async def refold(db_path: Path, source: BinaryIO) -> dict[str, int]:
+    store = await Store.open(db_path)
+    # The next frame is read (in a thread) while the current one is folded, so the reader never waits.
+    next_frame = asyncio.ensure_future(asyncio.to_thread(read_frame, source))
+    try:
+        while (batch := await next_frame) is not None:
+            next_frame = asyncio.ensure_future(asyncio.to_thread(read_frame, source))
+            await store.apply_batch(batch)
+        return dict(store.positions)
+    finally:
+        next_frame.cancel()
+        await store.close()
+
+
+if __name__ == "__main__":
+    setup_logging("WARNING")
+    positions = asyncio.run(refold(Path(sys.argv[1]), sys.stdin.buffer))
+    print(json.dumps(positions))
