@@ -27,6 +27,7 @@ from rich.table import Table
 
 from sdk import ctl_history as history_commands
 from sdk.api import ApiKeyRole, Token
+from sdk.archive_cli import register as register_archive
 from sdk.auth import API_KEY_ENV
 from sdk.connection import redact
 from sdk.errors import PlatformError
@@ -190,6 +191,7 @@ keys = App(name="keys", help="API keys for clients and operators (shown once, st
 workers = App(name="workers", help="Worker credentials: enrollment tokens, rotation, revocation.")
 app.command(keys)
 app.command(workers)
+register_archive(app)  # gpuctl export / gpuctl import
 
 DataDir = Annotated[
     Path, Parameter(help="The platform's data dir: the operator key in its `secrets/`, and the running `gpuctl up`.")
