@@ -1,6 +1,8 @@
 """`python -m projections`: the SQLite read models and the `proj.>` query endpoints, until SIGINT/SIGTERM
 (or until the supervisor that started it is gone); `python -m projections replay` rebuilds the database
-from the streams. `gpuctl up` runs the first as a child; `gpuctl projections` and `gpuctl replay` run them."""
+from the streams. `python -m projections status` asks the running projections for their versions, positions, lags and
+an upgrade's progress. `gpuctl up` runs the first as a child; `gpuctl projections [status]` and
+`gpuctl replay` run them."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import sys
 from pathlib import Path
 
 from cyclopts import App
-from rich.console import Console
+from rich.console import Console, Group
+from rich.table import Table
 
 from projections.feed import FOLDED_STREAMS
 from projections.replay import rebuild
@@ -18,6 +21,11 @@ from sdk.connection import nats_url_from_env
 from sdk.errors import BadRequest
 from sdk.history import parse_time, positions_at
 from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
+from sdk import subjects
+from sdk.api.projections import GetProjectionsStatus, ProjectionsStatus
+from sdk.archive_cli import DEFAULT_NATS_URL, platform_url
+from sdk.connection import connect, nats_url_from_env, request
+from sdk.errors import PlatformError
 from sdk.process import NatsUrlFlag, run_until_signal, setup_logging
 
 app = App(name="python -m projections", help="Run the projections (SQLite read models), or rebuild them.")
@@ -60,6 +68,48 @@ def replay(
             sys.exit(2)
     positions = asyncio.run(rebuild(url, db, until_seq, until=until))
     Console(stderr=True).print(f"rebuilt [bold]{db}[/] at positions {positions}")
+
+
+@app.command
+def status(*, nats_url: NatsUrlFlag = None, data_dir: Path = Path(".data")) -> None:
+    """Each read model's version, each stream's position and lag, and an upgrade's progress (`proj.status`)."""
+    setup_logging("WARNING")
+    try:
+        report = asyncio.run(_ask_status(platform_url(data_dir, nats_url or DEFAULT_NATS_URL)))
+    except PlatformError as exc:
+        Console(stderr=True).print(f"[red]projections status: {exc.message}[/]")
+        sys.exit(1)
+    Console().print(render_status(report))
+
+
+async def _ask_status(url: str) -> ProjectionsStatus:
+    nc = await connect(url, name="projections-status", wait_s=10)
+    try:
+        return await request(nc, subjects.PROJ_STATUS, GetProjectionsStatus(), ProjectionsStatus)
+    finally:
+        await nc.close()
+
+
+def render_status(report: ProjectionsStatus) -> Group:
+    models = Table("read model", "version", "serving", title=f"read models in {report.db}")
+    for model in report.models:
+        serving = "" if model.serving_version is None else str(model.serving_version)
+        models.add_row(model.name, str(model.version), serving if model.serving_version == model.version else f"[yellow]{serving}[/]")
+    streams = Table("stream", "position", "last seq", "lag")
+    for stream in report.streams:
+        streams.add_row(stream.stream, f"{stream.position:,}", f"{stream.last_seq:,}", f"{stream.lag:,}")
+    parts: list[Table | str] = [models, streams]
+    if (upgrade := report.upgrade) is not None:
+        done = sum(upgrade.positions.values())
+        total = sum(upgrade.targets.values()) or 1
+        parts.append(
+            f"upgrade in progress into {upgrade.path}: {min(done / total, 1):.0%} of the log folded "
+            f"({', '.join(f'{s} {upgrade.positions.get(s, 0):,}/{t:,}' for s, t in upgrade.targets.items())}); "
+            "reads are answered from the previous version until it has caught up"
+        )
+    else:
+        parts.append("no upgrade in progress")
+    return Group(*parts)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,12 @@ async def follow(js: JetStreamContext, stream: str, after_seq: int, feed: Feed) 
         # The feed bounds memory; nats-py's own limits would drop messages of a large backlog instead.
         pending_msgs_limit=4 * BUFFER_SIZE, pending_bytes_limit=256 * 2**20,
     )
+
+
+async def log_ends(js: JetStreamContext) -> dict[str, int]:
+    """The last sequence of each folded stream now (0 for an empty one)."""
+    ends = {}
+    for stream in FOLDED_STREAMS:
+        state = (await js.stream_info(stream)).state
+        ends[stream] = state.last_seq if state.messages else 0
+    return ends

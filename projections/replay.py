@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
-from projections.feed import FOLDED_STREAMS, Feed, follow
+from projections.feed import Feed, follow, log_ends
 from projections.refold import frame
 from sdk import subjects
 from sdk.connection import connect
@@ -45,7 +45,7 @@ async def rebuild(
         js = nc.jetstream()
         await ensure_streams(js)
         # Read the targets first, so the replay ends by itself even while events keep arriving.
-        targets = {stream: await _last_seq(js, stream) for stream in FOLDED_STREAMS}
+        targets = await log_ends(js)
         limits = {**(until or {}), **({subjects.JOBS_STREAM: until_seq} if until_seq is not None else {})}
         for stream, limit in limits.items():
             targets[stream] = min(targets[stream], limit)
@@ -65,11 +65,6 @@ async def rebuild(
         await nc.close()
     logger.info("rebuilt %s at %s", db_path, positions)
     return positions
-
-
-async def _last_seq(js: JetStreamContext, stream: str) -> int:
-    state = (await js.stream_info(stream)).state
-    return state.last_seq if state.messages else 0
 
 
 async def _fold_in_child(js: JetStreamContext, scratch: Path, targets: Mapping[str, int]) -> dict[str, int]:

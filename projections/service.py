@@ -20,8 +20,9 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from projections.feed import FOLDED_STREAMS, Feed, follow
-from projections.store import Store, WorkerStatus, worker_view
+from projections.feed import FOLDED_STREAMS, Feed, follow, log_ends
+from projections.store import MODEL_VERSIONS, Store, WorkerStatus, file_versions, worker_view
+from projections.upgrade import Upgrade
 from sdk import subjects
 from sdk.api import (
     GetWorker,
@@ -35,6 +36,7 @@ from sdk.api import (
     decode,
     job_view,
 )
+from sdk.api.projections import GetProjectionsStatus, ProjectionsStatus, ReadModelStatus, StreamPosition
 from sdk.connection import connect
 from sdk.endpoints import Endpoints
 from sdk.errors import BadRequest, JobNotFound, Unavailable, WorkerNotFound
@@ -60,7 +62,11 @@ class Projections:
         self._nc = nc
         self._db_path = db_path
         self._min_seq_wait_s = min_seq_wait_s
-        self._store: Store | None = None
+        #: Answers reads. The same store as `_folding`, except during an upgrade (`projections.upgrade`),
+        #: when it is the old file, frozen, and `_folding` the new one.
+        self._serving: Store | None = None
+        self._folding: Store | None = None
+        self._upgrade: Upgrade | None = None
         self._feed = Feed()
         #: Notified after every committed batch; `wait_for` sleeps on it.
         self._applied = asyncio.Condition()
@@ -71,17 +77,25 @@ class Projections:
         self._endpoints = Endpoints(nc, queue=subjects.PROJ_QUEUE, name="projections")
 
     async def start(self) -> None:
-        self._store = store = await Store.open(self._db_path)
-        self._feed = Feed()  # nothing left over from an earlier start
-        self._applier = asyncio.create_task(self._apply_forever(store), name="projections-applier")
         js = self._nc.jetstream()
+        found = await file_versions(self._db_path)
+        if found is not None and found != MODEL_VERSIONS:
+            # Another version: keep answering from it while the new one is folded beside it.
+            self._serving = await Store.open_frozen(self._db_path)
+            self._upgrade = Upgrade(self._db_path, MODEL_VERSIONS)
+            self._folding = await self._upgrade.begin(js)
+        else:
+            self._serving = self._folding = await Store.open(self._db_path)
+        self._feed = Feed()  # nothing left over from an earlier start
+        self._applier = asyncio.create_task(self._apply_forever(), name="projections-applier")
         for stream in FOLDED_STREAMS:
-            self._consumers.append(await follow(js, stream, store.positions.get(stream, 0), self._feed))
+            self._consumers.append(await follow(js, stream, self._folding.positions.get(stream, 0), self._feed))
         routes = {
             subjects.PROJ_JOBS_GET: self._get_job,
             subjects.PROJ_JOBS_LIST: self._list_jobs,
             subjects.PROJ_WORKERS_GET: self._get_worker,
             subjects.PROJ_WORKERS_LIST: self._list_workers,
+            subjects.PROJ_STATUS: self._status,
         }
         await self._endpoints.serve(routes)
         logger.info("projections serving %s from %s", ", ".join(routes), self._db_path)
@@ -99,14 +113,17 @@ class Projections:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._applier
             self._applier = None
-        if self._store is not None:
-            await self._store.close()
-            self._store = None
+        if self._upgrade is not None:
+            await self._upgrade.abandon()  # the next start begins it again
+            self._upgrade = None
+        if self._serving is not None:
+            await self._serving.close()
+            self._serving = self._folding = None
             logger.info("projections stopped")
 
     def applied_seq(self, stream: str) -> int:
-        """The last sequence of `stream` committed to the read models."""
-        return self._store.positions.get(stream, 0) if self._store else 0
+        """The last sequence of `stream` committed to the read models that answer reads."""
+        return self._serving.positions.get(stream, 0) if self._serving else 0
 
     async def wait_for(self, stream: str, seq: int, timeout_s: float) -> None:
         """Return once `stream` is applied up to `seq`; raise `Unavailable` after `timeout_s`."""
@@ -124,28 +141,57 @@ class Projections:
 
     # --- Folding ---
 
-    async def _apply_forever(self, store: Store) -> None:
+    async def _apply_forever(self) -> None:
         while True:
             batch = await self._feed.take()
             # Dropping a batch would leave a hole behind the next position, so a refused write is retried.
             while True:
                 try:
                     async with self._writing:
-                        await store.apply_batch(batch)
+                        assert self._folding is not None
+                        await self._folding.apply_batch(batch)
                     break
                 except Exception:
                     logger.exception("could not write %d events; retrying in %gs", len(batch), WRITE_RETRY_S)
                     await asyncio.sleep(WRITE_RETRY_S)
+            if self._upgrade is not None and await self._upgrade.caught_up(self._nc.jetstream()):
+                await self._finish_upgrade(self._upgrade)
             async with self._applied:
                 self._applied.notify_all()
+
+    async def _finish_upgrade(self, upgrade: Upgrade) -> None:
+        """The new file has caught up: it takes over, and the old one closes."""
+        async with self._writing:
+            store = await upgrade.take_over()
+            old, self._serving, self._folding, self._upgrade = self._serving, store, store, None
+        if old is not None:
+            await old.close()
 
     # --- Queries ---
 
     @property
     def _reads(self) -> Store:
-        if self._store is None:
+        if self._serving is None:
             raise Unavailable("the read model is not open")
-        return self._store
+        return self._serving
+
+    async def _status(self, msg: Msg) -> ProjectionsStatus:
+        decode(msg.data or b"{}", GetProjectionsStatus)
+        serving = self._reads
+        ends = await log_ends(self._nc.jetstream())
+        return ProjectionsStatus(
+            db=str(self._db_path),
+            models=[
+                ReadModelStatus(name=name, version=version, serving_version=serving.versions.get(name))
+                for name, version in MODEL_VERSIONS.items()
+            ],
+            streams=[
+                StreamPosition(stream=stream, position=self.applied_seq(stream), last_seq=end,
+                               lag=max(end - self.applied_seq(stream), 0))
+                for stream, end in ends.items()
+            ],
+            upgrade=self._upgrade.progress() if self._upgrade else None,
+        )
 
     async def _read_after(self, min_seq: int | None) -> None:
         """Wait until JOBS is applied up to `min_seq` (read-your-writes). Only a sequence the log has not

@@ -32,9 +32,12 @@ from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 logger = logging.getLogger(__name__)
 
-#: Bumped whenever a table changes: a database of another version is dropped and refolded from the
-#: streams (read models are rebuilt from events, never migrated).
-SCHEMA_VERSION = 3
+#: Each read model's version: bump a model's number whenever its table or its fold changes. Read models
+#: are rebuilt from events, never migrated: projections that start on a file of other versions keep
+#: serving it while they build the new one from the log beside it, then switch (`projections.service`,
+#: docs/operations.md "Read-model upgrades"). Files from before per-model versions carry one number in
+#: `PRAGMA user_version` (3 was the last).
+MODEL_VERSIONS = {"jobs": 3, "workers": 3}
 
 SCHEMA = """
 CREATE TABLE jobs (
@@ -54,11 +57,12 @@ CREATE TABLE workers (
     heartbeat_gpus TEXT NOT NULL
 );
 CREATE TABLE positions (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+CREATE TABLE models (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
 """
 #: The most ids looked up in one query (SQLite's limit on parameters is 32,766).
 LOAD_CHUNK = 10_000
 #: Rows first, positions last (`dump` compares the rows).
-TABLES = ("jobs", "workers", "positions")
+TABLES = ("jobs", "workers", "positions", "models")
 
 
 # --- Workers: the row (the shared lifecycle fold plus the latest heartbeat) --------------------------
@@ -114,10 +118,12 @@ _json = msgspec.json.Encoder()
 class Table(Generic[Row]):
     """One column per struct field; nested values (params, results, lists) as JSON text."""
 
-    def __init__(self, name: str, kind: type[Row], json_columns: Iterable[str]) -> None:
+    def __init__(self, name: str, kind: type[Row], json_columns: Iterable[str], columns: Iterable[str] = ()) -> None:
         self.name = name
         self.kind = kind
-        self.columns = tuple(field.name for field in msgspec.structs.fields(kind))
+        #: `columns` restricts the table to those a file of another version has (`Store.open_frozen`):
+        #: fields it lacks take their defaults, columns it has beyond them are not read.
+        self.columns = tuple(f.name for f in msgspec.structs.fields(kind) if not columns or f.name in columns)
         self.json_columns = frozenset(json_columns)
         self._json_at = tuple(i for i, c in enumerate(self.columns) if c in self.json_columns)
         self.select_sql = f"SELECT {', '.join(self.columns)} FROM {name}"
@@ -125,6 +131,9 @@ class Table(Generic[Row]):
             f"INSERT OR REPLACE INTO {name} ({', '.join(self.columns)}) "
             f"VALUES ({', '.join('?' * len(self.columns))})"
         )
+
+    def restricted_to(self, columns: Iterable[str]) -> Table[Row]:
+        return Table(self.name, self.kind, self.json_columns, frozenset(columns))
 
     def to_row(self, obj: Row) -> tuple[Any, ...]:
         # `astuple` in C, then JSON only where a column needs it: the replay's hottest line after decoding.
@@ -154,17 +163,49 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
 # --- The store -----------------------------------------------------------------------------------
 
 
+async def _versions(db: aiosqlite.Connection) -> dict[str, int] | None:
+    """The model versions a file was folded with; None for a file without read models."""
+    tables = {name for (name,) in await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "models" in tables:
+        return dict(await db.execute_fetchall("SELECT name, version FROM models"))  # type: ignore[arg-type]
+    if "positions" in tables:
+        [(version,)] = await db.execute_fetchall("PRAGMA user_version")
+        return {name: version for name in MODEL_VERSIONS}
+    return None
+
+
+async def file_versions(path: Path) -> dict[str, int] | None:
+    """The model versions of the read models in `path`; None when there are none (no file, or empty)."""
+    if not path.exists():
+        return None
+    async with aiosqlite.connect(path) as db:
+        return await _versions(db)
+
+
 class Store:
     """One writer connection (the fold) and one reader connection (queries); WAL lets them overlap."""
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection, positions: dict[str, int]) -> None:
+    def __init__(
+        self,
+        writer: aiosqlite.Connection,
+        reader: aiosqlite.Connection,
+        positions: dict[str, int],
+        versions: dict[str, int],
+        tables: tuple[Table[Job], Table[WorkerRow]] = (JOBS, WORKERS),
+    ) -> None:
         self._writer = writer
         self._reader = reader
         #: The last applied sequence of each stream, as committed.
         self.positions = positions
+        #: The version of each read model in this file.
+        self.versions = versions
+        self._jobs, self._workers = tables
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, versions: dict[str, int] | None = None) -> Store:
+        """Open the read models in `path` to fold into them; a file of other `versions` (default: this
+        code's) is emptied first, to be refolded from the streams."""
+        versions = versions or MODEL_VERSIONS
         path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: no implicit transactions; a batch opens and commits its own.
         writer = await aiosqlite.connect(path, isolation_level=None)
@@ -172,22 +213,37 @@ class Store:
         # NORMAL may lose the last commits on power loss, but rows and positions go together, so a
         # restart simply refolds them from the streams.
         await writer.execute("PRAGMA synchronous=NORMAL")
-        [(version,)] = await writer.execute_fetchall("PRAGMA user_version")
-        if version != SCHEMA_VERSION:
-            if version:
-                logger.info("read model schema %d is not %d: refolding %s", version, SCHEMA_VERSION, path)
-            await writer.executescript(
-                "".join(f"DROP TABLE IF EXISTS {t};" for t in TABLES)
-                + SCHEMA
-                + f"PRAGMA user_version={SCHEMA_VERSION};"
-            )
+        found = await _versions(writer)
+        if found != versions:
+            if found:
+                logger.info("read model versions %s are not %s: refolding %s", found, versions, path)
+            await writer.executescript("".join(f"DROP TABLE IF EXISTS {t};" for t in TABLES) + SCHEMA)
+            await writer.executemany("INSERT INTO models (name, version) VALUES (?, ?)", versions.items())
         positions = dict(await writer.execute_fetchall("SELECT stream, seq FROM positions"))
         reader = await aiosqlite.connect(path)
         logger.info("opened read models %s at %s", path, positions)
-        return cls(writer, reader, positions)
+        return cls(writer, reader, positions, dict(versions))
+
+    @classmethod
+    async def open_frozen(cls, path: Path) -> Store:
+        """Open the read models of another version in `path` to read them only, while their successor is
+        built: the file leaves WAL mode (its write-ahead log folded in), so it can be replaced by a rename
+        while this store still reads it; tables read only the columns the file has."""
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=DELETE")
+        versions = await _versions(db) or {}
+        columns = {
+            table: {row[1] for row in await db.execute_fetchall(f"PRAGMA table_info({table})")}
+            for table in ("jobs", "workers")
+        }
+        positions = dict(await db.execute_fetchall("SELECT stream, seq FROM positions"))
+        tables = (JOBS.restricted_to(columns["jobs"]), WORKERS.restricted_to(columns["workers"]))
+        logger.info("serving read models %s of versions %s at %s until their successor is built", path, versions, positions)
+        return cls(db, db, positions, versions, tables)  # type: ignore[arg-type]
 
     async def close(self) -> None:
-        await self._reader.close()
+        if self._reader is not self._writer:
+            await self._reader.close()
         await self._writer.close()
 
     async def apply_batch(self, batch: Sequence[Delivered]) -> None:
@@ -262,8 +318,8 @@ class Store:
     # --- Queries (reader connection) ---
 
     async def get_job(self, job_id: str) -> Job | None:
-        rows = await self._reader.execute_fetchall(f"{JOBS.select_sql} WHERE id = ?", (job_id,))
-        return JOBS.from_row(rows[0]) if rows else None
+        rows = await self._reader.execute_fetchall(f"{self._jobs.select_sql} WHERE id = ?", (job_id,))
+        return self._jobs.from_row(rows[0]) if rows else None
 
     async def list_jobs(
         self,
@@ -286,9 +342,9 @@ class Store:
             }
         )
         rows = await self._reader.execute_fetchall(
-            f"{JOBS.select_sql}{where} ORDER BY submitted_seq DESC LIMIT ?", (*args, limit)
+            f"{self._jobs.select_sql}{where} ORDER BY submitted_seq DESC LIMIT ?", (*args, limit)
         )
-        return [JOBS.from_row(row) for row in rows]
+        return [self._jobs.from_row(row) for row in rows]
 
     async def jobs_held_by(self, worker_id: str) -> list[str]:
         """Ids of the jobs assigned to or running on a worker, oldest first."""
@@ -302,17 +358,17 @@ class Store:
 
     async def get_worker(self, worker_id: str) -> WorkerRow | None:
         rows = await self._reader.execute_fetchall(
-            f"{WORKERS.select_sql} WHERE id = ? AND status IS NOT NULL", (worker_id,)
+            f"{self._workers.select_sql} WHERE id = ? AND status IS NOT NULL", (worker_id,)
         )
-        return WORKERS.from_row(rows[0]) if rows else None
+        return self._workers.from_row(rows[0]) if rows else None
 
     async def list_workers(self, *, region: str | None = None, status: WorkerStatus | None = None) -> list[WorkerRow]:
         # A worker only heard of through heartbeats has no status yet: not listed until it registers.
         where, args = _filters(
             {"region = ?": region, "status = ?": status.value if status else None}, "status IS NOT NULL"
         )
-        rows = await self._reader.execute_fetchall(f"{WORKERS.select_sql}{where} ORDER BY id", args)
-        return [WORKERS.from_row(row) for row in rows]
+        rows = await self._reader.execute_fetchall(f"{self._workers.select_sql}{where} ORDER BY id", args)
+        return [self._workers.from_row(row) for row in rows]
 
 
 def _filters(conditions: dict[str, Any], *fixed: str) -> tuple[str, tuple[Any, ...]]:

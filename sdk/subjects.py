@@ -112,6 +112,8 @@ PROJ_JOBS_GET = "proj.jobs.get"
 PROJ_JOBS_LIST = "proj.jobs.list"
 PROJ_WORKERS_GET = "proj.workers.get"
 PROJ_WORKERS_LIST = "proj.workers.list"
+#: Versions, positions, lags and a read-model upgrade's progress (`gpuctl projections status`).
+PROJ_STATUS = "proj.status"
 
 #: The schedulers' query endpoints (every instance folds the same view, so any may answer).
 SCHED_QUEUE = "scheduler"
