@@ -1,6 +1,6 @@
 """`python -m projections`: the SQLite read models and the `proj.>` query endpoints, until SIGINT/SIGTERM
 (or until the supervisor that started it is gone); `python -m projections replay` rebuilds the database
-from the streams. `python -m projections status` asks the running projections for their versions, positions, lags and
+from the streams. `python -m projections retention` archives and purges old finished jobs; `python -m projections status` asks the running projections for their versions, positions, lags and
 an upgrade's progress. `gpuctl up` runs the first as a child; `gpuctl projections [status]` and
 `gpuctl replay` run them."""
 
@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Annotated
 
-from cyclopts import App
+from cyclopts import App, Parameter, validators
 from rich.console import Console, Group
 from rich.table import Table
 
 from projections.feed import FOLDED_STREAMS
 from projections.replay import rebuild
+from projections.retention import Retained, archive_finished_jobs
 from projections.service import serve
 from sdk.connection import nats_url_from_env
 from sdk.errors import BadRequest
@@ -26,6 +28,7 @@ from sdk.api.projections import GetProjectionsStatus, ProjectionsStatus
 from sdk.archive_cli import DEFAULT_NATS_URL, platform_url
 from sdk.connection import connect, nats_url_from_env, request
 from sdk.errors import PlatformError
+from sdk.log import ensure_streams
 from sdk.process import NatsUrlFlag, run_until_signal, setup_logging
 
 app = App(name="python -m projections", help="Run the projections (SQLite read models), or rebuild them.")
@@ -68,6 +71,42 @@ def replay(
             sys.exit(2)
     positions = asyncio.run(rebuild(url, db, until_seq, until=until))
     Console(stderr=True).print(f"rebuilt [bold]{db}[/] at positions {positions}")
+
+
+@app.command
+def retention(
+    *,
+    older_than_s: Annotated[float, Parameter(validator=validators.Number(gte=0))],
+    out: Path | None = None,
+    nats_url: NatsUrlFlag = None,
+    db: Path = Path(".data/projections.db"),
+) -> None:
+    """Archive the jobs that finished more than OLDER_THAN_S seconds ago (their messages to `--out` or
+    the `archive` object store, their rows as a snapshot there) and purge them from JOBS."""
+    setup_logging()
+    console = Console(stderr=True)
+    try:
+        retained = asyncio.run(_retain(nats_url_from_env(nats_url), db, older_than_s, out))
+    except PlatformError as exc:
+        console.print(f"[red]retention: {exc.message}[/]")
+        sys.exit(1)
+    if not retained.jobs:
+        console.print(f"no job finished more than {older_than_s:g}s ago")
+        return
+    console.print(
+        f"archived {retained.jobs} jobs ({retained.messages} messages) to {retained.archive}, "
+        f"their rows to {retained.snapshot}; purged them from JOBS"
+    )
+
+
+async def _retain(url: str, db: Path, older_than_s: float, out: Path | None) -> Retained:
+    nc = await connect(url, name="projections-retention")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js)
+        return await archive_finished_jobs(js, db, older_than_s, out)
+    finally:
+        await nc.close()
 
 
 @app.command

@@ -21,6 +21,8 @@ from nats.js import JetStreamContext
 
 from projections.feed import Feed, follow, log_ends
 from projections.refold import frame
+from projections.retention import load_snapshots
+from projections.store import Store
 from sdk import subjects
 from sdk.connection import connect
 from sdk.errors import Unavailable
@@ -54,6 +56,12 @@ async def rebuild(
         os.close(fd)
         scratch = Path(name)
         try:
+            # Jobs that retention took out of the log start as their archived rows.
+            store = await Store.open(scratch)
+            try:
+                await load_snapshots(js, store, until_jobs_seq=targets[subjects.JOBS_STREAM])
+            finally:
+                await store.close()
             positions = await _fold_in_child(js, scratch, targets)
             # A write-ahead log left by the old database must not be read as part of the new one.
             for suffix in ("-wal", "-shm"):

@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from projections.feed import FOLDED_STREAMS, Feed, follow, log_ends
+from projections.retention import load_snapshots
 from projections.store import MODEL_VERSIONS, Store, WorkerStatus, file_versions, worker_view
 from projections.upgrade import Upgrade
 from sdk import subjects
@@ -86,6 +87,8 @@ class Projections:
             self._folding = await self._upgrade.begin(js)
         else:
             self._serving = self._folding = await Store.open(self._db_path)
+        if not self._folding.positions:
+            await load_snapshots(js, self._folding)  # folding from the start: retention's rows first
         self._feed = Feed()  # nothing left over from an earlier start
         self._applier = asyncio.create_task(self._apply_forever(), name="projections-applier")
         for stream in FOLDED_STREAMS:

@@ -27,7 +27,7 @@ from sdk import subjects
 from sdk.api import WorkerView, ms_to_datetime
 from sdk.errors import InvalidTransition, StaleAttempt
 from sdk.events import GpuInfo, Heartbeat, heartbeat_decoder, job_event_decoder, worker_event_decoder
-from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
+from sdk.jobs import HELD_BY_WORKER, TERMINAL, Job, JobStatus, apply
 from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 logger = logging.getLogger(__name__)
@@ -59,10 +59,14 @@ CREATE TABLE workers (
 CREATE TABLE positions (stream TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 CREATE TABLE models (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
 """
+#: Jobs whose events retention took out of the log (their rows came from, or went to, a snapshot).
+#: Not a read model: bookkeeping, so the next run does not archive them again. Created on every open, so
+#: files from before retention get it without a version change.
+ARCHIVED_SCHEMA = "CREATE TABLE IF NOT EXISTS archived (id TEXT PRIMARY KEY);"
 #: The most ids looked up in one query (SQLite's limit on parameters is 32,766).
 LOAD_CHUNK = 10_000
 #: Rows first, positions last (`dump` compares the rows).
-TABLES = ("jobs", "workers", "positions", "models")
+TABLES = ("jobs", "workers", "positions", "models", "archived")
 
 
 # --- Workers: the row (the shared lifecycle fold plus the latest heartbeat) --------------------------
@@ -219,6 +223,7 @@ class Store:
                 logger.info("read model versions %s are not %s: refolding %s", found, versions, path)
             await writer.executescript("".join(f"DROP TABLE IF EXISTS {t};" for t in TABLES) + SCHEMA)
             await writer.executemany("INSERT INTO models (name, version) VALUES (?, ?)", versions.items())
+        await writer.execute(ARCHIVED_SCHEMA)
         positions = dict(await writer.execute_fetchall("SELECT stream, seq FROM positions"))
         reader = await aiosqlite.connect(path)
         logger.info("opened read models %s at %s", path, positions)
@@ -315,6 +320,18 @@ class Store:
             found.update((obj.id, obj) for obj in map(table.from_row, rows))
         return found
 
+    async def put_archived(self, jobs: Sequence[Job]) -> None:
+        """Write the rows of jobs retention archived, as they are, and mark them archived (a snapshot
+        loaded before the rest of the log is folded, or the jobs a retention run just archived)."""
+        await self._writer.execute("BEGIN IMMEDIATE")
+        try:
+            await self._writer.executemany(JOBS.upsert_sql, [JOBS.to_row(job) for job in jobs])
+            await self._writer.executemany("INSERT OR IGNORE INTO archived (id) VALUES (?)", [(j.id,) for j in jobs])
+            await self._writer.execute("COMMIT")
+        except BaseException:
+            await self._writer.execute("ROLLBACK")
+            raise
+
     # --- Queries (reader connection) ---
 
     async def get_job(self, job_id: str) -> Job | None:
@@ -343,6 +360,17 @@ class Store:
         )
         rows = await self._reader.execute_fetchall(
             f"{self._jobs.select_sql}{where} ORDER BY submitted_seq DESC LIMIT ?", (*args, limit)
+        )
+        return [self._jobs.from_row(row) for row in rows]
+
+    async def finished_before(self, cutoff_ms: int) -> list[Job]:
+        """Jobs that ended (completed, failed, cancelled, expired) before `cutoff_ms` and are not archived
+        yet, oldest first."""
+        ended = tuple(s.value for s in TERMINAL)
+        rows = await self._reader.execute_fetchall(
+            f"{self._jobs.select_sql} WHERE status IN ({', '.join('?' * len(ended))}) AND finished_at_ms < ?"
+            " AND id NOT IN (SELECT id FROM archived) ORDER BY submitted_seq",
+            (*ended, cutoff_ms),
         )
         return [self._jobs.from_row(row) for row in rows]
 

@@ -166,30 +166,44 @@ async def read_stream(js: JetStreamContext, stream: str, last_seq: int, subject:
 async def export_log(
     js: JetStreamContext, out: Path, progress: Progress | None = None, header: ExportHeader | None = None
 ) -> ExportHeader:
-    """Write every stream and bucket (as `header` lists them, by default as they are now) to `out`,
-    written beside it and then renamed: never half a file."""
+    """Write every stream and bucket (as `header` lists them, by default as they are now) to `out`."""
     header = header or await export_header(js)
+
+    async def messages() -> AsyncIterator[Message]:
+        for stream in header.streams:
+            async for message in read_stream(js, stream.name, stream.last_seq):
+                yield message
+
+    written = await write_export(out, header, messages(), progress)
+    logger.info("exported %d messages of %d streams to %s", written, len(header.streams), out)
+    return header
+
+
+async def write_export(
+    out: Path, header: ExportHeader, messages: AsyncIterator[Message], progress: Progress | None = None
+) -> int:
+    """Write `header`, `messages` and the end line to `out`, beside it first and then renamed: never
+    half a file. Returns the number of messages."""
     partial = out.with_name(f".{out.name}.partial")
     written = 0
+    unreported: dict[str, int] = {}
     try:
         with gzip.open(partial, "wb", compresslevel=6) as file:
             file.write(_encoder.encode(header) + b"\n")
-            for stream in header.streams:
-                done = 0
-                async for message in read_stream(js, stream.name, stream.last_seq):
-                    file.write(_encoder.encode(message) + b"\n")
-                    done += 1
-                    if progress and done % PROGRESS_EVERY == 0:
-                        progress(stream.name, PROGRESS_EVERY)
-                if progress:
-                    progress(stream.name, done % PROGRESS_EVERY)
-                written += done
+            async for message in messages:
+                file.write(_encoder.encode(message) + b"\n")
+                written += 1
+                unreported[message.stream] = unreported.get(message.stream, 0) + 1
+                if progress and unreported[message.stream] == PROGRESS_EVERY:
+                    progress(message.stream, unreported.pop(message.stream))
             file.write(_encoder.encode(ExportEnd(messages=written)) + b"\n")
         os.replace(partial, out)
     finally:
         partial.unlink(missing_ok=True)
-    logger.info("exported %d messages of %d streams to %s", written, len(header.streams), out)
-    return header
+    for stream, count in unreported.items():
+        if progress:
+            progress(stream, count)
+    return written
 
 
 # --- Import ----------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ SERVICE_COMMANDS = {
     "scheduler": ["scheduler"],
     "projections": ["projections"],
     "replay": ["projections", "replay"],
+    "retention": ["projections", "retention"],
 }
 
 PassThrough = Annotated[str, Parameter(allow_leading_hyphen=True)]
@@ -96,6 +97,12 @@ def replay(*args: PassThrough) -> None:
     """Rebuild the read-model database from the streams: `python -m projections replay` (`--db`, `--until-seq`,
     `--until-time`)."""
     _exec_service("replay", args)
+
+
+@app.command
+def retention(*args: PassThrough) -> None:
+    """Archive and purge jobs finished long ago: `python -m projections retention` (`--older-than-s`, `--out`)."""
+    _exec_service("retention", args)
 
 
 # --- gpuctl up -------------------------------------------------------------------------------------

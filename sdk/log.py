@@ -127,15 +127,15 @@ async def ensure_streams(js: JetStreamContext, replicas: int | None = None) -> N
     await _ensure_kv(js, subjects.AUTH_BUCKET, replicas, history=1)
     await _ensure_kv(js, subjects.PLATFORM_CONFIG_BUCKET, replicas, history=10)
     await _ensure_kv(js, subjects.WEBHOOKS_BUCKET, replicas, history=1)
-    try:
-        await js.object_store(subjects.RESULTS_BUCKET)
-    except BucketNotFoundError:
-        await js.create_object_store(
-            subjects.RESULTS_BUCKET,
-            js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE, replicas=replicas),
-        )
-    else:
-        await _raise_replicas(js, f"OBJ_{subjects.RESULTS_BUCKET}", replicas)
+    for bucket in (subjects.RESULTS_BUCKET, subjects.ARCHIVE_BUCKET):
+        try:
+            await js.object_store(bucket)
+        except BucketNotFoundError:
+            await js.create_object_store(
+                bucket, js_api.ObjectStoreConfig(storage=js_api.StorageType.FILE, replicas=replicas)
+            )
+        else:
+            await _raise_replicas(js, f"OBJ_{bucket}", replicas)
 
 
 async def _ensure_kv(js: JetStreamContext, bucket: str, replicas: int, **options: Any) -> None:

@@ -71,6 +71,10 @@ LIMITS_KEY = "limits"
 #: Large results (images); events carry an object name, never the bytes.
 RESULTS_BUCKET = "results"
 
+#: Retention's output: the messages of archived jobs (export format) and their final read-model rows
+#: (the snapshot a replay starts from), `projections/retention.py`.
+ARCHIVE_BUCKET = "archive"
+
 #: Credentials (API keys, token families, worker secrets), stored hashed or encrypted.
 AUTH_BUCKET = "auth"
 
