@@ -25,8 +25,8 @@ from sdk.history import parse_time, positions_at
 from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
 from sdk import subjects
 from sdk.api.projections import GetProjectionsStatus, ProjectionsStatus
-from sdk.archive_cli import DEFAULT_NATS_URL, platform_url
 from sdk.connection import connect, nats_url_from_env, request
+from sdk.ctl_history import CliError, platform_url
 from sdk.errors import PlatformError
 from sdk.log import ensure_streams
 from sdk.process import NatsUrlFlag, run_until_signal, setup_logging
@@ -114,9 +114,9 @@ def status(*, nats_url: NatsUrlFlag = None, data_dir: Path = Path(".data")) -> N
     """Each read model's version, each stream's position and lag, and an upgrade's progress (`proj.status`)."""
     setup_logging("WARNING")
     try:
-        report = asyncio.run(_ask_status(platform_url(data_dir, nats_url or DEFAULT_NATS_URL)))
-    except PlatformError as exc:
-        Console(stderr=True).print(f"[red]projections status: {exc.message}[/]")
+        report = asyncio.run(_ask_status(platform_url(data_dir, nats_url)))
+    except (PlatformError, CliError) as exc:
+        Console(stderr=True).print(f"[red]projections status: {exc}[/]")
         sys.exit(1)
     Console().print(render_status(report))
 

@@ -1,9 +1,9 @@
 """`gpuctl export` and `gpuctl import`: the whole log to a file and back (`sdk.archive`).
 
 Both talk NATS directly as the `platform` user, as the services do: there is no HTTP route for a log of
-millions of messages. The URL comes from `--nats-url` / `NATS_URL`, else `nats://127.0.0.1:4222`; a URL
-without credentials gets the platform password from the data dir's `secrets/nats.env` (where `gpuctl up`
-keeps it). When no URL is given and no `gpuctl up` runs on the data dir, gpuctl starts the data dir's own
+millions of messages. The URL and credentials are found as for `gpuctl events` (`sdk.ctl_history.platform_url`:
+`--nats-url` / `NATS_URL`, else `nats://127.0.0.1:4222`, with the platform password from the data dir's
+`secrets/nats.env` when the URL names no user). When no URL is given and no `gpuctl up` runs on the data dir, gpuctl starts the data dir's own
 nats-server for the command and stops it after: a stopped platform can be backed up, and a new data dir
 filled, without starting any service (services must not write while an import runs).
 """
@@ -24,8 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from sdk.archive import export_header, export_log, import_log, read_header, refuse_unless_empty
-from sdk.broker import EmbeddedNats, free_port, password_variable, read_nats_env
-from sdk.connection import connect, redact, with_user
+from sdk.broker import EmbeddedNats, free_port
+from sdk.connection import DEFAULT_NATS_URL, connect, redact
+from sdk.ctl_history import CliError, platform_url
 from sdk.errors import PlatformError
 from sdk.local import SECRETS_DIR, running_api_url
 from sdk.process import setup_logging
@@ -35,26 +36,17 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
 
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DataDir = Annotated[Path, Parameter(help="The platform's data dir: its `secrets/` (the NATS password), its `nats/` store.")]
 NatsUrl = Annotated[
     str | None, Parameter(env_var="NATS_URL", help=f"The platform's NATS (default: the data dir's, or {DEFAULT_NATS_URL}).")
 ]
 
 
-def platform_url(data_dir: Path, url: str) -> str:
-    """`url` as the platform user: its own credentials, else the password in the data dir's secrets."""
-    if "@" in url:
-        return url
-    password = read_nats_env(data_dir / SECRETS_DIR).get(password_variable("platform"))
-    return with_user(url, "platform", password) if password else url
-
-
 @contextlib.contextmanager
 def platform_nats(data_dir: Path, nats_url: str | None) -> Iterator[str]:
     """The URL to use, starting the data dir's nats-server for the command when nothing else is given."""
     if nats_url or running_api_url(data_dir):
-        yield platform_url(data_dir, nats_url or DEFAULT_NATS_URL)
+        yield platform_url(data_dir, nats_url)
         return
     server = EmbeddedNats(
         data_dir / "nats", port=free_port(), secrets_dir=data_dir / SECRETS_DIR, log_file=data_dir / "logs" / "nats-export.log"
@@ -83,6 +75,8 @@ def _run(data_dir: Path, nats_url: str | None, action: Callable[[JetStreamContex
             return asyncio.run(run(url))
     except PlatformError as exc:
         console.print(f"[red]gpuctl: {exc.message}[/]")
+    except CliError as exc:
+        console.print(f"[red]gpuctl: {exc}[/]")
     except OSError as exc:
         console.print(f"[red]gpuctl: cannot reach NATS ({redact(nats_url or DEFAULT_NATS_URL)}): {exc}[/]")
     sys.exit(1)

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 
 from projections.replay import rebuild
+from projections.service import Projections
 from projections.store import dump
 from sdk import subjects
 from sdk.archive import ExportHeader, Message, read_header
@@ -23,6 +24,7 @@ from sdk.events import JobSubmitted
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import append, ensure_streams, read_subject
+from sdk.verify import verify
 from tests.conftest import HEARTBEAT_INTERVAL_S
 from tests.test_projections import emit, tell_story
 
@@ -61,6 +63,7 @@ async def test_round_trip_keeps_sequences_gaps_headers_buckets_and_read_models(
         await (await js.key_value(subjects.WORKER_CONFIG_BUCKET)).put("_defaults", b'{"max_concurrency": 2}')
         await (await js.object_store(subjects.RESULTS_BUCKET)).put("job-a/image.png", b"\x89PNG" + bytes(300_000))
         job_b = await read_subject(js, subjects.JOBS_STREAM, subjects.job_subject("job-b"))
+        source_violations = await verify(nc, read_models=False)
         await nc.close()
         export = tmp_path / "backup.jsonl.gz"
         code, out = await gpuctl("export", "--out", str(export), "--data-dir", str(source_dir), nats_url=source.url)
@@ -100,6 +103,17 @@ async def test_round_trip_keeps_sequences_gaps_headers_buckets_and_read_models(
     target_db = tmp_path / "target.db"
     assert await rebuild(fresh_nats.url, target_db) == {**story.last, subjects.JOBS_STREAM: keyed.seq}
     assert await dump(target_db) == await dump(source_db)
+    # `gpuctl verify` says so too: the same findings in the log (the story's stale report, at the same
+    # sequence), and read models served from the imported log equal to a fresh fold of it.
+    assert [v.kind for v in source_violations] == ["stale_attempt"]
+    nc = await connect(fresh_nats.url, name="test-archive-verify")
+    projections = Projections(nc, tmp_path / "served.db")
+    await projections.start()
+    try:
+        assert await verify(nc) == source_violations
+    finally:
+        await projections.stop()
+        await nc.close()
 
     # The platform is no longer empty: a second import is refused and writes nothing.
     code, out = await gpuctl("import", str(export), "--data-dir", str(target_dir), nats_url=fresh_nats.url)
