@@ -14,7 +14,8 @@ Reading and writing stream through bounded buffers, so memory does not grow with
 exported up to its last sequence when the export began; a platform that keeps running meanwhile has
 later messages, which the next export takes.
 
-Import writes each stream's messages in their order and keeps their sequence numbers: a gap (messages
+Import writes each stream's messages in their order, the streams interleaved by their original times
+(one reader of the file per stream, merged), and keeps their sequence numbers: a gap (messages
 that were deleted, or retention's archived jobs) is filled with empty messages on a subject of its own,
 purged at the end. Equal sequences keep the read models equal (their rows carry sequences) and keep
 `Nats-Expected-Last-Subject-Sequence` meaning the same. Headers are kept except `Nats-Expected-*`, which
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import heapq
 import logging
 import os
 import time
@@ -58,6 +60,9 @@ IMPORT_WINDOW = 2_000
 READ_IDLE_S = 10.0
 #: Gap fillers go to this token under each stream's first subject (`jobs.-gap`), then are purged.
 GAP_TOKEN = "-gap"
+#: The event log's streams, whose order relative to each other is kept exactly (the rest, heartbeats and
+#: buckets, only approximately: interleaved by time but written pipelined).
+ORDERED_ACROSS = frozenset({subjects.JOBS_STREAM, subjects.WORKERS_STREAM})
 #: Headers that were checks at the original write: kept in the file, not sent again on import.
 EXPECTATION_PREFIX = "Nats-Expected-"
 
@@ -222,6 +227,11 @@ def read_lines(path: Path) -> Iterator[Line]:
         raise BadRequest(f"{path} is not a readable export (gzip): {exc}") from None
 
 
+def _messages(path: Path, stream: str | None = None) -> Iterator[Message]:
+    """The message lines of an export (of one stream), in file order: each call reads the file anew."""
+    return (line for line in read_lines(path) if isinstance(line, Message) and stream in (None, line.stream))
+
+
 def read_header(path: Path) -> ExportHeader:
     for line in read_lines(path):
         if isinstance(line, ExportHeader) and line.format == FORMAT:
@@ -276,17 +286,25 @@ async def import_log(js: JetStreamContext, path: Path, progress: Progress | None
         except NotFoundError:
             await js.add_stream(js_api.StreamConfig.from_response(dict(stream.config)))
     writers = {stream.name: _StreamWriter(js, stream) for stream in header.streams}
+    if unknown := {m.stream for m in _messages(path)} - writers.keys():
+        raise BadRequest(f"{path}: messages of {', '.join(sorted(unknown))}, which the header does not list")
     written = 0
-    for line in read_lines(path):
-        match line:
-            case Message():
-                writer = writers.get(line.stream)
-                if writer is None:
-                    raise BadRequest(f"{path}: a message of {line.stream}, which the header does not list")
-                await writer.write(line)
-                written += 1
-                if progress and writer.count % PROGRESS_EVERY == 0:
-                    progress(line.stream, PROGRESS_EVERY)
+    # Streams interleaved as they were written (by their original times): tools that order events across
+    # streams by their stream time (`gpuctl verify`: a job assigned to a registered worker) see the same order.
+    in_time_order = heapq.merge(*(_messages(path, stream.name) for stream in header.streams), key=lambda m: m.time_ns)
+    previous_log: str | None = None
+    for message in in_time_order:
+        writer = writers[message.stream]
+        if message.stream in ORDERED_ACROSS:
+            # JetStream stamps each stream's messages on its own: the other's in-flight messages must be
+            # stored first, or a worker's registration could be stamped after its first assignment.
+            if previous_log not in (None, message.stream):
+                await writers[previous_log].settle()
+            previous_log = message.stream
+        await writer.write(message)
+        written += 1
+        if progress and writer.count % PROGRESS_EVERY == 0:
+            progress(message.stream, PROGRESS_EVERY)
     for name, writer in writers.items():
         await writer.finish()
         if progress:
@@ -336,9 +354,9 @@ class _StreamWriter:
         future = await self._js.publish_async(subject, data, headers=headers)
         self._in_flight.append((future, seq))
         if len(self._in_flight) >= IMPORT_WINDOW:
-            await self._settle()
+            await self.settle()
 
-    async def _settle(self) -> None:
+    async def settle(self) -> None:
         """Check the acknowledgements in flight: each message stored, at its own sequence."""
         in_flight, self._in_flight = self._in_flight, []
         for future, seq in in_flight:
@@ -351,7 +369,7 @@ class _StreamWriter:
                 )
 
     async def finish(self) -> None:
-        await self._settle()
+        await self.settle()
         if self._filled and self._gap_subject:
             await self._js.purge_stream(self._name, subject=self._gap_subject)
 
