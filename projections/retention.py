@@ -13,8 +13,8 @@ A crash before 4 leaves jobs both in the log and in a snapshot, which folds to t
 snapshot row first, then the log's events, refused as already applied); a crash before 5 has the next
 run archive them again, with no messages left and the same rows.
 
-Every fold from the log starts from the snapshots (`load_snapshots`): `gpuctl replay`, a projections
-service on an empty file, a read-model upgrade. So replay gives the same read models as before the
+Every fold from the log starts from the snapshots (`load_snapshots`, `sdk.archive.archived_jobs`):
+`gpuctl replay`, a projections service on an empty file, a read-model upgrade, `gpuctl verify`. So replay gives the same read models as before the
 purge. The trade-off (docs/operations.md, "Retention"): the archived jobs' event-by-event history is
 no longer in the log, only in the archive (what `gpuctl events`, time travel and a past-state replay
 would need), and the read models keep every row, so their file does not shrink.
@@ -23,7 +23,6 @@ would need), and the read models keep every row, so their file does not shrink.
 from __future__ import annotations
 
 import datetime as dt
-import gzip
 import logging
 import tempfile
 import time
@@ -31,21 +30,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import NamedTuple
 
-import msgspec
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
 
 from projections.store import MODEL_VERSIONS, Store, file_versions
 from sdk import subjects
-from sdk.archive import ExportHeader, Message, StreamHeader, read_stream, write_export
+from sdk.archive import (
+    SNAPSHOT_SUFFIX,
+    ExportHeader,
+    Message,
+    StreamHeader,
+    archived_jobs,
+    encode_snapshot,
+    read_stream,
+    write_export,
+)
 from sdk.errors import Conflict
 from sdk.jobs import Job
 
 logger = logging.getLogger(__name__)
 
-SNAPSHOT_SUFFIX = ".snapshot.jsonl.gz"
-_job_encoder = msgspec.json.Encoder()
-_job_decoder = msgspec.json.Decoder(Job)
 
 
 class Retained(NamedTuple):
@@ -105,7 +108,7 @@ async def _archive(js: JetStreamContext, store: Store, jobs: list[Job], now_ms: 
 
     # 2. The rows, for every fold that starts from the log.
     snapshot = f"{name}{SNAPSHOT_SUFFIX}"
-    await archive.put(snapshot, gzip.compress(b"".join(_job_encoder.encode(job) + b"\n" for job in jobs)))
+    await archive.put(snapshot, encode_snapshot(jobs))
 
     # 3. Out of the log; only then marked archived, so a crash before leaves them for the next run.
     for job in jobs:
@@ -118,21 +121,8 @@ async def _archive(js: JetStreamContext, store: Store, jobs: list[Job], now_ms: 
 async def load_snapshots(js: JetStreamContext, store: Store, until_jobs_seq: int | None = None) -> int:
     """Write the rows of every retention snapshot into `store` (a file about to be folded from the log);
     with `until_jobs_seq`, only jobs that had ended by then (the others' past is in the archive only)."""
-    try:
-        archive = await js.object_store(subjects.ARCHIVE_BUCKET)
-        infos = await archive.list()
-    except NotFoundError:
-        return 0  # no bucket yet, or nothing archived
-    loaded = 0
-    for info in sorted(infos, key=lambda i: i.name):
-        if not info.name.endswith(SNAPSHOT_SUFFIX) or info.deleted:
-            continue
-        data = gzip.decompress((await archive.get(info.name)).data or b"")
-        jobs = [_job_decoder.decode(line) for line in data.splitlines() if line]
-        if until_jobs_seq is not None:
-            jobs = [job for job in jobs if job.seq <= until_jobs_seq]
+    jobs = await archived_jobs(js, until_jobs_seq)
+    if jobs:
         await store.put_archived(jobs)
-        loaded += len(jobs)
-    if loaded:
-        logger.info("loaded %d archived job rows from the retention snapshots", loaded)
-    return loaded
+        logger.info("loaded %d archived job rows from the retention snapshots", len(jobs))
+    return len(jobs)

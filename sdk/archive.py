@@ -44,6 +44,7 @@ from nats.js.errors import NotFoundError
 
 from sdk import subjects
 from sdk.errors import BadRequest, Conflict, Unavailable
+from sdk.jobs import Job
 from sdk.log import ack_fields, ensure_streams
 
 logger = logging.getLogger(__name__)
@@ -381,3 +382,31 @@ def gap_subject(stream_subjects: list[str]) -> str | None:
     if not any(token in ("*", ">") for token in tokens):
         return None
     return ".".join(GAP_TOKEN if token in ("*", ">") else token for token in tokens)
+
+
+# --- Retention's snapshots ---------------------------------------------------------------------------
+
+#: In the `archive` object store, beside the archived messages: the final rows of the jobs retention took
+#: out of JOBS (`projections/retention.py`), which every fold of the log starts from.
+SNAPSHOT_SUFFIX = ".snapshot.jsonl.gz"
+_job_decoder = msgspec.json.Decoder(Job)
+
+
+def encode_snapshot(jobs: list[Job]) -> bytes:
+    return gzip.compress(b"".join(_encoder.encode(job) + b"\n" for job in jobs))
+
+
+async def archived_jobs(js: JetStreamContext, until_jobs_seq: int | None = None) -> list[Job]:
+    """The rows of every retention snapshot; with `until_jobs_seq`, only jobs that had ended by then
+    (the others' past is in the archive only)."""
+    try:
+        archive = await js.object_store(subjects.ARCHIVE_BUCKET)
+        infos = await archive.list()
+    except NotFoundError:
+        return []  # no bucket yet, or nothing archived
+    jobs: list[Job] = []
+    for info in sorted(infos, key=lambda i: i.name):
+        if info.name.endswith(SNAPSHOT_SUFFIX) and not info.deleted:
+            data = gzip.decompress((await archive.get(info.name)).data or b"")
+            jobs += (_job_decoder.decode(line) for line in data.splitlines() if line)
+    return [job for job in jobs if until_jobs_seq is None or job.seq <= until_jobs_seq]

@@ -22,6 +22,7 @@ from sdk.broker import EmbeddedNats
 from sdk.connection import connect
 from sdk.events import JobCompleted
 from sdk.log import ensure_streams, read_subject
+from sdk.verify import verify
 from tests.test_projections import EU, caught_up, emit, get_job, tell_story
 
 FINISHED = ("job-a", "job-c", "job-d")  # completed, failed, cancelled in the story
@@ -77,6 +78,10 @@ async def test_finished_jobs_are_archived_and_purged_and_replay_gives_the_same_r
         archived = [line for line in read_lines(archive) if isinstance(line, Message)]
         assert {m.subject for m in archived} == {subjects.job_subject(j) for j in FINISHED}
         assert [m.seq for m in archived] == sorted(m.seq for m in archived)
+
+        # `gpuctl verify` starts from the snapshots too: the archived rows equal its fold, and only the
+        # story's stale report (job-b, still in the log) is reported.
+        assert [(v.kind, v.subject) for v in await verify(client)] == [("stale_attempt", "jobs.job-b")]
 
         # Running again archives nothing new; the log goes on.
         code, out = await gpuctl_retention(fresh_nats.url, "--older-than-s", "0", "--db", str(db))
