@@ -157,13 +157,20 @@ class Projections:
                 except Exception:
                     logger.exception("could not write %d events; retrying in %gs", len(batch), WRITE_RETRY_S)
                     await asyncio.sleep(WRITE_RETRY_S)
-            if self._upgrade is not None and await self._upgrade.caught_up(self._nc.jetstream()):
-                await self._finish_upgrade(self._upgrade)
+            if self._upgrade is not None:
+                await self._check_upgrade(self._upgrade)
             async with self._applied:
                 self._applied.notify_all()
 
-    async def _finish_upgrade(self, upgrade: Upgrade) -> None:
-        """The new file has caught up: it takes over, and the old one closes."""
+    async def _check_upgrade(self, upgrade: Upgrade) -> None:
+        """Once the new file has caught up, it takes over and the old one closes. A failed check (NATS
+        slow to answer) is tried again after the next batch: it must not stop the fold."""
+        try:
+            if not await upgrade.caught_up(self._nc.jetstream()):
+                return
+        except nats.errors.Error as exc:
+            logger.warning("could not check the upgrade's progress (%s); checking after the next batch", exc)
+            return
         async with self._writing:
             store = await upgrade.take_over()
             old, self._serving, self._folding, self._upgrade = self._serving, store, store, None
