@@ -19,16 +19,14 @@ from projections.feed import FOLDED_STREAMS
 from projections.replay import rebuild
 from projections.retention import Retained, archive_finished_jobs
 from projections.service import serve
-from sdk.connection import nats_url_from_env
-from sdk.errors import BadRequest
-from sdk.history import parse_time, positions_at
-from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
 from sdk import subjects
 from sdk.api.projections import GetProjectionsStatus, ProjectionsStatus
 from sdk.connection import connect, nats_url_from_env, request
 from sdk.ctl_history import CliError, platform_url
-from sdk.errors import PlatformError
+from sdk.errors import BadRequest, PlatformError
+from sdk.history import parse_time, positions_at
 from sdk.log import ensure_streams
+from sdk.metrics import DEFAULT_METRICS_HOST, MetricsHostFlag, MetricsPortFlag
 from sdk.process import NatsUrlFlag, run_until_signal, setup_logging
 
 app = App(name="python -m projections", help="Run the projections (SQLite read models), or rebuild them.")

@@ -57,6 +57,8 @@ SKIPPED_STREAMS = frozenset({f"KV_{subjects.SCHEDULER_LEASE_BUCKET}", subjects.D
 READ_BUFFER = 5_000
 #: Publishes in flight during an import before their acknowledgements are checked.
 IMPORT_WINDOW = 2_000
+#: How long an import waits for a message to be stored.
+ACK_TIMEOUT_S = 30.0
 #: A stream that delivers nothing for this long during an export is not being read.
 READ_IDLE_S = 10.0
 #: Gap fillers go to this token under each stream's first subject (`jobs.-gap`), then are purged.
@@ -64,8 +66,9 @@ GAP_TOKEN = "-gap"
 #: The event log's streams, whose order relative to each other is kept exactly (the rest, heartbeats and
 #: buckets, only approximately: interleaved by time but written pipelined).
 ORDERED_ACROSS = frozenset({subjects.JOBS_STREAM, subjects.WORKERS_STREAM})
-#: Headers that were checks at the original write: kept in the file, not sent again on import.
-EXPECTATION_PREFIX = "Nats-Expected-"
+#: Headers that were controls of the original write (its expectations; the atomic batch it was part of,
+#: `sdk/group_commit.py`): kept in the file, not sent again on import.
+WRITE_CONTROL_PREFIXES = ("Nats-Expected-", "Nats-Batch-")
 
 
 class StreamHeader(msgspec.Struct, kw_only=True):
@@ -228,9 +231,30 @@ def read_lines(path: Path) -> Iterator[Line]:
         raise BadRequest(f"{path} is not a readable export (gzip): {exc}") from None
 
 
-def _messages(path: Path, stream: str | None = None) -> Iterator[Message]:
-    """The message lines of an export (of one stream), in file order: each call reads the file anew."""
-    return (line for line in read_lines(path) if isinstance(line, Message) and stream in (None, line.stream))
+#: How every message line starts (the tag, then the stream: msgspec writes fields in their order).
+_MESSAGE_PREFIX = b'{"kind":"msg","stream":"'
+
+
+def _line_stream(raw: bytes) -> str | None:
+    """The stream of a message line, read without decoding the line (None for other lines)."""
+    if not raw.startswith(_MESSAGE_PREFIX):
+        return None
+    end = raw.find(b'"', len(_MESSAGE_PREFIX))
+    return raw[len(_MESSAGE_PREFIX) : end].decode()
+
+
+def _streams_in(path: Path) -> set[str]:
+    with gzip.open(path, "rb") as file:
+        return {name for name in map(_line_stream, file) if name is not None}
+
+
+def _messages(path: Path, stream: str) -> Iterator[Message]:
+    """The messages of one stream in an export, in file order; each call reads the file anew, decoding
+    only that stream's lines."""
+    with gzip.open(path, "rb") as file:
+        for raw in file:
+            if _line_stream(raw) == stream:
+                yield msgspec.json.decode(raw, type=Message)
 
 
 def read_header(path: Path) -> ExportHeader:
@@ -287,7 +311,7 @@ async def import_log(js: JetStreamContext, path: Path, progress: Progress | None
         except NotFoundError:
             await js.add_stream(js_api.StreamConfig.from_response(dict(stream.config)))
     writers = {stream.name: _StreamWriter(js, stream) for stream in header.streams}
-    if unknown := {m.stream for m in _messages(path)} - writers.keys():
+    if unknown := _streams_in(path) - writers.keys():
         raise BadRequest(f"{path}: messages of {', '.join(sorted(unknown))}, which the header does not list")
     written = 0
     # Streams interleaved as they were written (by their original times): tools that order events across
@@ -336,7 +360,7 @@ class _StreamWriter:
             for _ in range(message.seq - self._next_seq):
                 await self._publish(self._gap_subject or "", b"", None, None)
                 self._filled += 1
-        headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith(EXPECTATION_PREFIX)}
+        headers = {k: v for k, v in (message.headers or {}).items() if not k.startswith(WRITE_CONTROL_PREFIXES)}
         await self._publish(message.subject, message.data, headers or None, message.seq if self._keep_seqs else None)
         self._next_seq = message.seq + 1
         self.count += 1
@@ -361,7 +385,10 @@ class _StreamWriter:
         """Check the acknowledgements in flight: each message stored, at its own sequence."""
         in_flight, self._in_flight = self._in_flight, []
         for future, seq in in_flight:
-            ack = await future
+            try:
+                ack = await asyncio.wait_for(future, ACK_TIMEOUT_S)
+            except TimeoutError:
+                raise Unavailable(f"{self._name}: no acknowledgement for message #{seq} within {ACK_TIMEOUT_S:g}s") from None
             if ack.duplicate or (seq is not None and ack.seq != seq):
                 raise Conflict(
                     f"{self._name}: message #{seq} was stored as #{ack.seq}"
