@@ -22,9 +22,10 @@ import secrets
 from dataclasses import dataclass
 
 import msgspec
+from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError
+from nats.js.errors import APIError, NoStreamResponseError
 
 from sdk import subjects
 from sdk.events import Event, encoder
@@ -103,6 +104,10 @@ class GroupCommit:
         try:
             reply = await nc.request(last.subject, last.data, headers=headers, timeout=COMMIT_TIMEOUT_S)
         except Exception as exc:  # the outcome is unknown, as for a lone publish that timed out
+            if isinstance(exc, NoRespondersError):
+                # What `js.publish` says for it: no stream leader answers now (failing over); callers map
+                # it to "unavailable, try again", never to an internal error.
+                exc = NoStreamResponseError()
             for pending in batch:
                 _settle(pending.done, error=exc)
             return True

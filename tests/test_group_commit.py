@@ -9,8 +9,11 @@ import secrets
 
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.js.errors import NoStreamResponseError
 
 from sdk import subjects
+from sdk.broker import EmbeddedNats
+from sdk.connection import connect
 from sdk.events import JobSubmitted, job_event_decoder
 from sdk.group_commit import GroupCommit
 from sdk.log import WrongLastSequence, read_job_events
@@ -71,3 +74,18 @@ async def test_a_lone_append_needs_no_batch(nc: NatsClient, count: int) -> None:
     acks = await asyncio.gather(*(log.append(subjects.job_subject(i), _submitted(i), expected_seq=0) for i in ids))
     assert [len(await read_job_events(nc.jetstream(), i)) for i in ids] == [1] * count
     assert acks[-1].seq >= acks[0].seq
+
+
+async def test_a_batch_no_stream_answers_is_refused_as_unavailable_like_a_lone_append(fresh_nats: EmbeddedNats) -> None:
+    # No JOBS stream at all: what a batch meets while the stream's leader is being elected (no responder).
+    nc = await connect(fresh_nats.url, name="test-no-stream")
+    try:
+        log = GroupCommit(nc.jetstream())
+        ids = [f"gc-{secrets.token_hex(6)}" for _ in range(10)]
+        outcomes = await asyncio.gather(
+            *(log.append(subjects.job_subject(i), _submitted(i), expected_seq=0) for i in ids), return_exceptions=True
+        )
+    finally:
+        await nc.close()
+    # The gateway answers this with 503 and the endpoints with `unavailable`; a raw NoRespondersError was a 500.
+    assert all(isinstance(outcome, NoStreamResponseError) for outcome in outcomes), outcomes
