@@ -16,15 +16,16 @@ import datetime as dt
 import logging
 import re
 
+import msgspec
 from nats.js import JetStreamContext
 
 from sdk import subjects
-from sdk.api import GetJob, JobPage, JobView, ListJobs, ListWorkers, WorkerPage, WorkerView, job_view, ms_to_datetime
+from sdk.api import GetJob, JobPage, JobView, ListJobs, ListWorkers, WorkerPage, job_view
 from sdk.errors import BadRequest, JobNotFound
 from sdk.events import Heartbeat, heartbeat_decoder
 from sdk.history import fold_job, fold_until, parse_time, read_log, seq_at_time, stream_end
 from sdk.jobs import HELD_BY_WORKER, JobStatus, visible_to
-from sdk.workers import WorkerState, WorkerStatus
+from sdk.workers import WorkerRow, WorkerState, WorkerStatus, apply_heartbeat, worker_view
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,10 @@ class HistoryQueries:
             if job.status in HELD_BY_WORKER and job.worker_id is not None:
                 held.setdefault(job.worker_id, []).append((job.submitted_seq, job.id))
         views = [
-            _worker_view(state, heartbeats.get(state.id), [job_id for _, job_id in sorted(held.get(state.id, []))])
+            worker_view(
+                _worker_row(state, heartbeats.get(state.id)),
+                [job_id for _, job_id in sorted(held.get(state.id, []))],
+            )
             for state in sorted(fold.workers.values(), key=lambda w: w.id)
             if state.registered
             and req.region in (None, state.region)
@@ -116,18 +120,7 @@ class HistoryQueries:
         return latest
 
 
-def _worker_view(state: WorkerState, beat: Heartbeat | None, in_flight: list[str]) -> WorkerView:
-    assert state.status is not None and state.name is not None and state.region is not None
-    return WorkerView(
-        id=state.id,
-        name=state.name,
-        region=state.region,
-        status=state.status.value,
-        capabilities=state.capabilities,
-        capacity=beat.max_concurrency if beat else 1,
-        in_flight=in_flight,
-        last_heartbeat=ms_to_datetime(beat.at_ms) if beat else None,
-        loaded_models=list(state.loaded_models),
-        gpus=state.gpus,
-        seq=state.seq,
-    )
+def _worker_row(state: WorkerState, beat: Heartbeat | None) -> WorkerRow:
+    """The worker as a reader's row: its fold, with the telemetry of its last heartbeat by then if any."""
+    row = WorkerRow(**msgspec.structs.asdict(state))
+    return apply_heartbeat(row, beat) if beat is not None else row

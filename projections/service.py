@@ -22,7 +22,7 @@ from nats.aio.subscription import Subscription
 
 from projections.feed import FOLDED_STREAMS, Feed, follow, log_ends
 from projections.retention import load_snapshots
-from projections.store import MODEL_VERSIONS, Store, WorkerStatus, file_versions, worker_view
+from projections.store import MODEL_VERSIONS, Store, WorkerStatus, file_versions
 from projections.upgrade import Upgrade
 from sdk import subjects
 from sdk.api import (
@@ -44,6 +44,7 @@ from sdk.errors import BadRequest, JobNotFound, Unavailable, WorkerNotFound
 from sdk.jobs import JobStatus, visible_to
 from sdk.log import ensure_streams
 from sdk.metrics import DEFAULT_METRICS_HOST, Reading, Readings, metrics_endpoint
+from sdk.workers import worker_view
 
 logger = logging.getLogger(__name__)
 

@@ -19,9 +19,11 @@ from typing import TypeVar, overload
 
 import msgspec
 
+from sdk.api import WorkerView, ms_to_datetime
 from sdk.errors import InvalidTransition
 from sdk.events import (
     GpuInfo,
+    Heartbeat,
     WorkerCredentialsRotated,
     WorkerDeregistered,
     WorkerDraining,
@@ -110,3 +112,47 @@ def apply_worker(state: WorkerState | None, event: WorkerEvent, seq: int = 0) ->
     new.updated_at_ms = event.at_ms
     new.seq = seq
     return new
+
+
+# --- A reader's worker: the fold plus its latest heartbeat --------------------------------------------
+
+
+class WorkerRow(WorkerState, kw_only=True):
+    """A worker's lifecycle columns, folded from WORKERS by `sdk.workers.apply_worker`, then the columns
+    taken from its latest heartbeat. A worker only heard of through heartbeats has no status yet."""
+
+    capacity: int = 1
+    last_heartbeat_ms: int | None = None
+    heartbeat_models: list[str] = []
+    heartbeat_gpus: list[GpuInfo] = []
+
+
+def apply_heartbeat(worker: WorkerRow | None, heartbeat: Heartbeat) -> WorkerRow:
+    """The worker with the telemetry of its latest heartbeat; the lifecycle columns stay as they are."""
+    return msgspec.structs.replace(
+        worker or WorkerRow(id=heartbeat.worker_id),
+        capacity=heartbeat.max_concurrency,
+        last_heartbeat_ms=heartbeat.at_ms,
+        heartbeat_models=list(heartbeat.loaded_models),
+        heartbeat_gpus=list(heartbeat.gpus),
+    )
+
+
+def worker_view(worker: WorkerRow, in_flight: list[str]) -> WorkerView:
+    """What readers see: models and GPUs from whichever is fresher, the last event or the last heartbeat."""
+    from_heartbeat = worker.last_heartbeat_ms is not None and worker.last_heartbeat_ms >= worker.updated_at_ms
+    # Queries return registered workers only, and registration sets all three.
+    assert worker.status is not None and worker.name is not None and worker.region is not None
+    return WorkerView(
+        id=worker.id,
+        name=worker.name,
+        region=worker.region,
+        status=worker.status.value,
+        capabilities=worker.capabilities,
+        capacity=worker.capacity,
+        in_flight=in_flight,
+        last_heartbeat=ms_to_datetime(worker.last_heartbeat_ms),
+        loaded_models=worker.heartbeat_models if from_heartbeat else list(worker.loaded_models),
+        gpus=worker.heartbeat_gpus if from_heartbeat else worker.gpus,
+        seq=worker.seq,
+    )
