@@ -48,6 +48,7 @@ from sdk.events import (
 )
 from sdk.jobs import fold, visible_to
 from sdk.log import append, first_job_event, read_job_events
+from sdk.tasks import cancel_and_wait
 from sdk.tls import ENV_NAME_ENV, INSECURE_ENVIRONMENTS
 from sdk.webhooks import SECRET_PREFIX, WebhookSecret, signature
 
@@ -206,9 +207,7 @@ class WebhookDeliverer:
         # Stop fetching, let tries in flight end (their triggers are acked or naked), then leave the
         # consumer (a pull subscription left open would hold the connection's drain until it times out;
         # the durable consumer itself stays, with its place).
-        if self._loop is not None:
-            self._loop.cancel()
-            await asyncio.gather(self._loop, return_exceptions=True)
+        await cancel_and_wait(self._loop)
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sub is not None:
             await self._sub.unsubscribe()

@@ -13,7 +13,6 @@ sequence keep even two schedulers that both believe they lead from both winning 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 
@@ -23,6 +22,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from sdk import subjects
+from sdk.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +60,7 @@ class LeaderLease:
     async def stop(self) -> None:
         """Stop campaigning; a leader deletes its key so a standby takes over without waiting for the TTL."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task)
             self._task = None
         revision = self._revision
         if revision is None or self._kv is None:

@@ -65,6 +65,7 @@ from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
 from sdk.log import FEED_IDLE_HEARTBEAT_S, WrongLastSequence, append, ensure_streams, load_job
 from sdk.metrics import DEFAULT_METRICS_HOST, metrics_endpoint
 from sdk.platform_config import RegionsWatch
+from sdk.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -190,10 +191,7 @@ class Scheduler:
                 await self._config_watcher.stop()
             for sub in self._subscriptions:
                 await sub.unsubscribe()
-        tasks = [task for task in (self._loop_task, self._watch_task, self._restoring) if task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(self._loop_task, self._watch_task, self._restoring)
         logger.info("scheduler %s stopped", self.instance_id)
 
     # --- feeds: fold every stream into the view ---------------------------------------------------

@@ -36,6 +36,7 @@ from sdk.events import DirectSessionClosed, DirectSessionOpened, SessionEvent, n
 from sdk.jobs import Job
 from sdk.log import WrongLastSequence, append
 from sdk.regions import LatencyTable
+from sdk.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from scheduler.view import SchedulerView, TrackedWorker
@@ -124,9 +125,7 @@ class DirectSessions:
     async def stop(self) -> None:
         if self._sub is not None:
             await self._sub.unsubscribe()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
 
     def on_event(self, msg: Msg) -> None:
         """A message of the SESSIONS stream (every instance folds it)."""

@@ -30,6 +30,7 @@ from nats.js.errors import NoStreamResponseError, ServiceUnavailableError
 
 from sdk.connection import error_reply
 from sdk.errors import PlatformError, Unavailable
+from sdk.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -66,9 +67,7 @@ class Endpoints:
         self._subs.clear()
         if self._tasks and grace_s > 0:
             await asyncio.wait(self._tasks, timeout=grace_s)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
 
     def _spawner(self, handler: Handler) -> Callable[[Msg], Awaitable[None]]:
         slots = asyncio.Semaphore(self._max_in_flight)

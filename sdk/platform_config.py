@@ -21,6 +21,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from sdk import subjects
 from sdk.api import Strict
 from sdk.regions import LatencyTable, RegionLatencies
+from sdk.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ class SettingWatch(Generic[T]):
     async def stop(self) -> None:
         """Stop following; idempotent."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
             self._task = None
         if self._watcher is not None:
             with contextlib.suppress(Exception):

@@ -19,6 +19,7 @@ from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from sdk import subjects
 from sdk.api import WorkerConfig
 from sdk.errors import BadRequest
+from sdk.tasks import cancel_and_wait
 from sdk.worker_config import effective_config, parse_partial
 from worker.link import REQUEST_TIMEOUT_S, PlatformLink
 
@@ -53,9 +54,7 @@ class ConfigWatch:
 
     async def stop(self) -> None:
         """Stop following; idempotent."""
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
         for watcher in self._watchers:
             with contextlib.suppress(Exception):
                 await watcher.stop()

@@ -19,6 +19,7 @@ from sdk import subjects
 from sdk.api import HeartbeatAck
 from sdk.errors import PlatformError, Unauthorized, WorkerNotFound
 from sdk.events import Heartbeat
+from sdk.tasks import cancel_and_wait
 from worker.config_watch import ConfigWatch
 from worker.jobs import JobRunner
 from worker.link import PlatformLink
@@ -53,8 +54,7 @@ class Heartbeats:
     async def stop(self) -> None:
         """Stop sending; idempotent."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait(self._task)
 
     async def _loop(self) -> None:
         while True:

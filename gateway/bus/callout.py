@@ -35,6 +35,7 @@ from sdk import subjects
 from sdk.bus import WORKER_PROOF_PREFIX, read_worker_proof
 from sdk.errors import PlatformError
 from sdk.events import WorkerDeregistered, worker_event_decoder
+from sdk.tasks import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +102,7 @@ class BusAuthority:
         self._subs.clear()
         if self._watcher is not None:
             await self._watcher.stop()
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(*self._tasks)
 
     # --- Answering -------------------------------------------------------------------------------
 
