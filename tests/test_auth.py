@@ -11,6 +11,7 @@ import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -485,8 +486,17 @@ async def test_revoking_during_rotation_grace_stops_the_old_generation_too(
 # --- Credential flows that must neither lock out nor replay (issue 9) ------------------------------
 
 
-async def enrolled(credentials: Credentials) -> WorkerCredentials:
-    return await credentials.enroll(await credentials.create_enrollment_token(), worker_id())
+class Enrolled(NamedTuple):
+    """A worker enrolled just now: its credentials, its id and the report subject it signs for."""
+
+    creds: WorkerCredentials
+    worker_id: str
+    report: str
+
+
+async def enrolled(credentials: Credentials) -> Enrolled:
+    creds = await credentials.enroll(await credentials.create_enrollment_token(), worker_id())
+    return Enrolled(creds, creds.worker_id, subjects.report_subject(creds.worker_id))
 
 
 def signed_request(creds: WorkerCredentials, subject: str, body: bytes, clock: FakeClock) -> dict[str, str]:
@@ -496,9 +506,7 @@ def signed_request(creds: WorkerCredentials, subject: str, body: bytes, clock: F
 async def test_a_lost_rotate_reply_is_sent_again_and_the_worker_recovers(
     credentials: Credentials, clock: FakeClock
 ) -> None:
-    old = await enrolled(credentials)
-    wid = old.worker_id
-    report = subjects.report_subject(wid)
+    old, wid, report = await enrolled(credentials)
     await credentials.request_rotation(wid)
     lost = (await credentials.rotate_worker(wid)).credentials  # the reply never reaches the worker
 
@@ -533,8 +541,7 @@ async def test_rotation_is_refused_unless_due(credentials: Credentials, clock: F
 async def test_a_replayed_rotate_or_registration_is_refused_by_another_gateway_and_after_a_restart(
     credentials: Credentials, nc: NatsClient, master_key: bytes, clock: FakeClock
 ) -> None:
-    creds = await enrolled(credentials)
-    wid = creds.worker_id
+    creds, wid, _ = await enrolled(credentials)
     await credentials.request_rotation(wid)
     rotate, register = subjects.rotate_subject(wid), subjects.API_WORKERS_REGISTER
     signed = {subject: signed_request(creds, subject, b"{}", clock) for subject in (rotate, register)}
@@ -555,7 +562,7 @@ async def test_a_replayed_rotate_or_registration_is_refused_by_another_gateway_a
 async def test_a_credential_answer_cannot_be_redirected_to_another_inbox(
     credentials: Credentials, clock: FakeClock
 ) -> None:
-    creds = await enrolled(credentials)
+    creds = (await enrolled(credentials)).creds
     await credentials.request_rotation(creds.worker_id)
     rotate, register = subjects.rotate_subject(creds.worker_id), subjects.API_WORKERS_REGISTER
     secret = bytes.fromhex(creds.hmac_secret_hex)
@@ -648,9 +655,7 @@ async def test_an_unbound_token_cannot_take_over_a_revoked_worker(credentials: C
 async def test_signature_checks_refuse_the_cheap_cases_before_reading_or_hashing(
     credentials: Credentials, clock: FakeClock
 ) -> None:
-    creds = await enrolled(credentials)
-    wid = creds.worker_id
-    report = subjects.report_subject(wid)
+    creds, wid, report = await enrolled(credentials)
     # A stale request about a worker nobody enrolled: refused on its timestamp, before any bucket read.
     stranger = report.replace(wid, worker_id())
     stale = sign(secrets.token_bytes(32), stranger, b"{}", now_ms=clock.now_ms - 61_000)
@@ -666,9 +671,7 @@ async def test_signature_checks_refuse_the_cheap_cases_before_reading_or_hashing
 
 
 async def test_a_timestamp_of_unicode_digits_is_refused_as_malformed(credentials: Credentials, clock: FakeClock) -> None:
-    creds = await enrolled(credentials)
-    wid = creds.worker_id
-    report = subjects.report_subject(wid)
+    creds, wid, report = await enrolled(credentials)
     for timestamp in ("²", "１７００００００００００００", "-1", " 1", "1" * 17):
         headers = {**signed_request(creds, report, b"{}", clock), TIMESTAMP_HEADER: timestamp}
         with pytest.raises(Unauthorized) as exc:

@@ -59,6 +59,14 @@ class Session:
 
         await wait_until(reported, timeout_s, f"a violation for {text}; errors: {self.errors}")
 
+    async def disconnected(self, what: str, timeout_s: float = 10.0) -> None:
+        """Wait until the server has closed this connection (as it does on a revocation)."""
+
+        async def closed() -> bool:
+            return not self.nc.is_connected
+
+        await wait_until(closed, timeout_s, what)
+
     async def refused_subscription(self, subject: str) -> Subscription:
         sub = await self.nc.subscribe(subject)
         await self.violation(f'Subscription to "{subject}"')
@@ -303,10 +311,7 @@ async def test_a_revoked_worker_is_disconnected_and_refused(platform: Platform, 
     async with open_admin(platform.server.url, platform.server.secrets_dir) as admin:
         await admin.revoke_worker(me.worker_id)
 
-    async def closed() -> bool:
-        return not worker.nc.is_connected
-
-    await wait_until(closed, 10, "the revoked worker's connection to be closed")
+    await worker.disconnected("the revoked worker's connection to be closed")
     with pytest.raises(Unauthorized):
         await connect(platform.server.address, name="revoked-again", wait_s=0.5,
                       **bus.worker_options(me.worker_id, lambda: bytes.fromhex(me.hmac_secret_hex)))
@@ -320,10 +325,7 @@ async def test_a_revoked_api_key_is_disconnected_and_refused(platform: Platform,
     async with open_admin(platform.server.url, platform.server.secrets_dir) as admin:
         await admin.revoke_api_key(created.key_id)
 
-    async def closed() -> bool:
-        return not client.nc.is_connected
-
-    await wait_until(closed, 10, "the revoked key's connection to be closed")
+    await client.disconnected("the revoked key's connection to be closed")
     with pytest.raises(Unauthorized):
         await connect(platform.server.address, name="revoked-key", wait_s=0.5, **bus.client_options(created.api_key))
 

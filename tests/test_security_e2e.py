@@ -189,6 +189,16 @@ async def send(nc: NatsClient, signed: tuple[str, bytes, dict[str, str]]) -> Acc
     return await request(nc, subject, body, Accepted, headers=headers)
 
 
+def probe_report(job_id: str) -> ReportProgress:
+    """A progress report whose message is a probe of its own, so the events it appended can be found."""
+    return ReportProgress(job_id=job_id, attempt=1, progress=0.5, message=f"probe-{secrets.token_hex(4)}")
+
+
+async def probes_appended(stack: LocalStack, probe: ReportProgress) -> list[JobEvent]:
+    """The events of `probe`'s job that carry its message."""
+    return [e for e in await job_history(stack, probe.job_id) if getattr(e, "message", None) == probe.message]
+
+
 # --- Clients: tokens ---------------------------------------------------------------------------------
 
 
@@ -383,29 +393,26 @@ async def test_a_replayed_report_is_refused_and_appends_nothing(
     stack: LocalStack, held_job: str, sec_workers: dict[str, str], worker_nc: NatsClient
 ) -> None:
     creds = worker_credentials(stack, "sec1")
-    probe = f"probe-{secrets.token_hex(4)}"
-    progress = ReportProgress(job_id=held_job, attempt=1, progress=0.5, message=probe)
+    progress = probe_report(held_job)
     report = signed_report(creds.hmac_secret_hex, creds.worker_id, progress)
     await send(worker_nc, report)
     with pytest.raises(Unauthorized) as exc:
         await send(worker_nc, report)  # the same bytes, the same nonce
     assert reason(exc) == "replayed_nonce"
-    probes = [e for e in await job_history(stack, held_job) if getattr(e, "message", None) == probe]
-    assert len(probes) == 1
+    assert len(await probes_appended(stack, progress)) == 1
 
 
 async def test_a_report_with_a_stale_timestamp_is_refused(
     stack: LocalStack, held_job: str, sec_workers: dict[str, str], worker_nc: NatsClient
 ) -> None:
     creds = worker_credentials(stack, "sec1")
-    probe = f"probe-{secrets.token_hex(4)}"
-    progress = ReportProgress(job_id=held_job, attempt=1, progress=0.5, message=probe)
+    progress = probe_report(held_job)
     for skew_ms in (-61_000, 61_000):
         now_ms = time.time_ns() // 1_000_000 + skew_ms
         with pytest.raises(Unauthorized) as exc:
             await send(worker_nc, signed_report(creds.hmac_secret_hex, creds.worker_id, progress, now_ms=now_ms))
         assert reason(exc) == "stale_timestamp"
-    assert not [e for e in await job_history(stack, held_job) if getattr(e, "message", None) == probe]
+    assert not await probes_appended(stack, progress)
 
 
 async def test_a_report_about_another_workers_job_is_refused(

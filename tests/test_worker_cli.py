@@ -19,7 +19,7 @@ import msgspec
 import pytest
 from rich.console import Console
 
-from sdk.api import WorkerCredentials
+from sdk.api import WorkerConfigView, WorkerCredentials
 from sdk.broker import free_port
 from sdk.client import Client
 from sdk.events import GpuInfo
@@ -78,6 +78,19 @@ def w1_flags(stack: LocalStack) -> list[str]:
 
 def w1_id(stack: LocalStack) -> str:
     return registered_worker_id(stack.data_dir / "workers" / "w1")
+
+
+class W1(NamedTuple):
+    """The session's worker w1 as a test that changes its config found it."""
+
+    id: str
+    config: WorkerConfigView
+
+
+@pytest.fixture
+async def w1(platform: LocalStack, client: Client) -> W1:
+    worker_id = w1_id(platform)
+    return W1(worker_id, await client.worker_config(worker_id))
 
 
 # --- configure -------------------------------------------------------------------------------------------
@@ -255,10 +268,9 @@ async def test_status_explains_an_unreachable_platform(capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 async def test_set_acceptance_rate_reaches_the_running_worker_and_get_prints_it(
-    platform: LocalStack, client: Client, capsys: pytest.CaptureFixture[str]
+    platform: LocalStack, client: Client, w1: W1, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    worker_id = w1_id(platform)
-    before = await client.worker_config(worker_id)
+    worker_id, before = w1
     old_rate = before.effective.load_control.acceptance_rate
     try:
         run = await gpu_worker(capsys, "set", "load_control.acceptance_rate", "0.8", *w1_flags(platform))
@@ -296,10 +308,9 @@ async def test_get_with_an_operators_key_needs_no_nats_password(
 
 @pytest.mark.slow
 async def test_set_max_concurrency_changes_the_capacity_and_null_brings_the_default_back(
-    platform: LocalStack, client: Client, capsys: pytest.CaptureFixture[str]
+    platform: LocalStack, client: Client, w1: W1, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    worker_id = w1_id(platform)
-    before = await client.worker_config(worker_id)
+    worker_id, before = w1
     assert "max_concurrency" not in before.overrides, "another test left its change behind"
     default = before.effective.max_concurrency
 
@@ -331,10 +342,9 @@ async def test_set_max_concurrency_changes_the_capacity_and_null_brings_the_defa
     ],
 )
 async def test_set_refuses_a_bad_key_or_value_listing_the_valid_keys_and_changes_nothing(
-    platform: LocalStack, client: Client, capsys: pytest.CaptureFixture[str], key: str, value: str, why: str
+    platform: LocalStack, client: Client, w1: W1, capsys: pytest.CaptureFixture[str], key: str, value: str, why: str
 ) -> None:
-    worker_id = w1_id(platform)
-    before = await client.worker_config(worker_id)
+    worker_id, before = w1
     run = await gpu_worker(capsys, "set", key, value, *w1_flags(platform))
     assert run.code == 2
     assert why in run.err
