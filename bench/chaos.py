@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Annotated
 
 import nats.errors
-from cyclopts import App, Parameter
+from cyclopts import Parameter
 from nats.js import JetStreamContext
-from rich.console import Console
 from rich.table import Table
 
 from bench.chaos_check import (
@@ -45,13 +44,13 @@ from bench.chaos_check import (
     workers_declared_lost,
 )
 from bench.chaos_platform import FAULTS, ChaosPlatform, Load, kill
+from bench.cli import bench_app
 from sdk import subjects
 from sdk.errors import PlatformError
 from sdk.history import stream_end
 from sdk.verify import verify
 
-app = App(name="bench-chaos", help=__doc__)
-console = Console(width=140)
+app, console = bench_app("bench-chaos", __doc__, width=140)
 logger = logging.getLogger(__name__)
 
 #: The workers of the chaos stack (name -> engines): one runs the tiny LLM too.

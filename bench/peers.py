@@ -35,10 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-from cyclopts import App, Parameter
-from rich.console import Console
+from cyclopts import Parameter
 from rich.table import Table
 
+from bench.cli import bench_app
 from bench.echo_throughput import echo_stack, percentile
 from bench.hops import HOPS, job_hops
 from bench.peer_apps import (
@@ -55,8 +55,7 @@ from sdk.broker import free_port, nats_server_binary
 from sdk.connection import port_open
 from sdk.process import Child, stop_all
 
-app = App(name="bench-peers", help=__doc__)
-console = Console(width=150)
+app, console = bench_app("bench-peers", __doc__, width=150)
 
 #: Jobs run on each system before anything is measured (imports, connections, consumers).
 WARMUP_JOBS = 50

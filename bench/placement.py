@@ -16,10 +16,10 @@ import statistics
 import time
 from typing import Annotated
 
-from cyclopts import App, Parameter
-from rich.console import Console
+from cyclopts import Parameter
 from rich.table import Table
 
+from bench.cli import bench_app, figures
 from scheduler.index import PlacementIndex, plan
 from scheduler.placement import Candidate, choose_worker
 from scheduler.view import SchedulerView
@@ -27,8 +27,7 @@ from sdk.events import JobSubmitted, WorkerRegistered
 from sdk.jobs import Job, apply
 from sdk.regions import RegionLatencies, validate_latencies
 
-app = App(name="bench-placement", help=__doc__)
-console = Console()
+app, console = bench_app("bench-placement", __doc__)
 
 REGIONS = ["eu-west", "eu-central", "us-east", "us-west", "ap-south", "ap-east", "sa-east", "af-south"]
 LATENCIES = validate_latencies(
@@ -127,13 +126,12 @@ def main(
     seed: int = 7,
 ) -> None:
     rng = random.Random(seed)
-    table = Table(title="one decision (median)")
-    for column in ("workers", "reference (scan)", "index", "index build (once per pass)"):
-        table.add_column(column, justify="right")
+    rows = []
     for workers in (100, 1_000, 10_000):
         reference_us, index_us, build_ms = decision_times(workers, decisions, rng)
-        table.add_row(f"{workers:,}", f"{reference_us:,.0f} µs", f"{index_us:,.1f} µs", f"{build_ms:,.1f} ms")
-    console.print(table)
+        rows.append((f"{workers:,}", f"{reference_us:,.0f} µs", f"{index_us:,.1f} µs", f"{build_ms:,.1f} ms"))
+    columns = ("workers", "reference (scan)", "index", "index build (once per pass)")
+    console.print(figures("one decision (median)", columns, rows))
 
     steps = full_pass(pass_workers, queued, rng)
     placed = int(steps.pop("placed"))

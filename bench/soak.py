@@ -16,19 +16,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
 
-from cyclopts import App, Parameter
-from rich.console import Console
+from cyclopts import Parameter
 from rich.table import Table
 
-from bench.echo_throughput import percentile
+from bench.cli import bench_app, figures
+from bench.echo_throughput import echo_stack, percentile
 from sdk.errors import PlatformError
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 
-app = App(name="bench-soak", help=__doc__)
-console = Console(width=120)
+app, console = bench_app("bench-soak", __doc__, width=120)
 
 #: Jobs in flight beyond which the load waits instead of piling up (the platform fell behind).
 MAX_IN_FLIGHT = 512
@@ -51,42 +49,40 @@ def processes(stack: LocalStack) -> dict[str, int]:
     return pids
 
 
+@Parameter(name="*")
+@dataclass(frozen=True, kw_only=True)
+class Load:
+    """The soak's load and how its figures are taken (each field is a command-line option)."""
+
+    rate: float = 20.0
+    """echo jobs started per second"""
+    minutes: float = 10.0
+    """how long the load runs"""
+    interval_s: float = 60.0
+    """seconds between two rows of figures"""
+    warmup_minutes: float = 2.0
+    """RSS growth is measured from the row after this"""
+    worker_concurrency: int = 64
+    """the echo worker's max_concurrency"""
+
+
 @dataclass
 class Interval:
     latencies_ms: list[float] = field(default_factory=list)
     errors: int = 0
 
 
-async def wait_healthy(http: HttpClient, timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if (await http.health())["status"] == "ok":
-                return
-        except PlatformError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("the gateway did not come up")
-        await asyncio.sleep(0.2)
-
-
-async def soak(rate: float, minutes: float, interval_s: float, warmup_s: float, worker_concurrency: int) -> None:
+async def soak(load: Load) -> None:
     with tempfile.TemporaryDirectory() as data_dir:
-        stack = LocalStack(Path(data_dir))
-        stack.start()
-        try:
-            async with HttpClient(stack.http_url, api_key=stack.operator_key) as http:
-                await wait_healthy(http)
-                await http.set_config_defaults({"max_concurrency": worker_concurrency})
-                stack.start_worker("soak", "local", "--engines", "echo")
-                while not [w for w in await http.workers() if w.status == "online"]:
-                    await asyncio.sleep(0.2)
-                await run(stack, http, rate, minutes * 60, interval_s, warmup_s)
-        finally:
-            stack.stop()
+        async with (
+            echo_stack(Path(data_dir), 1, load.worker_concurrency) as (stack, _),
+            HttpClient(stack.http_url, api_key=stack.operator_key) as http,
+        ):
+            await run(stack, http, load)
 
 
-async def run(stack: LocalStack, http: HttpClient, rate: float, duration_s: float, interval_s: float, warmup_s: float) -> None:
+async def run(stack: LocalStack, http: HttpClient, load: Load) -> None:
+    rate, duration_s, interval_s = load.rate, load.minutes * 60, load.interval_s
     pids = processes(stack)
     header = ("min", "jobs", "jobs/s", "p50 ms", "p99 ms", "errors", *pids)
     in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
@@ -136,39 +132,26 @@ async def run(stack: LocalStack, http: HttpClient, rate: float, duration_s: floa
             next_report += interval_s
         await asyncio.sleep(min(0.05, 1 / rate))
     await asyncio.gather(*tasks)
-    table = Table(title=f"soak: {rate:g} echo jobs/s over HTTP (submit, then wait), RSS in MB")
-    for column in header:
-        table.add_column(column, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    console.print(growth(memory_rows, list(pids), warmup_s))
+    console.print(figures(f"soak: {rate:g} echo jobs/s over HTTP (submit, then wait), RSS in MB", header, rows))
+    console.print(growth(memory_rows, list(pids), load.warmup_minutes * 60))
 
 
 def growth(rows: list[dict[str, float]], names: list[str], warmup_s: float) -> Table:
     """Each process's RSS at the end of the warm-up against its highest value after it."""
     after = [row for row in rows if row["t"] >= warmup_s]
-    table = Table(title=f"RSS growth after a {warmup_s / 60:g}-minute warm-up")
-    for column in ("process", "after warm-up MB", "highest later MB", "growth"):
-        table.add_column(column, justify="right")
-    if len(after) < 2:
-        return table
-    for name in names:
-        base, peak = after[0][name], max(row[name] for row in after[1:])
-        table.add_row(name, f"{base:.1f}", f"{peak:.1f}", f"{(peak - base) / base * 100:+.1f} %" if base else "-")
-    return table
+    changes = []
+    if len(after) >= 2:  # a single row has nothing to be compared with
+        for name in names:
+            base, peak = after[0][name], max(row[name] for row in after[1:])
+            growth_pct = f"{(peak - base) / base * 100:+.1f} %" if base else "-"
+            changes.append((name, f"{base:.1f}", f"{peak:.1f}", growth_pct))
+    columns = ("process", "after warm-up MB", "highest later MB", "growth")
+    return figures(f"RSS growth after a {warmup_s / 60:g}-minute warm-up", columns, changes)
 
 
 @app.default
-def main(
-    *,
-    rate: Annotated[float, Parameter(help="echo jobs started per second")] = 20.0,
-    minutes: Annotated[float, Parameter(help="how long the load runs")] = 10.0,
-    interval_s: Annotated[float, Parameter(help="seconds between two rows of figures")] = 60.0,
-    warmup_minutes: Annotated[float, Parameter(help="RSS growth is measured from the row after this")] = 2.0,
-    worker_concurrency: int = 64,
-) -> None:
-    asyncio.run(soak(rate, minutes, interval_s, warmup_minutes * 60, worker_concurrency))
+def main(load: Load = Load()) -> None:
+    asyncio.run(soak(load))
 
 
 if __name__ == "__main__":
