@@ -2,8 +2,9 @@
 
 The limits (`sdk.platform_config.QueueLimits`: `max_queued`, `max_queued_per_client`) live in the
 `platform-config` bucket, key `limits`, and are followed live. The counts are this gateway's own fold of
-JOBS (`QueueDepth`): which jobs wait for a worker, and whose they are. A job counts from its submission
-until it is assigned (again after a requeue) or ends; assigned and running jobs do not count.
+JOBS (`QueueDepth`, fed by `gateway.follow`): which jobs wait for a worker, and whose they are. A job
+counts from its submission until it is assigned (again after a requeue) or ends; assigned and running
+jobs do not count.
 
 Each gateway counts its own submissions at once (the append's acknowledgement) and everyone else's
 when its consumer delivers them, a few milliseconds later: one gateway enforces a limit exactly,
@@ -12,13 +13,10 @@ several may together overshoot it by the submissions in flight between them. A r
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import Counter
 
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js import api as js_api
 
 from sdk import subjects
 from sdk.errors import QueueFull
@@ -31,57 +29,26 @@ from sdk.events import (
     JobFailed,
     JobRequeued,
     JobSubmitted,
-    job_event_decoder,
 )
 from sdk.platform_config import QueueLimits, SettingWatch
 
 logger = logging.getLogger(__name__)
 
-#: How long a starting gateway waits to have counted the existing queue before it serves anyway.
-CATCH_UP_S = 30.0
-
 
 class QueueDepth:
-    """Queued jobs, in total and per owner, folded from JOBS from its start."""
+    """Queued jobs, in total and per owner, folded from JOBS from its start (`gateway.follow`)."""
 
-    def __init__(self, js: JetStreamContext) -> None:
-        self._js = js
+    def __init__(self) -> None:
         #: Live (unfinished) jobs and their owners, so a requeue knows whose job is queued again.
         self._live: dict[str, str | None] = {}
         self._queued: set[str] = set()
         self.per_owner: Counter[str | None] = Counter()
         #: The stream sequence of the last event folded.
         self.position = 0
-        self._sub: JetStreamContext.PushSubscription | None = None
-        self._caught_up = asyncio.Event()
 
     @property
     def total(self) -> int:
         return len(self._queued)
-
-    async def start(self) -> None:
-        """Follow JOBS from its first event; returns once the existing events are counted (or after
-        `CATCH_UP_S`, counting on in the background)."""
-        self._sub = await self._js.subscribe(
-            subjects.JOBS_SUBJECTS, stream=subjects.JOBS_STREAM, cb=self._on_msg, ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.ALL,
-        )
-        if (await self._sub.consumer_info()).num_pending == 0:
-            self._caught_up.set()
-        try:
-            await asyncio.wait_for(self._caught_up.wait(), CATCH_UP_S)
-        except TimeoutError:
-            logger.warning("queue depth: still counting the queue after %.0fs; limits count what is known", CATCH_UP_S)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            await sub.unsubscribe()
-
-    async def _on_msg(self, msg: Msg) -> None:
-        self.apply(job_event_decoder.decode(msg.data), msg.metadata.sequence.stream)
-        if msg.metadata.num_pending == 0:
-            self._caught_up.set()
 
     def own(self, event: JobEvent, seq: int) -> None:
         """Count an event this gateway appended now, unless the consumer got there first."""
@@ -124,16 +91,14 @@ class Backpressure:
     """The limits in effect and the counts they apply to."""
 
     def __init__(self, js: JetStreamContext) -> None:
-        self.depth = QueueDepth(js)
+        self.depth = QueueDepth()
         self.limits = SettingWatch(js, subjects.LIMITS_KEY, QueueLimits)
 
     async def start(self) -> None:
         await self.limits.start()
-        await self.depth.start()
 
     async def stop(self) -> None:
         await self.limits.stop()
-        await self.depth.stop()
 
     def admit(self, owner: str | None) -> None:
         """`QueueFull` (429) when one more queued job of `owner` would pass a limit."""

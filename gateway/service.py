@@ -9,6 +9,7 @@ The parts name the resources they use (`nc`, `js`, `feed`, ...); `Gateway` owns 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from nats.aio.client import Client as NatsClient
 
@@ -17,6 +18,7 @@ from gateway.auth import Credentials, Principal
 from gateway.backpressure import Backpressure
 from gateway.direct import DirectCommands
 from gateway.feed import JobFeed
+from gateway.follow import JobFold, JobsFollower
 from gateway.geo import GeoCommands
 from gateway.jobs import JobCommands, require_connected
 from gateway.kv import Bucket
@@ -30,7 +32,9 @@ logger = logging.getLogger(__name__)
 
 
 class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands, DirectCommands):
-    def __init__(self, nc: NatsClient, credentials: Credentials) -> None:
+    def __init__(self, nc: NatsClient, credentials: Credentials, job_folds: Sequence[JobFold] = ()) -> None:
+        """`job_folds`: more folds of the whole JOBS log for the gateway's one follower to feed (the
+        metrics'), beside its own queue depth."""
         self.nc = nc
         self.js = nc.jetstream()
         self.feed = JobFeed(nc)
@@ -38,6 +42,7 @@ class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands, DirectCom
         self.credentials = credentials
         self.admin = Admin(self.js, credentials)
         self.backpressure = Backpressure(self.js)
+        self.jobs_follower = JobsFollower(self.js, [self.backpressure.depth, *job_folds])
         self.session_signer = credentials.session_signer
 
     async def start(self) -> None:
@@ -46,8 +51,10 @@ class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands, DirectCom
         await self.publish_session_key()
         await self.feed.start()
         await self.backpressure.start()
+        await self.jobs_follower.start()
 
     async def stop(self) -> None:
+        await self.jobs_follower.stop()
         await self.backpressure.stop()
         await self.feed.stop()
 

@@ -150,7 +150,8 @@ def create_app(
         nc = await connect(nats_url, name="gateway")
         await ensure_streams(nc.jetstream())
         credentials = await Credentials.open(nc.jetstream(), master_key, settings=settings)
-        gateway = Gateway(nc, credentials)
+        # The metrics' fold of JOBS rides the gateway's one follower, from the log's first event.
+        gateway = Gateway(nc, credentials, job_folds=[app.plugins.get(Operability).metrics.jobs])
         await gateway.start()
         api = NatsApi(gateway)
         if serve_nats_api:

@@ -7,7 +7,8 @@
   `--metrics-port`, like every service's own metrics (`sdk.metrics`).
 
 `Operability` plugs it all into the litestar app (routes, middleware, a lifespan that starts the
-consumers after the gateway's own). Each app has a registry of its own, so several gateways can run in
+fleet's consumers after the gateway's own; the job metrics are one of the folds the gateway's own JOBS
+follower feeds, `gateway.follow`, handed to the gateway as it is made). Each app has a registry of its own, so several gateways can run in
 one process (the tests do). `/metrics` needs no token, like any scrape target: it is kept out of the
 API's OpenAPI document, and a deployment exposes it to its Prometheus only.
 """
@@ -111,13 +112,10 @@ class Operability(InitPluginProtocol):
     @asynccontextmanager
     async def _lifespan(self, app: Litestar) -> AsyncIterator[None]:
         # Runs after the app's own lifespan entered, so the gateway (and its NATS connection) exists.
-        js = app.state.gateway.js
         app.state.metrics = self.metrics
-        await self.metrics.jobs.start(js)
-        await self.metrics.fleet.start(js)
-        logger.info("metrics at /metrics: following JOBS and HEARTBEATS")
+        await self.metrics.fleet.start(app.state.gateway.js)
+        logger.info("metrics at /metrics: following HEARTBEATS (and JOBS, through the gateway's follower)")
         try:
             yield
         finally:
             await self.metrics.fleet.stop()
-            await self.metrics.jobs.stop()

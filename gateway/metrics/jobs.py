@@ -1,8 +1,8 @@
 """Job metrics, folded from the JOBS log: how many jobs entered each status (by type and region), the
 queue depth (by type and region), and latency histograms (queued, running, end to end).
 
-An ordered consumer replays the log from its start, so every gateway exports the same totals and the
-queue depth is exact from the first scrape on. Memory: a small record per unfinished job; a job leaves
+The gateway's follower of JOBS (`gateway.follow`) replays the log from its start into this fold, so every
+gateway exports the same totals and the queue depth is exact from the first scrape on. Memory: a small record per unfinished job; a job leaves
 when it reaches a terminal status.
 """
 
@@ -13,15 +13,10 @@ from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sdk import subjects
 from sdk.events import (
     JobAssigned,
     JobCancelled,
@@ -32,7 +27,6 @@ from sdk.events import (
     JobRequeued,
     JobStarted,
     JobSubmitted,
-    job_event_decoder,
 )
 
 logger = logging.getLogger(__name__)
@@ -80,31 +74,11 @@ class JobMetrics(Collector):
         self._live: dict[str, _Live] = {}
         #: The JOBS sequence folded so far (the stream's end minus this is the fold's own lag).
         self.seq = 0
-        self._sub: Subscription | None = None
         registry.register(self)
 
-    async def start(self, js: JetStreamContext) -> None:
-        self._sub = await js.subscribe(
-            subjects.JOBS_SUBJECTS, stream=subjects.JOBS_STREAM, ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL, cb=self._on_msg,
-        )
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
-
-    async def _on_msg(self, msg: Msg) -> None:
-        try:
-            event = job_event_decoder.decode(msg.data)
-        except Exception as exc:  # a foreign message on jobs.* must not stop the metrics
-            logger.warning("metrics: undecodable JOBS message: %s", exc)
-            return
-        self.apply(event)
-        self.seq = msg.metadata.sequence.stream
-
-    def apply(self, event: JobEvent) -> None:
+    def apply(self, event: JobEvent, seq: int) -> None:
         """Count one event. Events of a job submitted before the stream's first kept message are skipped."""
+        self.seq = seq
         at = event.at_ms
         if isinstance(event, JobSubmitted):
             region = event.region or ANY_REGION
