@@ -49,20 +49,13 @@ class SignedRequests(WorkerEnrollment):
     nonces: NonceWindow
 
     async def verify_report(
-        self,
-        subject: str,
-        body: bytes,
-        headers: Mapping[str, str] | None,
-        now_ms: int | None = None,
-        *,
-        reply: str = "",
-        max_body_bytes: int = MAX_SIGNED_BODY_BYTES,
+        self, subject: str, body: bytes, headers: Mapping[str, str] | None, now_ms: int | None = None,
+        *, reply: str = "", max_body_bytes: int = MAX_SIGNED_BODY_BYTES,
     ) -> str:
-        """Check a signed worker request on a subject that ends in the worker id (report, heartbeat,
-        rotate), answered on `reply`, and return the worker id. Refusals: `Forbidden` when the header's
-        worker is not the subject's, `BadRequest` for a body over `max_body_bytes` (an endpoint that
-        takes larger bodies passes its own cap), `Unauthorized` with the reason otherwise."""
-        return await self._verify_signed(subject, body, headers, now_ms, reply, max_body_bytes, from_subject=True)
+        """`verify_signed` for a subject that ends in the worker id (report, heartbeat, rotate, result)."""
+        return await self.verify_signed(
+            subject, body, headers, now_ms, reply=reply, max_body_bytes=max_body_bytes, worker_in_subject=True
+        )
 
     async def verify_signed(
         self,
@@ -73,27 +66,18 @@ class SignedRequests(WorkerEnrollment):
         *,
         reply: str = "",
         max_body_bytes: int = MAX_SIGNED_BODY_BYTES,
+        worker_in_subject: bool = False,
     ) -> str:
-        """`verify_report` for a subject that does not name the worker (a returning worker's
-        registration, its config read): the worker is the one the `X-Worker-Id` header names."""
-        return await self._verify_signed(subject, body, headers, now_ms, reply, max_body_bytes, from_subject=False)
-
-    async def _verify_signed(
-        self,
-        subject: str,
-        body: bytes,
-        headers: Mapping[str, str] | None,
-        now_ms: int | None,
-        reply: str,
-        max_body_bytes: int,
-        *,
-        from_subject: bool,
-    ) -> str:
+        """Check a signed worker request, answered on `reply`, and return the worker id: the one the
+        subject ends in (`worker_in_subject`), or else the one the `X-Worker-Id` header names (a returning
+        worker's registration, its config read). Refusals: `Forbidden` when the header's worker is not the
+        subject's, `BadRequest` for a body over `max_body_bytes` (an endpoint that takes larger bodies
+        passes its own cap), `Unauthorized` with the reason otherwise."""
         now = self._clock() if now_ms is None else now_ms
         try:
             signed = read_headers(headers)
             self.nonces.require_fresh(signed.timestamp_ms, now)
-            worker_id = _subject_worker(subject) if from_subject else convert(signed.worker_id, Token)
+            worker_id = _subject_worker(subject) if worker_in_subject else convert(signed.worker_id, Token)
             if signed.worker_id != worker_id:
                 raise forbidden(
                     AuthReason.WORKER_MISMATCH,
