@@ -42,44 +42,18 @@ class WrongLastSequence(Exception):
 
 
 def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
-    file = js_api.StorageType.FILE
     return [
-        js_api.StreamConfig(
-            name=subjects.JOBS_STREAM,
-            num_replicas=replicas,
-            subjects=[subjects.JOBS_SUBJECTS],
-            retention=js_api.RetentionPolicy.LIMITS,
-            storage=file,
+        _log_stream(
+            subjects.JOBS_STREAM, subjects.JOBS_SUBJECTS, replicas,
             duplicate_window=IDEMPOTENCY_WINDOW_S,
-            allow_direct=True,
             # Group commit (`sdk.group_commit`): a burst of appends is stored, and fsynced, as one batch.
             allow_atomic=True,
         ),
-        js_api.StreamConfig(
-            name=subjects.WORKERS_STREAM,
-            num_replicas=replicas,
-            subjects=[subjects.WORKERS_SUBJECTS],
-            retention=js_api.RetentionPolicy.LIMITS,
-            storage=file,
-            allow_direct=True,
-        ),
-        js_api.StreamConfig(
-            name=subjects.SESSIONS_STREAM,
-            num_replicas=replicas,
-            subjects=[subjects.SESSIONS_SUBJECTS],
-            retention=js_api.RetentionPolicy.LIMITS,
-            storage=file,
-            allow_direct=True,
-        ),
-        js_api.StreamConfig(
-            name=subjects.HEARTBEATS_STREAM,
-            num_replicas=replicas,
-            subjects=[subjects.HEARTBEATS_SUBJECTS],
-            retention=js_api.RetentionPolicy.LIMITS,
-            storage=file,
-            max_age=HEARTBEAT_MAX_AGE_S,
-            max_msgs_per_subject=2,
-            allow_direct=True,
+        _log_stream(subjects.WORKERS_STREAM, subjects.WORKERS_SUBJECTS, replicas),
+        _log_stream(subjects.SESSIONS_STREAM, subjects.SESSIONS_SUBJECTS, replicas),
+        _log_stream(
+            subjects.HEARTBEATS_STREAM, subjects.HEARTBEATS_SUBJECTS, replicas,
+            max_age=HEARTBEAT_MAX_AGE_S, max_msgs_per_subject=2,
         ),
         js_api.StreamConfig(
             name=subjects.DISPATCH_STREAM,
@@ -91,6 +65,14 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
             storage=js_api.StorageType.MEMORY,
         ),
     ]
+
+
+def _log_stream(name: str, subject: str, replicas: int, **options: Any) -> js_api.StreamConfig:
+    """A stream kept as a log: limits retention, on file, readable by direct gets."""
+    return js_api.StreamConfig(
+        name=name, num_replicas=replicas, subjects=[subject], retention=js_api.RetentionPolicy.LIMITS,
+        storage=js_api.StorageType.FILE, allow_direct=True, **options,
+    )
 
 
 def configured_replicas() -> int:
