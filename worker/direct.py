@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +30,8 @@ from sdk.direct import DirectRequest, DirectResult, EndSession, SessionClaims, S
 from sdk.endpoints import STREAMED, Endpoints
 from sdk.errors import JobError, PlatformError, SessionEnded, Timeout
 from sdk.events import Assignment, encoder, now_ms
-from worker.config_watch import ConfigWatch
-from worker.engines.base import BaseEngine, DeviceLost, EngineError, JobContext
-from worker.execution import run_engine
-from worker.link import PlatformLink
-from worker.models import ModelProvider
+from worker.engines.base import EngineError, JobContext
+from worker.execution import EngineHost
 from worker.outcomes import Interrupted, preflight
 
 logger = logging.getLogger(__name__)
@@ -49,12 +45,7 @@ MAX_VERIFIED = 1_000
 
 
 @dataclass(eq=False, kw_only=True)
-class DirectServer:
-    link: PlatformLink
-    config: ConfigWatch
-    engines: Mapping[str, BaseEngine]
-    models: ModelProvider | None
-    on_device_lost: Callable[[], None] | None = None
+class DirectServer(EngineHost):
     #: Set once the worker drains: every request is refused (`session_ended`, reason `worker_draining`).
     draining: bool = field(default=False, init=False)
     _usage: dict[str, SessionUsage] = field(default_factory=dict, init=False)
@@ -132,14 +123,10 @@ class DirectServer:
 
         ctx = JobContext(claims.session_id, 1, req.params, emit=emit if stream_to else None)
         try:
-            return await run_engine(
-                self.engines[a.job_type], self.models, self.config.current, a.model, ctx, timeout_s, cancellable=False
-            )
+            return await self.run(a, ctx, timeout_s, cancellable=False)
         except Interrupted:
             raise Timeout(f"the request ran past {timeout_s:.0f}s") from None
         except EngineError as exc:
-            if isinstance(exc, DeviceLost) and self.on_device_lost is not None:
-                self.on_device_lost()
             raise JobError(exc.message, {"code": exc.code, **(exc.details or {})}) from None
 
     def _read(self, token: str) -> SessionClaims:

@@ -1,21 +1,50 @@
 """Running one job, or one direct request, on its engine: the model leased from the cache for the whole run
 (so the cache never evicts a model in use, even from a run cut off after its grace), the run's timeout, and
 its cancel. A cancelled or timed-out run raises `Interrupted` (what it reports is `outcomes`' decision).
+`EngineHost` is what the job runner (`worker.jobs`) and the direct server (`worker.direct`) share: the
+platform, the config, the engines and their models, and what a lost GPU sets off.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from sdk.api import ModelSettings, WorkerConfig
-from worker.engines.base import BaseEngine, JobContext, ModelSpec
+from sdk.events import Assignment
+from worker.config_watch import ConfigWatch
+from worker.engines.base import BaseEngine, DeviceLost, JobContext, ModelSpec
+from worker.link import PlatformLink
 from worker.models import ModelProvider
 from worker.outcomes import Interrupted
 
 #: After a cancel or a timeout, how long an engine may take to wind down before it is cut off.
 CANCEL_GRACE_S = 5.0
+
+
+@dataclass(eq=False, kw_only=True)
+class EngineHost:
+    link: PlatformLink
+    config: ConfigWatch
+    engines: Mapping[str, BaseEngine]
+    models: ModelProvider | None
+    #: Called when a run found the GPU in an error state no later run can escape (`DeviceLost`).
+    on_device_lost: Callable[[], None] | None = None
+
+    async def run(self, a: Assignment, ctx: JobContext, timeout_s: float | None, *, cancellable: bool = True) -> Any:
+        """`run_engine` on the engine of `a`'s type, with the config in effect now."""
+        try:
+            return await run_engine(
+                self.engines[a.job_type], self.models, self.config.current, a.model, ctx, timeout_s,
+                cancellable=cancellable,
+            )
+        except DeviceLost:
+            if self.on_device_lost is not None:
+                self.on_device_lost()
+            raise
 
 
 async def run_engine(

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -36,11 +36,8 @@ from sdk.api import (
 )
 from sdk.errors import InvalidTransition, JobNotFound, PlatformError, StaleAttempt, Timeout, Unavailable
 from sdk.events import Assignment, CancelOrder, dispatch_decoder
-from worker.config_watch import ConfigWatch
-from worker.engines.base import BaseEngine, DeviceLost, EngineError, JobContext
-from worker.execution import run_engine
-from worker.link import PlatformLink
-from worker.models import ModelProvider
+from worker.engines.base import EngineError, JobContext
+from worker.execution import EngineHost
 from worker.outcomes import Interrupted, outcome_report, preflight
 
 logger = logging.getLogger(__name__)
@@ -55,17 +52,11 @@ NOT_YOURS = (StaleAttempt, InvalidTransition, JobNotFound)
 
 
 @dataclass(eq=False, kw_only=True)
-class JobRunner:
+class JobRunner(EngineHost):
     """Runs the jobs dispatched to this worker, at most `max_concurrency` at once."""
 
-    link: PlatformLink
-    config: ConfigWatch
-    engines: Mapping[str, BaseEngine]
-    models: ModelProvider | None
     #: How long reports about a job keep retrying an unanswered gateway (it may be restarting).
     request_retry_s: float
-    #: Called when a job found the GPU in an error state no later job can escape (`DeviceLost`).
-    on_device_lost: Callable[[], None] | None = None
     #: Jobs finished and reported (completed, failed or cancelled) since the worker started.
     jobs_done: int = field(default=0, init=False)
     #: Set once the worker stops taking jobs (heartbeats then say `draining`).
@@ -256,14 +247,11 @@ class JobRunner:
     async def _outcome(self, held: _HeldJob) -> WorkerReport:
         """Run the engine and turn how it ended into the report to send."""
         a = held.assignment
-        engine = self.engines[a.job_type]
         try:
-            result = await run_engine(engine, self.models, self.config.current, a.model, held.ctx, a.timeout_s)
+            result = await self.run(a, held.ctx, a.timeout_s)
         except Exception as exc:
             if not isinstance(exc, (EngineError, PlatformError, Interrupted)):
                 logger.exception("job %s attempt %d: engine error", a.job_id, a.attempt)
-            if isinstance(exc, DeviceLost) and self.on_device_lost is not None:
-                self.on_device_lost()
             return outcome_report(a, cancel_requested=held.cancel_requested, error=exc)
         return outcome_report(a, cancel_requested=held.cancel_requested, result=result)
 
