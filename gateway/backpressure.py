@@ -20,16 +20,7 @@ from nats.js import JetStreamContext
 
 from sdk import subjects
 from sdk.errors import QueueFull
-from sdk.events import (
-    JobAssigned,
-    JobCancelled,
-    JobCompleted,
-    JobEvent,
-    JobExpired,
-    JobFailed,
-    JobRequeued,
-    JobSubmitted,
-)
+from sdk.events import JobAssigned, JobEnded, JobEvent, JobRequeued, JobSubmitted
 from sdk.platform_config import QueueLimits, SettingWatch
 
 logger = logging.getLogger(__name__)
@@ -68,7 +59,7 @@ class QueueDepth:
                 self._enqueue(event.job_id, self._live[event.job_id])
             case JobAssigned():
                 self._dequeue(event.job_id)
-            case JobCompleted() | JobFailed() | JobCancelled() | JobExpired():
+            case JobEnded():
                 self._dequeue(event.job_id)
                 self._live.pop(event.job_id, None)
 

@@ -46,12 +46,10 @@ from sdk import subjects
 from sdk.connection import connect
 from sdk.events import (
     JobAssigned,
-    JobCancelled,
     JobCancelRequested,
-    JobCompleted,
+    JobEnded,
     JobEvent,
     JobExpired,
-    JobFailed,
     JobRequeued,
     JobSubmitted,
     WorkerLost,
@@ -226,8 +224,8 @@ class Scheduler:
         if job is None:
             return
         match event:
-            case JobSubmitted() | JobRequeued() | JobCompleted() | JobFailed() | JobCancelled():
-                self._wake.set()  # a job to place, or a slot freed
+            case JobSubmitted() | JobRequeued() | JobEnded():
+                self._wake.set()  # a job to place, or a slot freed (an expired job held none: a spare pass)
             case JobCancelRequested() if self.is_leader:
                 self._orders.cancels.add(job.id)
                 self._wake.set()

@@ -79,14 +79,19 @@ class JobProgress(Event, frozen=True, tag="job.progress"):
     message: str | None = None
 
 
-class JobCompleted(Event, frozen=True, tag="job.completed"):
+class JobEnded(Event, frozen=True):
+    """What the four events that end a job share (`case JobEnded()` matches any ending). Never appended
+    itself, and it adds no field: each ending's wire form is its own."""
+
+
+class JobCompleted(JobEnded, frozen=True, tag="job.completed"):
     job_id: str
     worker_id: str
     attempt: int
     result: Any = None
 
 
-class JobFailed(Event, frozen=True, tag="job.failed"):
+class JobFailed(JobEnded, frozen=True, tag="job.failed"):
     job_id: str
     worker_id: str | None
     attempt: int
@@ -105,12 +110,12 @@ class JobCancelRequested(Event, frozen=True, tag="job.cancel_requested"):
     reason: str | None = None
 
 
-class JobCancelled(Event, frozen=True, tag="job.cancelled"):
+class JobCancelled(JobEnded, frozen=True, tag="job.cancelled"):
     job_id: str
     reason: str | None = None
 
 
-class JobExpired(Event, frozen=True, tag="job.expired"):
+class JobExpired(JobEnded, frozen=True, tag="job.expired"):
     job_id: str
 
 

@@ -30,6 +30,7 @@ from sdk.events import (
     JobCancelled,
     JobCancelRequested,
     JobCompleted,
+    JobEnded,
     JobEvent,
     JobExpired,
     JobFailed,
@@ -65,6 +66,11 @@ class JobStatus(str, enum.Enum):
 
 
 TERMINAL = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.EXPIRED})
+#: The status each ending event leaves a job in.
+ENDED_STATUS: dict[type[JobEnded], JobStatus] = {
+    JobCompleted: JobStatus.COMPLETED, JobFailed: JobStatus.FAILED, JobCancelled: JobStatus.CANCELLED,
+    JobExpired: JobStatus.EXPIRED,
+}
 HELD_BY_WORKER = frozenset({JobStatus.ASSIGNED, JobStatus.RUNNING})
 
 

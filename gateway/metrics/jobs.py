@@ -17,17 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sdk.events import (
-    JobAssigned,
-    JobCancelled,
-    JobCompleted,
-    JobEvent,
-    JobExpired,
-    JobFailed,
-    JobRequeued,
-    JobStarted,
-    JobSubmitted,
-)
+from sdk.events import JobAssigned, JobEnded, JobEvent, JobRequeued, JobStarted, JobSubmitted
+from sdk.jobs import ENDED_STATUS
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +26,6 @@ logger = logging.getLogger(__name__)
 ANY_REGION = "any"
 #: From a few milliseconds (echo on an idle fleet) to half an hour (a long generation or a backlog).
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
-
-TERMINAL_STATUS = {JobCompleted: "completed", JobFailed: "failed", JobCancelled: "cancelled", JobExpired: "expired"}
 
 
 @dataclass(slots=True)
@@ -96,8 +85,8 @@ class JobMetrics(Collector):
                 job.status, job.started_ms = "running", at
             case JobRequeued():
                 job.region, job.status, job.queued_ms, job.started_ms = job.requested_region, "queued", at, None
-            case JobCompleted() | JobFailed() | JobCancelled() | JobExpired():
-                job.status = TERMINAL_STATUS[type(event)]
+            case JobEnded():
+                job.status = ENDED_STATUS[type(event)].value
                 if job.started_ms is not None:
                     self.running.labels(job.type, job.status).observe(_seconds(at - job.started_ms))
                 self.end_to_end.labels(job.type, job.status).observe(_seconds(at - job.submitted_ms))
