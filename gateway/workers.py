@@ -25,9 +25,6 @@ from sdk.api import (
     ListWorkers,
     Registered,
     RegisterWorker,
-    ReportDraining,
-    ReportModelLoaded,
-    ReportModelUnloaded,
     WorkerCredentials,
     WorkerPage,
     WorkerView,
@@ -37,23 +34,16 @@ from sdk.errors import BadRequest
 from sdk.events import (
     Heartbeat,
     WorkerCredentialsRotated,
-    WorkerDeregistered,
-    WorkerDraining,
     WorkerEvent,
-    WorkerLost,
-    WorkerModelLoaded,
-    WorkerModelUnloaded,
     WorkerRegistered,
     encoder,
     worker_event_decoder,
 )
 from sdk.log import append
 from sdk.signing import AuthReason, forbidden, refused
+from sdk.workers import SelfReport, decide_self_report, must_register
 
 logger = logging.getLogger(__name__)
-
-#: What a worker reports about itself (the rest of `sdk.api.WorkerReport` is about its jobs).
-SelfReport = ReportModelLoaded | ReportModelUnloaded | ReportDraining
 
 
 async def last_worker_event(js: JetStreamContext, worker_id: str) -> WorkerEvent | None:
@@ -119,8 +109,7 @@ class WorkerCommands(HistoryQueries):
         """Store the latest telemetry; a worker the platform lost (or never knew) must register again."""
         if beat.worker_id != worker_id:
             raise BadRequest(f"heartbeat for {beat.worker_id} sent on the subject of {worker_id}")
-        last = await last_worker_event(self.js, worker_id)
-        if last is None or isinstance(last, (WorkerLost, WorkerDeregistered)):
+        if must_register(await last_worker_event(self.js, worker_id)):
             return HeartbeatAck(registered=False)
         await self.js.publish(subjects.heartbeat_subject(beat.region, worker_id), encoder.encode(beat))
         return HeartbeatAck(registered=True, rotate=await self.credentials.rotation_due(worker_id))
@@ -138,13 +127,5 @@ class WorkerCommands(HistoryQueries):
 
     async def report_self(self, worker_id: str, report: SelfReport) -> Accepted:
         """Append what a worker reports about itself to its subject."""
-        event: WorkerEvent
-        match report:
-            case ReportModelLoaded():
-                event = WorkerModelLoaded(worker_id=worker_id, model=report.model, memory_bytes=report.memory_bytes)
-            case ReportModelUnloaded():
-                event = WorkerModelUnloaded(worker_id=worker_id, model=report.model)
-            case ReportDraining():
-                event = WorkerDraining(worker_id=worker_id)
-        ack = await append(self.js, subjects.worker_subject(worker_id), event)
+        ack = await append(self.js, subjects.worker_subject(worker_id), decide_self_report(worker_id, report))
         return Accepted(seq=ack.seq)

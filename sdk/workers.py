@@ -19,7 +19,7 @@ from typing import TypeVar, overload
 
 import msgspec
 
-from sdk.api import WorkerView, ms_to_datetime
+from sdk.api import ReportDraining, ReportModelLoaded, ReportModelUnloaded, WorkerView, ms_to_datetime
 from sdk.errors import InvalidTransition
 from sdk.events import (
     GpuInfo,
@@ -112,6 +112,29 @@ def apply_worker(state: WorkerState | None, event: WorkerEvent, seq: int = 0) ->
     new.updated_at_ms = event.at_ms
     new.seq = seq
     return new
+
+
+# --- What a worker says of itself ----------------------------------------------------------------------
+
+#: What a worker reports about itself (the rest of `sdk.api.WorkerReport` is about its jobs).
+SelfReport = ReportModelLoaded | ReportModelUnloaded | ReportDraining
+
+
+def decide_self_report(worker_id: str, report: SelfReport) -> WorkerEvent:
+    """The event a worker's report about itself appends to its subject `workers.<id>`."""
+    match report:
+        case ReportModelLoaded():
+            return WorkerModelLoaded(worker_id=worker_id, model=report.model, memory_bytes=report.memory_bytes)
+        case ReportModelUnloaded():
+            return WorkerModelUnloaded(worker_id=worker_id, model=report.model)
+        case ReportDraining():
+            return WorkerDraining(worker_id=worker_id)
+
+
+def must_register(last: WorkerEvent | None) -> bool:
+    """Whether a worker whose newest event is `last` must register (again) before its heartbeats count:
+    the platform never heard of it, lost it, or it left."""
+    return last is None or isinstance(last, (WorkerLost, WorkerDeregistered))
 
 
 # --- A reader's worker: the fold plus its latest heartbeat --------------------------------------------
