@@ -62,10 +62,9 @@ class ApiKeys(TokenFamilies):
     async def verify_api_key(self, api_key: str) -> Principal:
         """The principal of a valid, unrevoked API key, issuing nothing (the NATS auth callout checks the
         key a client connects with); `Unauthorized` with the reason otherwise."""
-        key_id = split_secret_token(api_key, API_KEY_PREFIX, "API key")
-        loaded = await self._bucket.load(apikey_key(key_id), records.apikey_decoder.decode)
-        if loaded is None or not self._secret_matches(api_key, loaded.value.digest):
-            raise refused(AuthReason.UNKNOWN, "unknown API key")
+        key_id, loaded = await self._load_secret(
+            api_key, API_KEY_PREFIX, "API key", apikey_key, records.apikey_decoder.decode
+        )
         if loaded.value.revoked_at_ms is not None:
             raise refused(AuthReason.REVOKED, "API key revoked")
         return Principal(subject=key_id, kind="client", role=loaded.value.role, family="")

@@ -29,6 +29,7 @@ from gateway.auth import records
 from gateway.auth.master_key import MASTER_KEY_BYTES, derive_key
 from gateway.auth.records import (
     ApiKeyRecord,
+    EnrollmentRecord,
     FamilyRecord,
     Revocation,
     WorkerRecord,
@@ -50,9 +51,10 @@ from gateway.auth.tokens import (
     new_secret_token,
     read_access,
     read_refresh,
+    split_secret_token,
 )
 from gateway.auth.worker_records import WorkerRecords
-from gateway.kv import Bucket
+from gateway.kv import Bucket, Versioned
 from sdk import subjects
 from sdk.api import TokenPair
 from sdk.errors import PlatformError
@@ -63,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], int]
 Revocable = TypeVar("Revocable", ApiKeyRecord, WorkerRecord)
+#: Records of a secret token that is stored as its digest.
+Digested = TypeVar("Digested", ApiKeyRecord, EnrollmentRecord)
 
 #: How often `verify_access` sweeps the revocation cache.
 PRUNE_INTERVAL_MS = 60_000
@@ -203,6 +207,17 @@ class TokenFamilies:
 
     def _secret_matches(self, token: str, stored_digest: str) -> bool:
         return digest_matches(self._digest_key, token, stored_digest)
+
+    async def _load_secret(
+        self, token: str, prefix: str, what: str, key_of: Callable[[str], str], decode: Callable[[bytes], Digested]
+    ) -> tuple[str, Versioned[Digested]]:
+        """The id of a secret token (`what`: its name in refusals) and its stored record, when the token
+        matches the stored digest; `Unauthorized` (malformed, or unknown) otherwise."""
+        token_id = split_secret_token(token, prefix, what)
+        loaded = await self._bucket.load(key_of(token_id), decode)
+        if loaded is None or not self._secret_matches(token, loaded.value.digest):
+            raise refused(AuthReason.UNKNOWN, f"unknown {what}")
+        return token_id, loaded
 
     # --- Families ----------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from gateway.auth import records
 from gateway.auth.families import TokenFamilies
 from gateway.auth.master_key import worker_secret
 from gateway.auth.records import EnrollmentRecord, WorkerRecord, enroll_key, worker_key
-from gateway.auth.tokens import ENROLLMENT_PREFIX, new_family_id, split_secret_token
+from gateway.auth.tokens import ENROLLMENT_PREFIX, new_family_id
 from gateway.kv import Changed, Versioned
 from sdk.api import Token, WorkerCredentials, convert
 from sdk.errors import BadRequest, Conflict, WorkerNotFound
@@ -62,29 +62,15 @@ class WorkerEnrollment(TokenFamilies):
     async def check_enrollment(self, token: str) -> str:
         """The id of an enrollment token that would enroll a worker now, spending nothing (the NATS auth
         callout lets its holder connect to register); `Unauthorized` with the reason otherwise."""
-        token_id = split_secret_token(token, ENROLLMENT_PREFIX, "enrollment token")
-        loaded = await self._bucket.load(enroll_key(token_id), records.enrollment_decoder.decode)
-        if loaded is None or not self._secret_matches(token, loaded.value.digest):
-            raise refused(AuthReason.UNKNOWN, "unknown enrollment token")
-        if loaded.value.used_at_ms is not None:
-            raise refused(AuthReason.ALREADY_USED, "enrollment token already used")
-        if self._clock() >= loaded.value.expires_at_ms:
-            raise refused(AuthReason.EXPIRED, "enrollment token expired")
+        token_id, _ = await self._usable_enrollment(token)
         return token_id
 
     async def enroll(self, token: str, worker_id: str) -> WorkerCredentials:
         """Spend an enrollment token on `worker_id`; returns the worker's credentials, once."""
         worker_id = convert(worker_id, Token)
-        token_id = split_secret_token(token, ENROLLMENT_PREFIX, "enrollment token")
-        loaded = await self._bucket.load(enroll_key(token_id), records.enrollment_decoder.decode)
-        if loaded is None or not self._secret_matches(token, loaded.value.digest):
-            raise refused(AuthReason.UNKNOWN, "unknown enrollment token")
-        enrollment = loaded.value
         now = self._clock()
-        if enrollment.used_at_ms is not None:
-            raise refused(AuthReason.ALREADY_USED, "enrollment token already used")
-        if now >= enrollment.expires_at_ms:
-            raise refused(AuthReason.EXPIRED, "enrollment token expired")
+        token_id, loaded = await self._usable_enrollment(token, now)
+        enrollment = loaded.value
         if enrollment.worker_id not in (None, worker_id):
             raise forbidden(AuthReason.WORKER_MISMATCH, f"this enrollment token is for worker {enrollment.worker_id}")
         existing = await self._bucket.load(worker_key(worker_id), records.worker_decoder.decode)
@@ -271,6 +257,18 @@ class WorkerEnrollment(TokenFamilies):
         for family in (record.family, record.pending_family, record.previous_family):
             if family is not None:
                 await self._revoke_family(family, now, reason)
+
+    async def _usable_enrollment(self, token: str, now: int | None = None) -> tuple[str, Versioned[EnrollmentRecord]]:
+        """An enrollment token's id and record, when it is known, unused and unexpired at `now`;
+        `Unauthorized` with the reason otherwise."""
+        token_id, loaded = await self._load_secret(
+            token, ENROLLMENT_PREFIX, "enrollment token", enroll_key, records.enrollment_decoder.decode
+        )
+        if loaded.value.used_at_ms is not None:
+            raise refused(AuthReason.ALREADY_USED, "enrollment token already used")
+        if (self._clock() if now is None else now) >= loaded.value.expires_at_ms:
+            raise refused(AuthReason.EXPIRED, "enrollment token expired")
+        return token_id, loaded
 
     def _enrollment_ttl_s(self, record: EnrollmentRecord) -> float:
         """An enrollment token's record is forgotten after its expiry (then it is refused as unknown)."""
