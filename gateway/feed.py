@@ -99,22 +99,12 @@ class JobFeed:
         the cache and wakes its waiters."""
         if job.status.terminal:
             self._cache.pop(job.id, None)
-            known = self._finished.get(job.id)
-            if known is None or known.seq < job.seq:
-                self._finished[job.id] = job
-                self._finished.move_to_end(job.id)
-                while len(self._finished) > self._finished_size:
-                    self._finished.popitem(last=False)
+            _keep_newest(self._finished, job, self._finished_size)
             self._wake(job)
             return
         if job.id in self._finished:
             return  # a stale read: the job has finished since
-        known = self._cache.get(job.id)
-        if known is None or known.seq < job.seq:
-            self._cache[job.id] = job
-            self._cache.move_to_end(job.id)
-            while len(self._cache) > self._cache_size:
-                self._cache.popitem(last=False)
+        _keep_newest(self._cache, job, self._cache_size)
 
     def close(self) -> None:
         """Fail every pending waiter with `Unavailable` now, and every later one at once (shutdown)."""
@@ -172,6 +162,16 @@ class JobFeed:
         job = await load_job(self._js, job_id)
         if job is not None:
             self.remember(job)
+
+
+def _keep_newest(jobs: OrderedDict[str, Job], job: Job, size: int) -> None:
+    """Put `job` last in `jobs` unless `jobs` holds a newer state of it; the oldest leave past `size`."""
+    known = jobs.get(job.id)
+    if known is None or known.seq < job.seq:
+        jobs[job.id] = job
+        jobs.move_to_end(job.id)
+        while len(jobs) > size:
+            jobs.popitem(last=False)
 
 
 def _shutting_down() -> Unavailable:
