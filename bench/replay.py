@@ -1,11 +1,15 @@
 """Replaying the log into the read models, against the ceiling: nats-py simply consuming the same stream.
 
-    python -m bench.replay --jobs 25000            # 100,000 events (25,000 job lifecycles of 4 events)
-    python -m bench.replay --jobs 250000           # 1 million events
+    python -m bench.replay --jobs 25000                          # 100,000 events (25,000 lifecycles of 4)
+    python -m bench.replay --jobs 250000 --store /tmp/replay-1m  # 1 million events, kept for the next run
 
-Fills a fresh nats-server (nats.conf as shipped) with job lifecycles (submitted, assigned, started,
-completed) on `jobs.<id>`, then, in the same run and alternating, `rounds` times each:
-- **ceiling**: an ordered push consumer that only counts the messages (the fastest nats-py read we found);
+Fills a nats-server with job lifecycles (submitted, assigned, started, completed) on `jobs.<id>`
+(written without nats.conf's fsync per message, which only slows the fill; `--store` keeps the filled
+store for later runs), restarts it on nats.conf as shipped, then times, alternating, `rounds` times each:
+- **ceiling**: nats-py simply consuming: an ordered push consumer that only counts the messages (the
+  fastest nats-py read we found);
+- **raw reader**: `sdk.stream_reader.read_stream` (pull batches parsed on a connection of its own), counting;
+- **raw reader + decode**: the same, and every payload decoded with the fold's msgspec decoder;
 - **rebuild**: `projections.replay.rebuild` into a fresh SQLite file, the whole of `gpuctl replay`;
 - **fold**: the same events already in memory, through `Store.apply_batch` in batches of `BATCH_MAX`
   (the SQLite and fold side alone, no NATS).
@@ -18,10 +22,13 @@ across runs, and read the CPU columns as what each process needs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -31,14 +38,15 @@ from nats.js import api as js_api
 from rich.console import Console
 from rich.table import Table
 
-from projections.feed import BATCH_MAX, FOLDED_STREAMS, Feed, follow
+from projections.feed import BATCH_MAX, FOLDED_STREAMS, Feed, follow, log_ends
 from projections.replay import rebuild
-from projections.store import Store
+from projections.store import DECODERS, Store
 from sdk import subjects
-from sdk.broker import EmbeddedNats
+from sdk.broker import NATS_CONF, EmbeddedNats
 from sdk.connection import connect
 from sdk.events import JobAssigned, JobCompleted, JobStarted, JobSubmitted, WorkerRegistered, encoder, event_type
 from sdk.log import ensure_streams
+from sdk.stream_reader import read_stream
 
 app = App(name="bench-replay", help=__doc__)
 console = Console()
@@ -112,33 +120,116 @@ async def fold_from_memory(nc: NatsClient, db: Path) -> tuple[int, float, float]
     return len(delivered), timer.wall_s, timer.cpu_s
 
 
-async def run(jobs: int, rounds: int, nats_dir: Path) -> None:
-    with EmbeddedNats(nats_dir) as server:
-        nc = await connect(server.url, name="bench-replay")
+async def read_raw(nc: NatsClient, decode: bool) -> int:
+    """`sdk.stream_reader` over every folded stream, counting (and decoding each payload when `decode`)."""
+    ends = await log_ends(nc.jetstream())
+    count = 0
+    for stream, last_seq in ends.items():
+        decoder = DECODERS[stream]
+        async with contextlib.aclosing(read_stream(nc, stream, last_seq)) as batches:
+            async for batch in batches:
+                if decode:
+                    for delivered in batch:
+                        decoder.decode(delivered.data)
+                count += len(batch)
+    return count
+
+
+#: The steps of a round, in order; each returns the number of events it handled.
+Step = Callable[[NatsClient, Path, int], Awaitable[int]]
+
+
+async def _ceiling(nc: NatsClient, scratch: Path, n: int) -> int:
+    return sum([await consume(nc, stream) for stream in FOLDED_STREAMS])
+
+
+async def _raw(nc: NatsClient, scratch: Path, n: int) -> int:
+    return await read_raw(nc, decode=False)
+
+
+async def _raw_decode(nc: NatsClient, scratch: Path, n: int) -> int:
+    return await read_raw(nc, decode=True)
+
+
+async def _rebuild(nc: NatsClient, scratch: Path, n: int) -> int:
+    positions = await rebuild(_url(nc), scratch / f"rebuilt-{n}.db")
+    return sum(positions.values())
+
+
+STEPS: dict[str, Step] = {
+    "ceiling: nats-py consuming": _ceiling,
+    "raw reader (sdk.stream_reader)": _raw,
+    "raw reader + msgspec decode": _raw_decode,
+    "rebuild: the reading process": _rebuild,
+}
+FOLDER = "rebuild: its fold process"
+FOLD = "fold alone, from memory"
+
+
+def _url(nc: NatsClient) -> str:
+    url = nc.connected_url
+    assert url is not None
+    return url.geturl()
+
+
+async def measure(url: str, rounds: int, scratch: Path) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Events per second of wall time and per CPU-second of each step, one entry per round."""
+    wall: dict[str, list[float]] = {step: [] for step in [*STEPS, FOLD]}
+    cpu: dict[str, list[float]] = {step: [] for step in [*STEPS, FOLDER, FOLD]}
+    nc = await connect(url, name="bench-replay")
+    try:
+        events = sum((await log_ends(nc.jetstream())).values())
+        for n in range(rounds):
+            for name, step in STEPS.items():
+                with Timer() as timer:
+                    handled = await step(nc, scratch, n)
+                if handled != events:
+                    raise RuntimeError(f"{name} handled {handled:,} events of {events:,}")
+                wall[name].append(events / timer.wall_s)
+                cpu[name].append(events / timer.cpu_s)
+                if step is _rebuild:
+                    cpu[FOLDER].append(events / timer.children_cpu_s)
+            folded, elapsed, cpu_s = await fold_from_memory(nc, scratch / f"folded-{n}.db")
+            wall[FOLD].append(folded / elapsed)
+            cpu[FOLD].append(folded / cpu_s)
+    finally:
+        await nc.close()
+    return wall, cpu
+
+
+async def filled(store: Path, jobs: int) -> int:
+    """The number of events in `store`, filled with `jobs` lifecycles unless an earlier run did."""
+    marker = store / "filled"
+    if marker.exists() and marker.read_text() == str(jobs):
+        with EmbeddedNats(store / "nats") as server:
+            nc = await connect(server.url, name="bench-replay-fill")
+            try:
+                return sum((await log_ends(nc.jetstream())).values())
+            finally:
+                await nc.close()
+    shutil.rmtree(store / "nats", ignore_errors=True)
+    store.mkdir(parents=True, exist_ok=True)
+    config = store / "nats-no-fsync.conf"
+    config.write_text(NATS_CONF.read_text().replace("sync_interval: always", ""))
+    with EmbeddedNats(store / "nats", config=config) as server:
+        nc = await connect(server.url, name="bench-replay-fill")
         try:
             await ensure_streams(nc.jetstream())
             start = time.perf_counter()
             events = await fill(nc, jobs)
             console.print(f"filled {events:,} events ({jobs:,} job lifecycles) in {time.perf_counter() - start:.1f}s")
-            wall: dict[str, list[float]] = {"ceiling": [], "rebuild": [], "fold": []}
-            cpu: dict[str, list[float]] = {"ceiling": [], "rebuild": [], "fold": [], "rebuild's folder": []}
-            for n in range(rounds):
-                with Timer() as timer:
-                    read = sum([await consume(nc, stream) for stream in FOLDED_STREAMS])
-                wall["ceiling"].append(read / timer.wall_s)
-                cpu["ceiling"].append(read / timer.cpu_s)
-                with Timer() as timer:
-                    await rebuild(server.url, nats_dir.parent / f"rebuilt-{n}.db")
-                wall["rebuild"].append(events / timer.wall_s)
-                cpu["rebuild"].append(events / timer.cpu_s)
-                cpu["rebuild's folder"].append(events / timer.children_cpu_s)
-                folded, elapsed, cpu_s = await fold_from_memory(nc, nats_dir.parent / f"folded-{n}.db")
-                wall["fold"].append(folded / elapsed)
-                cpu["fold"].append(folded / cpu_s)
         finally:
             await nc.close()
-    ceiling_wall = statistics.median(wall["ceiling"])
-    ceiling_cpu = statistics.median(cpu["ceiling"])
+    marker.write_text(str(jobs))
+    return events
+
+
+async def run(jobs: int, rounds: int, store: Path) -> None:
+    events = await filled(store, jobs)
+    with EmbeddedNats(store / "nats") as server, tempfile.TemporaryDirectory(prefix="bench-replay-") as scratch:
+        wall, cpu = await measure(server.url, rounds, Path(scratch))
+    ceiling_wall = statistics.median(wall["ceiling: nats-py consuming"])
+    ceiling_cpu = statistics.median(cpu["ceiling: nats-py consuming"])
     table = Table(
         "step", "events/s (median of rounds)", "÷ ceiling", "events per CPU-second", "÷ ceiling", title=f"{events:,} events"
     )
@@ -153,7 +244,8 @@ async def run(jobs: int, rounds: int, nats_dir: Path) -> None:
         )
     console.print(table)
     console.print("rounds (events/s): " + "; ".join(f"{k} {', '.join(f'{v:,.0f}' for v in vs)}" for k, vs in wall.items()))
-    console.print(f"{events:,} events: rebuild {events / statistics.median(wall['rebuild']):.2f}s (median)")
+    rebuild_rate = statistics.median(wall["rebuild: the reading process"])
+    console.print(f"{events:,} events: rebuild {events / rebuild_rate:.2f}s (median); load average {os.getloadavg()[0]:.1f}")
 
 
 class Timer:
@@ -180,10 +272,15 @@ def main(
     *,
     jobs: Annotated[int, Parameter(validator=validators.Number(gte=1))] = 25_000,
     rounds: Annotated[int, Parameter(validator=validators.Number(gte=1))] = 3,
+    store: Path | None = None,
 ) -> None:
-    """Fill a fresh server with JOBS lifecycles, then time the ceiling, the rebuild and the fold alone."""
+    """Fill a server with JOBS lifecycles (or reuse `store`, filled by an earlier run with as many jobs),
+    then time the ceiling, the raw reader, the rebuild and the fold alone."""
+    if store is not None:
+        asyncio.run(run(jobs, rounds, store))
+        return
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
-        asyncio.run(run(jobs, rounds, Path(tmp) / "nats"))
+        asyncio.run(run(jobs, rounds, Path(tmp)))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,15 @@
-"""Reading the folded streams: ordered push consumers that append to one bounded buffer, drained in batches.
+"""Following the folded streams: ordered push consumers that append to one bounded buffer, drained in batches.
 
-The live service and the replay read through this same code, so a rebuilt database is folded from
-exactly the messages the live one saw. It is the replay's hot path (docs/benchmarks.md, "Replaying the
-log"): a delivery costs one list append and a split of the reply subject (no `msg.metadata` objects, no
-`asyncio.Queue` per message), and the reader takes everything buffered at once, so the fold works on
-large batches while the consumers keep delivering.
+The live service reads through this code (a rebuild reads whole streams with `sdk.stream_reader`, and
+both fold through the same `Store.apply_batch`). A delivery costs one list append and a split of the
+reply subject (no `msg.metadata` objects, no `asyncio.Queue` per message), and the service takes
+everything buffered at once, so the fold works on large batches while the consumers keep delivering.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import NamedTuple
 
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -19,6 +17,7 @@ from nats.js import api as js_api
 
 from sdk import subjects
 from sdk.log import FEED_IDLE_HEARTBEAT_S, ack_fields
+from sdk.stream_reader import Delivered
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +33,6 @@ BUFFER_SIZE = 20_000
 #: The most events written in one transaction: large enough that most of a backlog's job lifecycles
 #: fall inside one batch (a row written once, not once per event), small enough to keep a commit short.
 BATCH_MAX = 10_000
-
-
-class Delivered(NamedTuple):
-    stream: str
-    seq: int
-    data: bytes
-    #: Messages left in the stream after this one when it was delivered (0: caught up).
-    pending: int
 
 
 class Feed:

@@ -1,11 +1,11 @@
 """The rebuild's second process: `python -m projections.refold DB` folds the batches it reads on stdin into
 DB through `Store.apply_batch`, and prints the positions reached as JSON when stdin ends.
 
-Why a process: reading a stream through nats-py and folding it into SQLite each take about half of a
-replay's CPU time, and in one Python process they take turns. The replay (`projections.replay`) reads,
-this process folds, so on two free cores a rebuild runs about as fast as nats-py alone can read the log
-(docs/benchmarks.md, "Replaying the log"). The pipe bounds memory: the reader waits while the folder is
-behind, and its consumers' flow control then holds back the rest of the stream.
+Why a process: in one Python process reading the streams and folding them into SQLite take turns. The
+replay (`projections.replay`) reads with `sdk.stream_reader`, this process folds, so on two free cores a
+rebuild runs as fast as the slower of the two, the fold (docs/benchmarks.md, "Replaying the log"). The
+pipe bounds memory: the reader waits while the folder is behind, and asks the server for no more
+batches meanwhile.
 
 A frame is a 4-byte big-endian length, then a msgpack list of `Delivered`.
 """
@@ -21,9 +21,9 @@ from typing import BinaryIO
 
 import msgspec
 
-from projections.feed import Delivered
 from projections.store import Store
 from sdk.process import setup_logging
+from sdk.stream_reader import Delivered
 
 logger = logging.getLogger(__name__)
 

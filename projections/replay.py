@@ -9,6 +9,7 @@ Stop the projections service that uses `db_path` first: it would keep writing to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -17,20 +18,20 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NatsClient
 
-from projections.feed import Feed, follow, log_ends
+from projections.feed import FOLDED_STREAMS, log_ends
 from projections.refold import frame
 from projections.retention import load_snapshots
 from projections.store import Store
 from sdk import subjects
 from sdk.connection import connect
-from sdk.errors import Unavailable
 from sdk.log import ensure_streams
+from sdk.stream_reader import read_stream
 
 logger = logging.getLogger(__name__)
 
-#: A stream that delivers nothing for this long before its target sequence is not being read.
+#: A stream that sends nothing for this long before its target sequence is not being read.
 REPLAY_IDLE_S = 10.0
 
 
@@ -62,7 +63,7 @@ async def rebuild(
                 await load_snapshots(js, store, until_jobs_seq=targets[subjects.JOBS_STREAM])
             finally:
                 await store.close()
-            positions = await _fold_in_child(js, scratch, targets)
+            positions = await _fold_in_child(nc, scratch, targets)
             # A write-ahead log left by the old database must not be read as part of the new one.
             for suffix in ("-wal", "-shm"):
                 Path(f"{db_path}{suffix}").unlink(missing_ok=True)
@@ -75,7 +76,7 @@ async def rebuild(
     return positions
 
 
-async def _fold_in_child(js: JetStreamContext, scratch: Path, targets: Mapping[str, int]) -> dict[str, int]:
+async def _fold_in_child(nc: NatsClient, scratch: Path, targets: Mapping[str, int]) -> dict[str, int]:
     """Read each stream up to its target here and fold it in `projections.refold` (a process of its own,
     so reading and folding use two cores); return the positions it reached."""
     child = await asyncio.create_subprocess_exec(
@@ -85,7 +86,7 @@ async def _fold_in_child(js: JetStreamContext, scratch: Path, targets: Mapping[s
     assert child.stdin is not None and child.stdout is not None
     try:
         for stream, last_seq in targets.items():
-            await _replay(js, child.stdin, stream, last_seq)
+            await _replay(nc, child.stdin, stream, last_seq)
         child.stdin.close()
         out = await child.stdout.read()
         if await child.wait() != 0:
@@ -98,29 +99,15 @@ async def _fold_in_child(js: JetStreamContext, scratch: Path, targets: Mapping[s
     return {stream: seq for stream, seq in json.loads(out).items()}
 
 
-async def _replay(js: JetStreamContext, fold: asyncio.StreamWriter, stream: str, last_seq: int) -> None:
-    """Send `stream` from its first message up to and including `last_seq` to the fold, in batches."""
-    if last_seq == 0:
-        return
-    feed = Feed()
-    sub = await follow(js, stream, 0, feed)
+async def _replay(nc: NatsClient, fold: asyncio.StreamWriter, stream: str, last_seq: int) -> None:
+    """Send `stream` from its first message up to and including `last_seq` to the fold, in batches read
+    by `sdk.stream_reader` (nats-py's per-message cost was the replay's ceiling)."""
     reached = 0
-    try:
-        while True:
-            try:
-                batch = await asyncio.wait_for(feed.take(), REPLAY_IDLE_S)
-            except TimeoutError:
-                raise Unavailable(
-                    f"{stream} delivered nothing for {REPLAY_IDLE_S:g}s at #{reached} of #{last_seq}"
-                ) from None
-            wanted = batch if batch[-1].seq <= last_seq else [d for d in batch if d.seq <= last_seq]
-            if wanted:
-                fold.write(frame(wanted))
-                await fold.drain()  # waits while the fold is behind: memory stays bounded
-                reached = wanted[-1].seq
-            # Done at the target, or earlier when the stream has nothing more (messages aged out).
-            if len(wanted) < len(batch) or reached == last_seq or wanted[-1].pending == 0:
-                break
-    finally:
-        await sub.unsubscribe()
+    async with contextlib.aclosing(
+        read_stream(nc, stream, last_seq, filter_subject=FOLDED_STREAMS[stream], idle_s=REPLAY_IDLE_S)
+    ) as batches:
+        async for batch in batches:
+            fold.write(frame(batch))
+            await fold.drain()  # waits while the fold is behind: memory stays bounded
+            reached = batch[-1].seq
     logger.info("replayed %s up to #%d", stream, reached)

@@ -22,11 +22,11 @@ from typing import Any, Generic, TypeVar
 import aiosqlite
 import msgspec
 
-from projections.feed import Delivered
 from sdk import subjects
 from sdk.errors import InvalidTransition, StaleAttempt
 from sdk.events import heartbeat_decoder, job_event_decoder, worker_event_decoder
 from sdk.jobs import HELD_BY_WORKER, TERMINAL, Job, JobStatus, apply
+from sdk.stream_reader import Delivered
 from sdk.workers import WorkerRow, WorkerStatus, apply_heartbeat, apply_worker
 
 logger = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ class Table(Generic[Row]):
 JOBS = Table("jobs", Job, ("params", "result", "error"))
 WORKERS = Table("workers", WorkerRow, ("capabilities", "loaded_models", "gpus", "heartbeat_models", "heartbeat_gpus"))
 
-_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     subjects.JOBS_STREAM: job_event_decoder,
     subjects.WORKERS_STREAM: worker_event_decoder,
     subjects.HEARTBEATS_STREAM: heartbeat_decoder,
@@ -223,7 +223,7 @@ class Store:
             if not delivered.data:
                 continue  # no event: a gap filler of `gpuctl import`, purged once the import ends
             try:
-                event = _DECODERS[delivered.stream].decode(delivered.data)
+                event = DECODERS[delivered.stream].decode(delivered.data)
             except msgspec.DecodeError as exc:
                 logger.warning("skipped undecodable %s #%d: %s", delivered.stream, delivered.seq, exc)
                 continue
