@@ -38,7 +38,7 @@ from nats.js import api as js_api
 from rich.console import Console
 from rich.table import Table
 
-from projections.feed import BATCH_MAX, FOLDED_STREAMS, Feed, follow, log_ends
+from projections.feed import BATCH_MAX, FOLDED_STREAMS, log_ends
 from projections.replay import rebuild
 from projections.store import DECODERS, Store
 from sdk import subjects
@@ -46,7 +46,7 @@ from sdk.broker import NATS_CONF, EmbeddedNats
 from sdk.connection import connect
 from sdk.events import JobAssigned, JobCompleted, JobStarted, JobSubmitted, WorkerRegistered, encoder, event_type
 from sdk.log import ensure_streams
-from sdk.stream_reader import read_stream
+from sdk.stream_reader import Delivered, read_stream
 
 app = App(name="bench-replay", help=__doc__)
 console = Console()
@@ -105,13 +105,11 @@ async def consume(nc: NatsClient, stream: str) -> int:
 
 async def fold_from_memory(nc: NatsClient, db: Path) -> tuple[int, float, float]:
     """Read JOBS into memory first, then time only the fold into a fresh database."""
-    feed = Feed(size=10**9)
-    last = (await nc.jetstream().stream_info(subjects.JOBS_STREAM)).state.messages
-    sub = await follow(nc.jetstream(), subjects.JOBS_STREAM, 0, feed)
-    while len(feed) < last:
-        await asyncio.sleep(0.05)
-    await sub.unsubscribe()
-    delivered = await feed.take(last)
+    last = (await log_ends(nc.jetstream()))[subjects.JOBS_STREAM]
+    delivered: list[Delivered] = []
+    async with contextlib.aclosing(read_stream(nc, subjects.JOBS_STREAM, last)) as batches:
+        async for batch in batches:
+            delivered.extend(batch)
     store = await Store.open(db)
     with Timer() as timer:
         for at in range(0, len(delivered), BATCH_MAX):

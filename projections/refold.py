@@ -7,7 +7,7 @@ rebuild runs as fast as the slower of the two, the fold (docs/benchmarks.md, "Re
 pipe bounds memory: the reader waits while the folder is behind, and asks the server for no more
 batches meanwhile.
 
-A frame is a 4-byte big-endian length, then a msgpack list of `Delivered`.
+A frame is a 4-byte big-endian length, then one stream's batch in msgpack, by columns (`Columns`).
 """
 
 from __future__ import annotations
@@ -16,33 +16,41 @@ import asyncio
 import json
 import logging
 import sys
+from itertools import repeat
 from pathlib import Path
 from typing import BinaryIO
 
 import msgspec
 
-from projections.store import Store
+from projections.store import Message, Store
 from sdk.process import setup_logging
 from sdk.stream_reader import Delivered
 
 logger = logging.getLogger(__name__)
 
 FRAME_HEADER_BYTES = 4
+#: A frame's batch, by columns: the stream, then each message's sequence, data and pending count. Columns
+#: decode about ten times faster than a list of `Delivered`, which were a seventh of the fold's time.
+Columns = tuple[str, list[int], list[bytes], list[int]]
 batch_encoder = msgspec.msgpack.Encoder()
-batch_decoder = msgspec.msgpack.Decoder(list[Delivered])
+batch_decoder = msgspec.msgpack.Decoder(Columns)
 
 
 def frame(batch: list[Delivered]) -> bytes:
-    payload = batch_encoder.encode(batch)
+    """One stream's batch as a frame."""
+    payload = batch_encoder.encode(
+        (batch[0].stream, [d.seq for d in batch], [d.data for d in batch], [d.pending for d in batch])
+    )
     return len(payload).to_bytes(FRAME_HEADER_BYTES, "big") + payload
 
 
-def read_frame(stream: BinaryIO) -> list[Delivered] | None:
+def read_frame(stream: BinaryIO) -> list[Message] | None:
     """The next batch, or None at the end of the input."""
     header = stream.read(FRAME_HEADER_BYTES)
     if len(header) < FRAME_HEADER_BYTES:
         return None
-    return batch_decoder.decode(stream.read(int.from_bytes(header, "big")))
+    name, seqs, data, pending = batch_decoder.decode(stream.read(int.from_bytes(header, "big")))
+    return list(zip(repeat(name, len(seqs)), seqs, data, pending, strict=True))
 
 
 async def refold(db_path: Path, source: BinaryIO) -> dict[str, int]:

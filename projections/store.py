@@ -62,6 +62,8 @@ CREATE TABLE models (name TEXT PRIMARY KEY, version INTEGER NOT NULL);
 #: Not a read model: bookkeeping, so the next run does not archive them again. Created on every open, so
 #: files from before retention get it without a version change.
 ARCHIVED_SCHEMA = "CREATE TABLE IF NOT EXISTS archived (id TEXT PRIMARY KEY);"
+#: A stream message as the fold takes it: `Delivered`, or a plain tuple of its fields (`projections.refold`).
+Message = Delivered | tuple[str, int, bytes, int]
 #: The most ids looked up in one query (SQLite's limit on parameters is 32,766).
 LOAD_CHUNK = 10_000
 #: Rows first, positions last (`dump` compares the rows).
@@ -209,54 +211,51 @@ class Store:
             await self._reader.close()
         await self._writer.close()
 
-    async def apply_batch(self, batch: Sequence[Delivered]) -> None:
-        """Fold a batch of stream messages into the rows, in one transaction with the positions reached.
+    async def apply_batch(self, batch: Sequence[Message]) -> None:
+        """Fold a batch of stream messages (`Delivered`, or the same fields in a plain tuple) into the
+        rows, in one transaction with the positions reached.
 
         Each row touched is read once, folded in memory through the whole batch and written once
         (`executemany`): a batch that holds whole job lifecycles costs one row write per job."""
         if not batch:
             return
-        events: list[tuple[Delivered, Any]] = []
-        job_ids: set[str] = set()
-        worker_ids: set[str] = set()
-        for delivered in batch:
-            if not delivered.data:
+        # Decoded in batch order, jobs apart from workers: each table is folded from its own events only.
+        job_events: list[tuple[int, Any]] = []
+        worker_events: list[tuple[str, int, Any]] = []
+        for stream, seq, data, _pending in batch:
+            if not data:
                 continue  # no event: a gap filler of `gpuctl import`, purged once the import ends
             try:
-                event = DECODERS[delivered.stream].decode(delivered.data)
+                event = DECODERS[stream].decode(data)
             except msgspec.DecodeError as exc:
-                logger.warning("skipped undecodable %s #%d: %s", delivered.stream, delivered.seq, exc)
+                logger.warning("skipped undecodable %s #%d: %s", stream, seq, exc)
                 continue
-            events.append((delivered, event))
-            if delivered.stream == subjects.JOBS_STREAM:
-                job_ids.add(event.job_id)
+            if stream == subjects.JOBS_STREAM:
+                job_events.append((seq, event))
             else:
-                worker_ids.add(event.worker_id)
-        jobs: dict[str, Job] = await self._load(JOBS, job_ids)
-        workers: dict[str, WorkerRow] = await self._load(WORKERS, worker_ids)
-        changed_jobs: set[str] = set()
-        changed_workers: set[str] = set()
-        for delivered, event in events:
+                worker_events.append((stream, seq, event))
+        jobs: dict[str, Job] = await self._load(JOBS, {event.job_id for _, event in job_events})
+        workers: dict[str, WorkerRow] = await self._load(WORKERS, {event.worker_id for _, _, event in worker_events})
+        for seq, event in job_events:
             try:
-                match delivered.stream:
-                    case subjects.JOBS_STREAM:
-                        jobs[event.job_id] = apply(jobs.get(event.job_id), event, delivered.seq)
-                        changed_jobs.add(event.job_id)
-                    case subjects.WORKERS_STREAM:
-                        row = workers.get(event.worker_id) or WorkerRow(id=event.worker_id)
-                        workers[event.worker_id] = apply_worker(row, event, delivered.seq)
-                        changed_workers.add(event.worker_id)
-                    case subjects.HEARTBEATS_STREAM:
-                        workers[event.worker_id] = apply_heartbeat(workers.get(event.worker_id), event)
-                        changed_workers.add(event.worker_id)
+                jobs[event.job_id] = apply(jobs.get(event.job_id), event, seq)
             except (InvalidTransition, StaleAttempt) as exc:
-                logger.warning("skipped %s #%d (%s): %s", delivered.stream, delivered.seq, type(event).__name__, exc)
-        reached = {delivered.stream: delivered.seq for delivered in batch}
+                _skipped(subjects.JOBS_STREAM, seq, event, exc)
+        for stream, seq, event in worker_events:
+            try:
+                if stream == subjects.WORKERS_STREAM:
+                    row = workers.get(event.worker_id) or WorkerRow(id=event.worker_id)
+                    workers[event.worker_id] = apply_worker(row, event, seq)
+                else:
+                    workers[event.worker_id] = apply_heartbeat(workers.get(event.worker_id), event)
+            except (InvalidTransition, StaleAttempt) as exc:
+                _skipped(stream, seq, event, exc)
+        reached = {stream: seq for stream, seq, *_ in batch}
 
         await self._writer.execute("BEGIN IMMEDIATE")
         try:
-            await self._writer.executemany(JOBS.upsert_sql, [JOBS.to_row(jobs[i]) for i in changed_jobs])
-            await self._writer.executemany(WORKERS.upsert_sql, [WORKERS.to_row(workers[i]) for i in changed_workers])
+            await self._writer.executemany(JOBS.upsert_sql, [JOBS.to_row(job) for job in jobs.values()])
+            await self._writer.executemany(WORKERS.upsert_sql, [WORKERS.to_row(row) for row in workers.values()])
             await self._writer.executemany(
                 "INSERT OR REPLACE INTO positions (stream, seq) VALUES (?, ?)", reached.items()
             )
@@ -355,6 +354,10 @@ class Store:
         )
         rows = await self._reader.execute_fetchall(f"{self._workers.select_sql}{where} ORDER BY id", args)
         return [self._workers.from_row(row) for row in rows]
+
+
+def _skipped(stream: str, seq: int, event: Any, exc: Exception) -> None:
+    logger.warning("skipped %s #%d (%s): %s", stream, seq, type(event).__name__, exc)
 
 
 def _filters(conditions: dict[str, Any], *fixed: str) -> tuple[str, tuple[Any, ...]]:
