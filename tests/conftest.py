@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from nats.aio.client import Client as NatsClient
@@ -23,6 +23,8 @@ from sdk.errors import PlatformError
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import ensure_streams
+
+T = TypeVar("T")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -103,13 +105,15 @@ async def enroll_over_nats(url: str, token: str, name: str, region: str) -> Regi
     return registered
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20.0, what: str = "condition") -> None:
-    """Poll `check` until it holds; fail the test with `what` after `timeout_s`."""
+async def wait_until(check: Callable[[], Awaitable[T]], timeout_s: float = 20.0, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy, and return that; fail the test with `what` and the
+    last answer after `timeout_s`. The one polling helper of the tests."""
     deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await check():
+    while not (result := await check()):
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last: {result!r}")
         await asyncio.sleep(0.05)
+    return result
 
 
 @asynccontextmanager

@@ -32,21 +32,12 @@ from sdk.broker import EmbeddedNats
 from sdk.connection import connect
 from sdk.jobs import Job, JobStatus
 from sdk.log import append, ensure_streams, read_job_events, read_subject
+from tests.conftest import wait_until
 
 T = TypeVar("T")
 HEARTBEAT_INTERVAL_S = 0.3
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout_s: float = 5.0, what: str = "") -> T:
-    """Poll `check` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s}s: {what or check}; last: {result!r}")
-        await asyncio.sleep(0.05)
+#: How long the scheduler may take to act on what a test did, unless the test says otherwise.
+WITHIN_S = 5.0
 
 
 # --- fixtures: a server, a client, schedulers and simulated workers -----------------------------
@@ -217,22 +208,22 @@ def kinds(history: list[ev.JobEvent]) -> list[str]:
     return [type(event).__name__ for event in history]
 
 
-async def until_event(js: JetStreamContext, job_id: str, kind: type[T], *, timeout_s: float = 5.0) -> T:
+async def until_event(js: JetStreamContext, job_id: str, kind: type[T], *, timeout_s: float = WITHIN_S) -> T:
     """The job's first event of `kind` after it appears; with the job's whole history in the failure."""
 
     async def find() -> T | None:
         return next((e for e in reversed(await events(js, job_id)) if isinstance(e, kind)), None)
 
-    return await eventually(find, timeout_s=timeout_s, what=f"{kind.__name__} on job {job_id}")
+    return await wait_until(find, timeout_s, f"{kind.__name__} on job {job_id}")
 
 
-async def leader_among(*candidates: Scheduler, timeout_s: float = 5.0) -> Scheduler:
+async def leader_among(*candidates: Scheduler, timeout_s: float = WITHIN_S) -> Scheduler:
     async def the_one() -> Scheduler | None:
         leaders = [s for s in candidates if s.is_leader]
         assert len(leaders) <= 1, "two schedulers lead at once"
         return leaders[0] if leaders else None
 
-    return await eventually(the_one, timeout_s=timeout_s, what="a leader")
+    return await wait_until(the_one, timeout_s, "a leader")
 
 
 async def leader_and_standby(schedulers: Schedulers) -> tuple[Scheduler, Scheduler]:
@@ -266,7 +257,7 @@ async def test_submitted_job_is_assigned_once_and_dispatched_to_its_worker(
 
     assigned = await until_event(js, job_id, ev.JobAssigned)
     assert (assigned.worker_id, assigned.region, assigned.attempt) == ("w-eu", "eu", 1)
-    sent = await eventually(near.dispatches, what="the dispatch")
+    sent = await wait_until(near.dispatches, WITHIN_S, "the dispatch")
     assert sent == [
         ev.Assignment(job_id=job_id, attempt=1, job_type="echo", model=None, params={"text": "hi"}, timeout_s=60.0)
     ]
@@ -289,7 +280,7 @@ async def test_two_schedulers_elect_one_leader_and_never_assign_a_job_twice(
         await leader_among(first, second)  # fails the test if both lead at any poll
         return len({d.job_id for d in await worker.dispatches()}) == 100
 
-    await eventually(all_assigned, timeout_s=15.0, what="100 jobs dispatched")
+    await wait_until(all_assigned, 15.0, "100 jobs dispatched")
     for job_id in job_ids:
         assignments = [e for e in await events(js, job_id) if isinstance(e, ev.JobAssigned)]
         assert [(a.worker_id, a.attempt) for a in assignments] == [("w1", 1)], job_id
@@ -310,7 +301,7 @@ async def test_standby_takes_over_when_the_leader_stops(
     assert time.monotonic() - started_s < 3.0
     job_id = await submit(js)
     assert (await until_event(js, job_id, ev.JobAssigned)).worker_id == "w1"
-    assert [d.job_id for d in await eventually(worker.dispatches)] == [job_id]
+    assert [d.job_id for d in await wait_until(worker.dispatches, WITHIN_S, "the dispatch")] == [job_id]
 
 
 async def test_standby_takes_over_when_the_leader_crashes(
@@ -338,7 +329,7 @@ async def test_new_leader_sends_an_assignment_the_old_leader_appended_but_never_
 
     await leader_among(await schedulers.start("s1"))
 
-    assert [d.job_id for d in await eventually(worker.dispatches, what="the re-sent dispatch")] == [job_id]
+    assert [d.job_id for d in await wait_until(worker.dispatches, WITHIN_S, "the re-sent dispatch")] == [job_id]
     assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned"]
 
 
@@ -352,7 +343,7 @@ async def test_leader_steps_down_at_once_when_it_loses_the_lease(js: JetStreamCo
     async def stepped_down() -> bool:
         return not scheduler.is_leader
 
-    await eventually(stepped_down, timeout_s=2.0, what="the leader steps down")
+    await wait_until(stepped_down, 2.0, "the leader steps down")
 
 
 async def test_job_requeued_when_worker_lost_and_failed_when_attempts_run_out(
@@ -375,7 +366,7 @@ async def test_job_requeued_when_worker_lost_and_failed_when_attempts_run_out(
     async def second_attempt() -> bool:
         return [e.attempt for e in await events(js, job_id) if isinstance(e, ev.JobAssigned)] == [1, 2]
 
-    await eventually(second_attempt, what="attempt 2 assigned")
+    await wait_until(second_attempt, WITHIN_S, "attempt 2 assigned")
     assert [d.attempt for d in await worker.dispatches() if isinstance(d, ev.Assignment)] == [1, 2]
 
     await worker.stop_beating()
@@ -443,7 +434,8 @@ async def test_running_job_of_a_worker_that_restarted_without_it_is_requeued_to_
         assignments = [e for e in await events(js, job_id) if isinstance(e, ev.JobAssigned)]
         return assignments if len(assignments) == 2 else []
 
-    assert [(a.worker_id, a.attempt) for a in await eventually(second_attempt)] == [("w1", 1), ("w1", 2)]
+    assignments = await wait_until(second_attempt, WITHIN_S, "attempt 2 assigned")
+    assert [(a.worker_id, a.attempt) for a in assignments] == [("w1", 1), ("w1", 2)]
     assert assigned.attempt == 1
     assert [d.attempt for d in await worker.dispatches() if isinstance(d, ev.Assignment)] == [1, 2]
     assert kinds(await events(js, job_id)) == [
@@ -474,7 +466,7 @@ async def test_cancel_request_sends_a_cancel_order_and_a_lost_worker_cancels_the
         sent = await worker.dispatches()
         return sent if len(sent) == 2 else []
 
-    assert (await eventually(cancel_order, what="a cancel order"))[1] == ev.CancelOrder(job_id=job_id, attempt=1)
+    assert (await wait_until(cancel_order, WITHIN_S, "a cancel order"))[1] == ev.CancelOrder(job_id=job_id, attempt=1)
 
     # The worker dies before it confirms: the job is cancelled, not run again.
     await worker.stop_beating()
