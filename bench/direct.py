@@ -23,19 +23,18 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-from cyclopts import App, Parameter
+from cyclopts import Parameter
 from nats.aio.msg import Msg
-from rich.console import Console
 from rich.table import Table
 
+from bench.cli import bench_app
 from bench.echo_throughput import echo_stack, percentile
 from sdk.client import Client
 from sdk.connection import connect
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 
-app = App(name="bench-direct", help=__doc__)
-console = Console()
+app, console = bench_app("bench-direct", __doc__)
 RAW_SUBJECT = "bench.direct.raw"
 PARAMS = {"prompt": "hello", "n": 1}
 

@@ -29,10 +29,9 @@ from typing import Any
 import numpy
 import PIL.Image
 import torch
-from cyclopts import App
-from rich.console import Console
 from rich.table import Table
 
+from bench.cli import bench_app
 from bench.llm_batching import measure, percentile
 from sdk.api import ModelSettings
 from tests.tiny_models import build_qwen2_shaped, sdxl_shaped_pipeline
@@ -43,8 +42,7 @@ from worker.engines.running import InFlight, run_in_thread
 from worker.models import MemoryProbe, ModelCache
 from worker.telemetry import gpu_snapshot
 
-app = App(name="gpu-check", help=__doc__)
-console = Console()
+app, console = bench_app("gpu-check", __doc__)
 
 
 class Skip(Exception):

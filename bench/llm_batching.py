@@ -26,18 +26,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from cyclopts import App
-from rich.console import Console
 from rich.table import Table
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerFast
 
+from bench.cli import bench_app
 from sdk.api import ModelSettings
 from tests.tiny_models import SENTENCES, build_tiny_gpt2
 from worker.engines.base import JobContext, ModelSpec
 from worker.engines.llm import LLMEngine, LoadedLLM
 
-app = App(name="bench-llm-batching", help=__doc__)
-console = Console()
+app, console = bench_app("bench-llm-batching", __doc__)
 
 
 @dataclass
