@@ -48,7 +48,7 @@ from sdk.connection import request
 from sdk.errors import BadRequest, InvalidTransition, JobNotFound, StaleAttempt, Timeout, Unavailable
 from sdk.events import JobSubmitted, job_event_decoder
 from sdk.group_commit import GroupCommit
-from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply, decide_cancel, decide_report, fold, visible_to
+from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply, decide_cancel, decide_reports, fold, visible_to
 from sdk.log import decide_and_append, load_job, read_job_events
 from sdk.streaming import assemble
 
@@ -140,12 +140,14 @@ class JobCommands(HistoryQueries):
         return CancelAccepted(id=job.id, status=status, seq=job.seq)
 
     async def report_job(self, worker_id: str, report: JobReport) -> Accepted:
-        """Turn a worker's report into an event, if it is about the attempt the worker holds now."""
+        """Turn a worker's report into its event, if it is about the attempt the worker holds now; an ending
+        that carries its start becomes `JobStarted` and the ending, appended together (`decide_reports`).
+        The job's waiters here are answered from the append's ack (`JobFeed.remember`), not the feed."""
         try:
             job, _ = await decide_and_append(
                 self.js,
                 report.job_id,
-                lambda job: decide_report(job, worker_id, report),
+                lambda job: decide_reports(job, worker_id, report),
                 known=self.feed.get(report.job_id),
                 append_event=self.log.append,
             )

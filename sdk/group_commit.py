@@ -9,8 +9,15 @@ there first) is appended again one event at a time, so every caller gets its own
 `PubAck` or `WrongLastSequence` that `sdk.log.append` would have given it. An append with a message id
 (idempotent submission: the server's de-duplication does not apply inside atomic batches) goes alone.
 
-A lone append is sent at once, as before; batches form only while a batch is in flight, so the group
-commit adds no latency when the log is idle. The JOBS stream allows atomic batches (`sdk.log`); a server
+Several events of one decision (a short job's start and ending, `sdk.jobs.decide_reports`) are one append:
+they stay together in one batch, in order. The first carries the expected sequence; the others follow it
+without one (the server takes one expected sequence per subject in a batch), fenced by the batch itself,
+which is stored whole and contiguously or not at all. Appended one at a time, each goes at the sequence of
+the one before.
+
+A lone append (a chain too, one event after the other) is sent at once, as before: an atomic batch's commit
+measured 5-35 ms here against 0.5 ms for an acked publish, which only many appends together pay back.
+Batches form only while a batch is in flight, so the group commit adds no latency when the log is idle. The JOBS stream allows atomic batches (`sdk.log`); a server
 or stream without them refuses the first batch, and the appender sends one event at a time from then on.
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import msgspec
@@ -52,9 +60,11 @@ _outcome = msgspec.json.Decoder(_Outcome)
 @dataclass(eq=False)
 class _Pending:
     subject: str
-    data: bytes
-    headers: dict[str, str]
+    events: tuple[Event, ...]
+    #: Each event's body and headers; only the first carries the expected sequence.
+    messages: list[tuple[bytes, dict[str, str]]]
     expected_seq: int | None
+    #: The ack of the last event.
     done: asyncio.Future[js_api.PubAck]
 
 
@@ -70,39 +80,54 @@ class GroupCommit:
         self.atomic = True
 
     async def append(
-        self, subject: str, event: Event, *, expected_seq: int | None = None, msg_id: str | None = None
+        self, subject: str, event: Event | Sequence[Event], *, expected_seq: int | None = None, msg_id: str | None = None
     ) -> js_api.PubAck:
-        """Append one event (see `sdk.log.append`), in the next batch."""
+        """Append one event (see `sdk.log.append`), or several in order (the ack is the last's), in the next batch."""
         if msg_id is not None or not self.atomic:
             return await append(self._js, subject, event, expected_seq=expected_seq, msg_id=msg_id)
+        events = (event,) if isinstance(event, Event) else tuple(event)
+        assert 0 < len(events) <= self._max_batch, "a chain of events fits in one batch"
+        messages = [(encoder.encode(e), append_headers(e, None if n else expected_seq)) for n, e in enumerate(events)]
         done: asyncio.Future[js_api.PubAck] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(subject, encoder.encode(event), append_headers(event, expected_seq), expected_seq, done))
+        self._queue.append(_Pending(subject, events, messages, expected_seq, done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
         return await done
 
     async def _flush(self) -> None:
         while self._queue:
-            batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
+            batch = self._next_batch()
             try:
+                # Alone, even a chain goes one event at a time: an atomic batch's commit takes milliseconds
+                # longer than a few acked publishes (its staging), which only pays back on many appends.
                 if len(batch) == 1 or not self.atomic or not await self._atomic(batch):
                     await self._one_by_one(batch)
             except Exception as exc:  # the flusher must answer every caller, whatever happened
                 for pending in batch:
                     _settle(pending.done, error=exc)
 
+    def _next_batch(self) -> list[_Pending]:
+        """The oldest appends whose events fit in one batch (chains whole), at least one."""
+        end = size = 0
+        while end < len(self._queue) and (end == 0 or size + len(self._queue[end].messages) <= self._max_batch):
+            size += len(self._queue[end].messages)
+            end += 1
+        batch, self._queue = self._queue[:end], self._queue[end:]
+        return batch
+
     async def _atomic(self, batch: list[_Pending]) -> bool:
         """Send `batch` as one atomic batch; False when the server refused it as a whole."""
         nc = self._js._nc
         batch_id = secrets.token_hex(8)
-        for n, pending in enumerate(batch[:-1], 1):
-            headers = {**pending.headers, js_api.Header.BATCH_ID: batch_id, js_api.Header.BATCH_SEQUENCE: str(n)}
-            await nc.publish(pending.subject, pending.data, headers=headers)
-        last = batch[-1]
-        headers = {**last.headers, js_api.Header.BATCH_ID: batch_id, js_api.Header.BATCH_SEQUENCE: str(len(batch)),
+        messages = [(pending.subject, data, headers) for pending in batch for data, headers in pending.messages]
+        for n, (subject, data, headers) in enumerate(messages[:-1], 1):
+            headers = {**headers, js_api.Header.BATCH_ID: batch_id, js_api.Header.BATCH_SEQUENCE: str(n)}
+            await nc.publish(subject, data, headers=headers)
+        subject, data, headers = messages[-1]
+        headers = {**headers, js_api.Header.BATCH_ID: batch_id, js_api.Header.BATCH_SEQUENCE: str(len(messages)),
                    js_api.Header.BATCH_COMMIT: "1"}
         try:
-            reply = await nc.request(last.subject, last.data, headers=headers, timeout=COMMIT_TIMEOUT_S)
+            reply = await nc.request(subject, data, headers=headers, timeout=COMMIT_TIMEOUT_S)
         except Exception as exc:  # the outcome is unknown, as for a lone publish that timed out
             if isinstance(exc, NoRespondersError):
                 # What `js.publish` says for it: no stream leader answers now (failing over); callers map
@@ -117,15 +142,20 @@ class GroupCommit:
                 self.atomic = False
                 logger.warning("JOBS refused an atomic batch (%s); appending one event at a time", outcome.error)
             return False
-        first_seq = outcome.seq - outcome.count + 1  # an atomic batch is stored contiguously
-        for n, pending in enumerate(batch):
-            _settle(pending.done, js_api.PubAck(stream=outcome.stream, seq=first_seq + n))
+        seq = outcome.seq - outcome.count  # an atomic batch is stored contiguously
+        for pending in batch:
+            seq += len(pending.messages)
+            _settle(pending.done, js_api.PubAck(stream=outcome.stream, seq=seq))
         return True
 
     async def _one_by_one(self, batch: list[_Pending]) -> None:
         async def one(pending: _Pending) -> None:
             try:
-                ack = await self._js.publish(pending.subject, pending.data, headers=pending.headers)
+                if len(pending.events) > 1:  # each at the sequence of the one before (`sdk.log.append`)
+                    ack = await append(self._js, pending.subject, pending.events, expected_seq=pending.expected_seq)
+                else:
+                    data, headers = pending.messages[0]
+                    ack = await self._js.publish(pending.subject, data, headers=headers)
             except APIError as exc:
                 _settle(pending.done, error=refusal(exc, pending.subject, pending.expected_seq))
             except Exception as exc:

@@ -17,6 +17,7 @@ import msgspec
 from sdk.api import (
     CancelJob,
     JobReport,
+    OutcomeReport,
     ReportCancelled,
     ReportCompleted,
     ReportFailed,
@@ -252,3 +253,14 @@ def decide_report(job: Job | None, worker_id: str, report: JobReport) -> JobEven
                 raise InvalidTransition(f"job {job.id} was not asked to cancel")
             return JobCancelled(job_id=job.id, reason="stopped by its worker")
     raise BadRequest(f"unknown report {type(report).__name__}")
+
+
+def decide_reports(job: Job | None, worker_id: str, report: JobReport) -> tuple[JobEvent, ...]:
+    """The events a worker's report stands for, in the order they are appended: its own (`decide_report`),
+    after a `JobStarted` when it is an ending that carries its attempt's start (`with_start`) and the attempt
+    is not started yet. The start is decided as a report of its own (same attempt checks), so a stale
+    attempt is refused whole; a start already in the log (an earlier try got that far) is not repeated."""
+    if isinstance(report, OutcomeReport) and report.with_start and job is not None and job.status is JobStatus.ASSIGNED:
+        started = decide_report(job, worker_id, ReportStarted(job_id=report.job_id, attempt=report.attempt))
+        return started, decide_report(apply(job, started), worker_id, report)
+    return (decide_report(job, worker_id, report),)

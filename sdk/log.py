@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -150,12 +150,20 @@ async def _raise_replicas(js: JetStreamContext, stream: str, replicas: int) -> N
 async def append(
     js: JetStreamContext,
     subject: str,
-    event: Event,
+    event: Event | Sequence[Event],
     *,
     expected_seq: int | None = None,
     msg_id: str | None = None,
 ) -> js_api.PubAck:
-    """Append one event. `expected_seq` = the subject's last sequence (0: the subject must be empty)."""
+    """Append one event. `expected_seq` = the subject's last sequence (0: the subject must be empty).
+    Several events are appended in order, each at the sequence of the one before; the ack is the last's
+    (a refusal part way leaves the first ones in: the caller decides again from the log)."""
+    if not isinstance(event, Event):
+        assert event and msg_id is None, "a chain of events is one or more, without a message id"
+        for one in event:
+            ack = await append(js, subject, one, expected_seq=expected_seq)
+            expected_seq = ack.seq
+        return ack
     try:
         return await js.publish(subject, encoder.encode(event), headers=append_headers(event, expected_seq, msg_id))
     except APIError as exc:
@@ -221,7 +229,8 @@ async def load_job(js: JetStreamContext, job_id: str) -> Job | None:
     return fold(await read_job_events(js, job_id))
 
 
-Decide = Callable[[Job | None], JobEvent | None]
+#: The event a request stands for, several to append together in order, or None: nothing to do.
+Decide = Callable[[Job | None], JobEvent | Sequence[JobEvent] | None]
 #: How `decide_and_append` appends: `append` on a JetStream context, or a group commit (`sdk.group_commit`).
 AppendEvent = Callable[..., Awaitable[js_api.PubAck]]
 
@@ -237,17 +246,21 @@ async def decide_and_append(
 ) -> tuple[Job | None, JobEvent | None]:
     """Load, decide, save: fold the job (or start from `known`, a recent copy), let `decide(job)` return
     the event (or None: nothing to do), append it at the job's sequence, and decide again from a fresh
-    read when another writer got there first. Returns the job after the event, and the event."""
+    read when another writer got there first. Returns the job after the event, and the event (the last
+    one when `decide` returned several: they are appended together, the first at the job's sequence)."""
     append_event = append_event or partial(append, js)
     job = known
     for attempt in range(attempts):
         if job is None or attempt > 0:
             job = await load_job(js, job_id)
         try:
-            event = decide(job)
-            if event is None:
+            decision = decide(job)
+            if decision is None:
                 return job, None
-            new = apply(job, event)  # refuse an impossible transition before anything is written
+            events = (decision,) if isinstance(decision, Event) else tuple(decision)
+            new = job
+            for event in events:
+                new = apply(new, event)  # refuse an impossible transition before anything is written
         except PlatformError:
             if job is known and known is not None:
                 # The recent copy may lag the log (the event that makes this valid is in flight): re-read.
@@ -255,10 +268,12 @@ async def decide_and_append(
                 continue
             raise
         try:
-            ack = await append_event(subjects.job_subject(job_id), event, expected_seq=job.seq if job else 0)
+            chain = events[0] if len(events) == 1 else events
+            ack = await append_event(subjects.job_subject(job_id), chain, expected_seq=job.seq if job else 0)
         except WrongLastSequence:
             logger.info("job %s changed under us; deciding again", job_id)
             continue
+        assert new is not None
         new.seq = ack.seq
         return new, event
     raise Conflict(f"job {job_id} kept changing; gave up after {attempts} tries")

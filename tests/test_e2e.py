@@ -12,11 +12,11 @@ import msgspec
 import pytest
 
 from sdk import subjects
-from sdk.api import Accepted, ReportCompleted, ReportStarted, WorkerCredentials
+from sdk.api import Accepted, ReportCompleted, ReportFailed, ReportStarted, WorkerCredentials
 from sdk.client import Client
 from sdk.connection import connect, request
 from sdk.errors import InvalidTransition, JobNotFound, StaleAttempt, Unavailable
-from sdk.events import event_type
+from sdk.events import ErrorInfo, event_type
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.signing import sign
@@ -208,10 +208,20 @@ async def test_a_report_about_a_stale_attempt_is_refused(stack: LocalStack, clie
             await report(done.worker_id, ReportStarted(job_id=job.id, attempt=7))
         with pytest.raises(StaleAttempt):
             await report(other_id, ReportCompleted(job_id=job.id, attempt=1, result="theirs"))
+        # An ending that carries its start (a short job's one request) is refused whole: no start either.
+        with pytest.raises(StaleAttempt):
+            await report(done.worker_id, ReportCompleted(job_id=job.id, attempt=2, result="later", with_start=True))
+        with pytest.raises(StaleAttempt):
+            await report(other_id, ReportFailed(job_id=job.id, attempt=1, error=ErrorInfo(code="x", message="y"),
+                                                with_start=True))
+        with pytest.raises(InvalidTransition):
+            await report(done.worker_id, ReportCompleted(job_id=job.id, attempt=1, result="again", with_start=True))
     finally:
         await nc.close()
     assert (await jobs_stream_last_seq(stack.nats_url)) == before
     assert (await client.get(job.id)).result == done.result
+    kinds = [event_type(record.event) for record in await client.events(job.id)]
+    assert kinds == ["job.submitted", "job.assigned", "job.started", "job.completed"]
 
 
 async def test_replay_rebuilds_the_same_tables(

@@ -14,7 +14,7 @@ from nats.js.errors import NoStreamResponseError
 from sdk import subjects
 from sdk.broker import EmbeddedNats
 from sdk.connection import connect
-from sdk.events import JobSubmitted, job_event_decoder
+from sdk.events import JobAssigned, JobStarted, JobSubmitted, event_type, job_event_decoder
 from sdk.group_commit import GroupCommit
 from sdk.log import WrongLastSequence, read_job_events
 
@@ -89,3 +89,59 @@ async def test_a_batch_no_stream_answers_is_refused_as_unavailable_like_a_lone_a
         await nc.close()
     # The gateway answers this with 503 and the endpoints with `unavailable`; a raw NoRespondersError was a 500.
     assert all(isinstance(outcome, NoStreamResponseError) for outcome in outcomes), outcomes
+
+
+def _chain(job_id: str) -> tuple[JobSubmitted, JobAssigned, JobStarted]:
+    return (
+        _submitted(job_id),
+        JobAssigned(job_id=job_id, worker_id="w1", region="eu", attempt=1),
+        JobStarted(job_id=job_id, worker_id="w1", attempt=1),
+    )
+
+
+async def _kinds(nc: NatsClient, job_id: str) -> list[str]:
+    return [event_type(event) for event, _ in await read_job_events(nc.jetstream(), job_id)]
+
+
+async def test_several_events_of_one_decision_land_in_order_alone_or_among_other_appends(nc: NatsClient) -> None:
+    log = GroupCommit(nc.jetstream())
+    alone = f"gc-{secrets.token_hex(6)}"
+    ack = await log.append(subjects.job_subject(alone), _chain(alone), expected_seq=0)
+    assert await _kinds(nc, alone) == ["job.submitted", "job.assigned", "job.started"]
+    assert ack.seq == (await read_job_events(nc.jetstream(), alone))[-1][1]  # the ack is the last event's
+
+    chained = [f"gc-{secrets.token_hex(6)}" for _ in range(10)]
+    single = [f"gc-{secrets.token_hex(6)}" for _ in range(10)]
+    acks = await asyncio.gather(
+        *(log.append(subjects.job_subject(i), _chain(i), expected_seq=0) for i in chained),
+        *(log.append(subjects.job_subject(i), _submitted(i), expected_seq=0) for i in single),
+    )
+    assert log.atomic
+    for job_id, ack in zip(chained + single, acks):
+        records = await read_job_events(nc.jetstream(), job_id)
+        assert ack.seq == records[-1][1]
+        assert len(records) == (3 if job_id in chained else 1)
+        if job_id in chained:
+            assert await _kinds(nc, job_id) == ["job.submitted", "job.assigned", "job.started"]
+
+
+@pytest.mark.parametrize("others", [0, 10])
+async def test_events_of_one_decision_at_a_stale_sequence_are_refused_together(nc: NatsClient, others: int) -> None:
+    log = GroupCommit(nc.jetstream())
+    taken = f"gc-{secrets.token_hex(6)}"
+    await log.append(subjects.job_subject(taken), _submitted(taken), expected_seq=0)
+    lead = f"gc-{secrets.token_hex(6)}"
+    fresh = [f"gc-{secrets.token_hex(6)}" for _ in range(others)]
+    # The lead goes alone; the refused chain then goes alone too (no others) or inside an atomic batch.
+    lead_ack, *outcomes = await asyncio.gather(
+        log.append(subjects.job_subject(lead), _submitted(lead), expected_seq=0),
+        log.append(subjects.job_subject(taken), _chain(taken), expected_seq=0),
+        *(log.append(subjects.job_subject(i), _chain(i), expected_seq=0) for i in fresh),
+        return_exceptions=True,
+    )
+    assert log.atomic and not isinstance(lead_ack, BaseException)
+    assert isinstance(outcomes[0], WrongLastSequence)
+    assert await _kinds(nc, taken) == ["job.submitted"]  # not one event of the refused decision
+    assert all(not isinstance(outcome, BaseException) for outcome in outcomes[1:]), outcomes
+    for job_id in fresh:
+        assert await _kinds(nc, job_id) == ["job.submitted", "job.assigned", "job.started"]

@@ -1,5 +1,6 @@
-"""A worker starts the engine while its `started` report is on its way, yet the log still reads as the
-job ran: started before any progress, the ending last, each once."""
+"""A worker starts the engine before its `started` report is answered, yet the log still reads as the job
+ran: started before any progress, the ending last, each once. A job that ends at once (echo) reports its
+start with its ending, in one request, and its log still shows the start."""
 
 from __future__ import annotations
 
@@ -22,3 +23,19 @@ async def test_the_log_reads_started_then_progress_then_the_ending(client: Clien
         assert kinds[-1] == "job.completed", kinds
         between = kinds[3:-1]
         assert between and set(between) == {"job.progress"}, kinds  # a 1.2 s job reports progress
+
+
+@pytest.mark.slow
+async def test_a_job_that_ends_at_once_still_shows_its_start_in_the_log(client: Client) -> None:
+    jobs = await asyncio.gather(*(client.submit("echo", params={"n": n}) for n in range(5)))
+    done = await asyncio.gather(*(client.wait(job.id, timeout_s=60) for job in jobs))
+    assert [view.result for view in done] == [{"n": n} for n in range(5)]
+    for job, view in zip(jobs, done):
+        records = await client.events(job.id)
+        assert [event_type(record.event) for record in records] == [
+            "job.submitted", "job.assigned", "job.started", "job.completed"
+        ]
+        started, completed = records[2], records[3]
+        assert started.seq < completed.seq == view.seq
+        assert (started.event.worker_id, started.event.attempt) == (view.worker_id, 1)
+        assert view.started_at is not None

@@ -15,7 +15,7 @@ import pytest
 from sdk import api
 from sdk import events as ev
 from sdk.errors import InvalidTransition, JobNotFound, PlatformError, StaleAttempt
-from sdk.jobs import Job, JobStatus, apply, decide_cancel, decide_report, visible_to
+from sdk.jobs import Job, JobStatus, apply, decide_cancel, decide_report, decide_reports, visible_to
 from sdk.workers import WorkerState, WorkerStatus, apply_worker
 
 # --- Jobs --------------------------------------------------------------------------------------------
@@ -226,6 +226,66 @@ def test_a_worker_stops_a_job_only_when_asked() -> None:
 def test_a_report_about_an_unknown_job_is_not_found() -> None:
     with pytest.raises(JobNotFound):
         decide_report(None, W, api.ReportStarted(job_id=J, attempt=1))
+
+
+#: Endings that carry their start (a job that ended before its start was reported).
+WITH_START: dict[str, tuple[api.OutcomeReport, type[ev.Event]]] = {
+    "completed": (api.ReportCompleted(job_id=J, attempt=1, result="ok", with_start=True), ev.JobCompleted),
+    "failed": (api.ReportFailed(job_id=J, attempt=1, error=ERROR, with_start=True), ev.JobFailed),
+}
+
+
+@pytest.mark.parametrize("kind", WITH_START)
+def test_an_ending_with_its_start_stands_for_started_then_the_ending(kind: str) -> None:
+    report, ending = WITH_START[kind]
+    job = job_in(JobStatus.ASSIGNED)
+
+    events = decide_reports(job, W, report)
+
+    assert [type(event) for event in events] == [ev.JobStarted, ending]
+    assert all((event.job_id, event.worker_id, event.attempt) == (J, W, 1) for event in events)
+    assert apply(apply(job, events[0]), events[1]).status is JobStatus(kind)
+
+
+def test_an_ending_with_its_start_after_the_start_is_in_the_log_is_the_ending_alone() -> None:
+    # An earlier try of the same request got as far as the start: it is not appended twice.
+    report, _ = WITH_START["completed"]
+    assert [type(event) for event in decide_reports(job_in(JobStatus.RUNNING), W, report)] == [ev.JobCompleted]
+
+
+def test_a_cancelled_ending_with_its_start_needs_a_cancel_request() -> None:
+    report = api.ReportCancelled(job_id=J, attempt=1, with_start=True)
+    assigned = job_in(JobStatus.ASSIGNED)
+    with pytest.raises(InvalidTransition, match="was not asked to cancel"):
+        decide_reports(assigned, W, report)
+    asked = apply(assigned, ev.JobCancelRequested(job_id=J), seq=9)
+    assert [type(event) for event in decide_reports(asked, W, report)] == [ev.JobStarted, ev.JobCancelled]
+
+
+@pytest.mark.parametrize(("worker_id", "attempt"), [("w2", 1), (W, 2)])
+@pytest.mark.parametrize("status", [JobStatus.ASSIGNED, JobStatus.RUNNING, JobStatus.COMPLETED])
+def test_an_ending_with_its_start_from_another_worker_or_attempt_is_stale_whole(
+    status: JobStatus, worker_id: str, attempt: int
+) -> None:
+    report, _ = WITH_START["completed"]
+    with pytest.raises(StaleAttempt):
+        decide_reports(job_in(status), worker_id, msgspec.structs.replace(report, attempt=attempt))
+
+
+def test_an_ending_with_its_start_of_a_finished_attempt_is_refused() -> None:
+    # A repeat after the first try landed whole: no second start, and the fold refuses a second ending.
+    report, _ = WITH_START["completed"]
+    done = job_in(JobStatus.COMPLETED)
+    events = decide_reports(done, W, report)
+    assert [type(event) for event in events] == [ev.JobCompleted]
+    with pytest.raises(InvalidTransition):
+        apply(done, events[0])
+
+
+@pytest.mark.parametrize("kind", REPORTS)
+def test_any_other_report_stands_for_its_one_event(kind: str) -> None:
+    status, report, event_type = REPORTS[kind]
+    assert [type(event) for event in decide_reports(job_in(status), W, report)] == [event_type]
 
 
 # --- Workers -----------------------------------------------------------------------------------------

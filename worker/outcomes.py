@@ -14,11 +14,11 @@ from typing import Any
 
 from sdk.api import (
     MAX_BODY_BYTES,
+    OutcomeReport,
     ReportCancelled,
     ReportCompleted,
     ReportFailed,
     WorkerConfig,
-    WorkerReport,
 )
 from sdk.errors import PlatformError
 from sdk.events import Assignment, ErrorInfo, encoder
@@ -51,7 +51,7 @@ def preflight(a: Assignment, engines: Mapping[str, BaseEngine], config: WorkerCo
 
 def outcome_report(
     a: Assignment, *, cancel_requested: bool, result: Any = None, error: BaseException | None = None
-) -> WorkerReport:
+) -> OutcomeReport:
     """The report for how a job's run ended."""
     if cancel_requested:
         return ReportCancelled(job_id=a.job_id, attempt=a.attempt)
@@ -67,7 +67,7 @@ def outcome_report(
     return ReportFailed(job_id=a.job_id, attempt=a.attempt, error=info)
 
 
-def _completed(a: Assignment, result: Any) -> WorkerReport:
+def _completed(a: Assignment, result: Any) -> OutcomeReport:
     report = ReportCompleted(job_id=a.job_id, attempt=a.attempt, result=result)
     try:
         size_bytes = len(encoder.encode(report))

@@ -28,15 +28,22 @@ class ReportProgress(JobReport, tag="progress"):
     message: Annotated[str, msgspec.Meta(max_length=1000)] | None = None
 
 
-class ReportCompleted(JobReport, tag="completed"):
+class OutcomeReport(JobReport, kw_only=True):
+    """How an attempt ended. `with_start`: it ended before its start was reported (a short job), and this
+    one request stands for both reports: the gateway appends `JobStarted`, then the ending, together."""
+
+    with_start: bool = False
+
+
+class ReportCompleted(OutcomeReport, tag="completed"):
     result: Any = None
 
 
-class ReportFailed(JobReport, tag="failed"):
+class ReportFailed(OutcomeReport, tag="failed"):
     error: ErrorInfo
 
 
-class ReportCancelled(JobReport, tag="cancelled"):
+class ReportCancelled(OutcomeReport, tag="cancelled"):
     pass
 
 
