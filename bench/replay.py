@@ -32,12 +32,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
-from cyclopts import App, Parameter, validators
+from cyclopts import Parameter, validators
 from nats.aio.client import Client as NatsClient
 from nats.js import api as js_api
-from rich.console import Console
-from rich.table import Table
 
+from bench.cli import bench_app, figures
 from projections.feed import BATCH_MAX, FOLDED_STREAMS, log_ends
 from projections.replay import rebuild
 from projections.store import DECODERS, Store
@@ -48,8 +47,7 @@ from sdk.events import JobAssigned, JobCompleted, JobStarted, JobSubmitted, Work
 from sdk.log import ensure_streams
 from sdk.stream_reader import Delivered, read_stream
 
-app = App(name="bench-replay", help=__doc__)
-console = Console()
+app, console = bench_app("bench-replay", __doc__, width=130)
 
 #: Core publishes between flushes while filling (JetStream stores core publishes on its subjects too).
 FILL_FLUSH_EVERY = 2_000
@@ -228,18 +226,18 @@ async def run(jobs: int, rounds: int, store: Path) -> None:
         wall, cpu = await measure(server.url, rounds, Path(scratch))
     ceiling_wall = statistics.median(wall["ceiling: nats-py consuming"])
     ceiling_cpu = statistics.median(cpu["ceiling: nats-py consuming"])
-    table = Table(
-        "step", "events/s (median of rounds)", "÷ ceiling", "events per CPU-second", "÷ ceiling", title=f"{events:,} events"
-    )
+    rows = []
     for step in cpu:
         rate, per_cpu = (statistics.median(wall[step]) if step in wall else None), statistics.median(cpu[step])
-        table.add_row(
+        rows.append((
             step,
             f"{rate:,.0f}" if rate else "",
             f"{rate / ceiling_wall:.2f}" if rate else "",
             f"{per_cpu:,.0f}",
             f"{per_cpu / ceiling_cpu:.2f}",
-        )
+        ))
+    columns = ("step", "events/s (median of rounds)", "÷ ceiling", "events per CPU-second", "÷ ceiling")
+    table = figures(f"{events:,} events", columns, rows)
     console.print(table)
     console.print("rounds (events/s): " + "; ".join(f"{k} {', '.join(f'{v:,.0f}' for v in vs)}" for k, vs in wall.items()))
     rebuild_rate = statistics.median(wall["rebuild: the reading process"])
