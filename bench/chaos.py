@@ -1,13 +1,17 @@
 """The chaos suite: seeded rounds of steady load while components of the platform are SIGKILLed.
 
     python -m bench.chaos --rounds 50 --seed 1 --report docs/reliability.md     (just chaos)
+    just chaos --cluster 3 --seed 1 --rounds 10 --journal chaos-c3.jsonl        (then --start-round 11 ...)
 
 Each round starts a steady load of jobs (`chaos_platform.Load`), kills what the round's fault names
 (`chaos_platform.FAULTS`; the faults come in a seeded order, each one every six rounds), lets the
 supervisor restart it, stops the load once the platform placed and completed jobs again, waits until
 every acknowledged job has ended and the platform is whole again, then checks the log and the read
 models (`chaos_check`). The same seed gives the same faults, kill times, victims' choice and jobs;
-`--start-round N --rounds 1` repeats round N alone.
+`--start-round N --rounds 1` repeats round N alone. `--cluster 3` runs the platform on three NATS nodes
+with two gateways and two projections replicas, and kills one node, gateway or replica in their rounds.
+`--journal` appends each round to a file, so that a long run can be played in several invocations
+(`--start-round`); `--report` then writes every round of the journal.
 
 It prints one row per round and the recovery times against their targets; `--report` writes them into
 the generated block of docs/reliability.md. Exits non-zero when a job was lost or doubled, an outcome of
@@ -17,18 +21,22 @@ a superseded attempt was accepted, or a read model differs from a fresh fold of 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import random
 import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import nats.errors
+import stamina
 from cyclopts import Parameter
 from nats.js import JetStreamContext
 from rich.table import Table
@@ -53,6 +61,8 @@ from sdk.verify import verify
 app, console = bench_app("bench-chaos", __doc__, width=140)
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: The workers of the chaos stack (name -> engines): one runs the tiny LLM too.
 WORKERS = {"c1": "echo,llm", "c2": "echo", "c3": "echo"}
 HEARTBEAT_INTERVAL_S = 0.5
@@ -63,8 +73,17 @@ AFTER_RECOVERY_S = 1.0
 RECOVERY_LIMIT_S = 30.0
 #: How long every acknowledged job of a round may take to end once the load stopped.
 DRAIN_TIMEOUT_S = 120.0
+#: How long the checks after a round retry a JetStream that does not answer (`_checked`).
+CHECK_RETRY_S = 60.0
 REPORT_BEGIN = "<!-- chaos:begin (written by `just chaos`) -->"
 REPORT_END = "<!-- chaos:end -->"
+
+
+def report_markers(cluster: int) -> tuple[str, str]:
+    """The generated block's markers: one block for a single node, one per cluster size."""
+    if cluster <= 1:
+        return REPORT_BEGIN, REPORT_END
+    return f"<!-- chaos-cluster{cluster}:begin (written by `just chaos --cluster {cluster}`) -->", f"<!-- chaos-cluster{cluster}:end -->"
 
 
 @dataclass
@@ -100,6 +119,7 @@ class Round:
 @dataclass
 class ChaosRun:
     seed: int
+    cluster: int = 1
     rounds: list[Round] = field(default_factory=list)
     #: The whole log, checked once more at the end against every acknowledged job.
     final_lost: list[str] = field(default_factory=list)
@@ -131,8 +151,8 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
     js = platform.client.nc.jetstream()
     round_seed = f"{seed}:{number}"
     rng = random.Random(round_seed)
-    start_seq = await stream_end(js, subjects.JOBS_STREAM)
-    workers_start_seq = await stream_end(js, subjects.WORKERS_STREAM)
+    start_seq = await _checked(partial(stream_end, js, subjects.JOBS_STREAM))
+    workers_start_seq = await _checked(partial(stream_end, js, subjects.WORKERS_STREAM))
     load = Load(platform.http, platform.client, random.Random(f"{round_seed}:load"), rate_per_s, llm_model)
     stop = asyncio.Event()
     loading = asyncio.create_task(load.run(stop))
@@ -156,7 +176,7 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
         await loading
     await _drained(js, start_seq, load.acknowledged)
     await platform.whole()
-    entries = await read_jobs_log(js, start_seq)
+    entries = await _checked(partial(read_jobs_log, js, start_seq))
     audit = Audit.of(entries)
     result.jobs = len(load.acknowledged)
     result.lost = audit.lost(load.acknowledged)
@@ -166,14 +186,27 @@ async def play_round(platform: ChaosPlatform, number: int, seed: int, fault: str
     result.recovery_s = recovery_s(audit, killed_at_s)
     worker_ids = {v.worker_id for v in victims if v.worker_id is not None}
     names = {w.id: w.name for w in await platform.http.workers()}
-    declared = await workers_declared_lost(js, workers_start_seq)
+    declared = await _checked(partial(workers_declared_lost, js, workers_start_seq))
     result.live_declared_lost = sorted(names.get(w, w) for w in declared.keys() - worker_ids)
     if worker_ids:
         result.taken_back_s = taken_back_s(entries, held_by(entries, worker_ids, killed_at_s), killed_at_s)
-    result.verify = [f"{v.kind} {v.subject} #{v.seq}: {v.message}" for v in await verify(platform.client.nc)]
+    client = platform.client
+    violations = await _checked(lambda: verify(client.nc))
+    result.verify = [f"{v.kind} {v.subject} #{v.seq}: {v.message}" for v in violations]
     for db in sorted(platform.stack.data_dir.glob("projections*.db")):
-        result.read_model_diffs += await read_model_differences(platform.stack.nats_url, db)
+        result.read_model_diffs += await _checked(partial(read_model_differences, platform.stack.nats_url, db))
     return result, load.acknowledged
+
+
+async def _checked(check: Callable[[], Awaitable[T]]) -> T:
+    """A check of the log, retried while JetStream does not answer: a restarted cluster node may still be
+    catching up (electing, or syncing its copies) when the platform is whole again, and a stream info
+    request can time out meanwhile. A check that answers is never retried."""
+    async for attempt in stamina.retry_context(on=(nats.errors.TimeoutError, nats.errors.NoRespondersError),
+                                                attempts=None, timeout=CHECK_RETRY_S, wait_jitter=0.0):
+        with attempt:
+            return await check()
+    raise AssertionError("stamina ended its retries without an answer or an error")
 
 
 async def _read(js: JetStreamContext, after_seq: int) -> list[Entry]:
@@ -198,13 +231,14 @@ async def _drained(js: JetStreamContext, start_seq: int, acknowledged: list[str]
 async def run_chaos(
     data_dir: Path, *, rounds: int, seed: int, start_round: int = 1, faults: tuple[str, ...] = FAULTS,
     workers: dict[str, str] | None = None, llm_model: str | None = None, rate_per_s: float = 6.0,
-    on_round: Callable[[Round], None] | None = None,
+    on_round: Callable[[Round], None] | None = None, cluster: int = 1,
 ) -> ChaosRun:
-    """Start a chaos stack in `data_dir`, play `rounds` rounds from `start_round`, check the whole log."""
+    """Start a chaos stack in `data_dir` (on `cluster` NATS nodes), play `rounds` rounds from
+    `start_round`, check the whole log."""
     workers = workers or WORKERS
     order = schedule(seed, start_round + rounds - 1, faults)
-    platform = await ChaosPlatform.start(data_dir, workers, HEARTBEAT_INTERVAL_S)
-    run = ChaosRun(seed)
+    platform = await ChaosPlatform.start(data_dir, workers, HEARTBEAT_INTERVAL_S, cluster=cluster)
+    run = ChaosRun(seed, cluster)
     acknowledged: list[str] = []
     try:
         for number in range(start_round, start_round + rounds):
@@ -267,9 +301,10 @@ def markdown_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> str
 def report_block(run: ChaosRun, command: str) -> str:
     lost = sum(len(r.lost) for r in run.rounds) + len(run.final_lost)
     doubled = sum(len(r.doubled) for r in run.rounds) + len(run.final_doubled)
+    begin, end = report_markers(run.cluster)
     return "\n\n".join([
-        REPORT_BEGIN,
-        f"`{command}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {len(run.rounds)} rounds, "
+        begin,
+        f"{command}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {len(run.rounds)} rounds, "
         f"{run.acknowledged} acknowledged jobs, **{lost} lost, {doubled} doubled**, "
         f"{sum(len(r.refused) for r in run.rounds) + len(run.final_refused)} stale outcomes accepted, "
         f"{sum(len(r.live_declared_lost) for r in run.rounds)} live workers declared lost, "
@@ -278,16 +313,52 @@ def report_block(run: ChaosRun, command: str) -> str:
         f"{len(run.rounds)} rounds.",
         markdown_table(SUMMARY_COLUMNS, recovery_summary(run)),
         markdown_table(ROUND_COLUMNS, [round_row(r) for r in run.rounds]),
-        REPORT_END,
+        end,
     ])
 
 
 def write_report(path: Path, block: str) -> None:
-    """Replace the generated block of `path` (or append one); the hand-written text around it stays."""
+    """Replace the generated block of `path` with the same markers (or append it); the hand-written text
+    around it stays."""
     text = path.read_text(encoding="utf-8") if path.exists() else "# Reliability\n"
-    pattern = re.compile(re.escape(REPORT_BEGIN) + ".*?" + re.escape(REPORT_END), re.S)
+    begin, _, rest = block.partition("\n")
+    end = rest.rsplit("\n", 1)[-1]
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
     path.write_text(text, encoding="utf-8")
+
+
+def append_journal(path: Path, run: ChaosRun, command: str) -> None:
+    """Append an invocation's rounds and its whole-log check to `path` (JSON lines)."""
+    with open(path, "a", encoding="utf-8") as journal:
+        for r in run.rounds:
+            journal.write(json.dumps({"round": dataclasses.asdict(r)}) + "\n")
+        final = {"command": command, "seed": run.seed, "cluster": run.cluster, "acknowledged": run.acknowledged,
+                 "lost": run.final_lost, "doubled": run.final_doubled, "refused": run.final_refused}
+        journal.write(json.dumps({"invocation": final}) + "\n")
+
+
+def read_journal(path: Path) -> tuple[ChaosRun, list[str]]:
+    """Every invocation of a journal as one run (rounds by number, a round played again replaces the
+    earlier one), and the invocations' commands."""
+    rounds: dict[int, Round] = {}
+    commands: list[str] = []
+    run = ChaosRun(seed=0)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "round" in record:
+            played = Round(**record["round"])
+            rounds[played.number] = played
+        else:
+            final = record["invocation"]
+            run.seed, run.cluster = final["seed"], final["cluster"]
+            run.acknowledged += final["acknowledged"]
+            run.final_lost += final["lost"]
+            run.final_doubled += final["doubled"]
+            run.final_refused += final["refused"]
+            commands.append(final["command"])
+    run.rounds = [rounds[n] for n in sorted(rounds)]
+    return run, commands
 
 
 def print_run(run: ChaosRun) -> None:
@@ -322,6 +393,8 @@ def main(
     llm: Annotated[bool, Parameter(help="a few LLM jobs with a tiny random-weight model, built offline")] = True,
     data_dir: Annotated[Path | None, Parameter(help="the stack's data dir (default: a temporary one)")] = None,
     report: Annotated[Path | None, Parameter(help="write the figures into this markdown file")] = None,
+    cluster: Annotated[int, Parameter(help="NATS nodes (a cluster of 3: two gateways, two projections)")] = 1,
+    journal: Annotated[Path | None, Parameter(help="append the rounds to this file; --report writes all of its rounds")] = None,
 ) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     chosen = tuple(f.strip() for f in faults.split(",") if f.strip())
@@ -337,11 +410,17 @@ def main(
         run = asyncio.run(run_chaos(
             root / "stack", rounds=rounds, seed=seed, start_round=start_round, faults=chosen, llm_model=llm_model,
             rate_per_s=rate, on_round=lambda r: console.print("  ".join(round_row(r)), style=None if r.sound else "red"),
+            cluster=cluster,
         ))
     print_run(run)
+    command = "just chaos" + (f" --cluster {cluster}" if cluster > 1 else "") + f" --rounds {rounds} --seed {seed}"
+    command += f" --start-round {start_round}" if start_round > 1 else ""
+    reported, commands = run, [command]
+    if journal is not None:
+        append_journal(journal, run, command)
+        reported, commands = read_journal(journal)
     if report is not None:
-        command = f"just chaos --rounds {rounds} --seed {seed}"
-        write_report(report, report_block(run, command))
+        write_report(report, report_block(reported, ", ".join(f"`{c}`" for c in commands)))
         console.print(f"figures written to {report}")
     if not run.sound:
         raise SystemExit(1)

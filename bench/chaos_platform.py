@@ -4,7 +4,9 @@ by a supervisor when it dies), the steady load of jobs, and the choice of what t
 Faults (`FAULTS`), each a SIGKILL, the crash a process cannot clean up after:
 - `worker`: the worker holding the most jobs (by the read model);
 - `scheduler`: the scheduler that holds the leader lease (a standby runs beside it);
-- `gateway`, `projections`, `nats`: one gateway, one projections replica, one NATS node;
+- `gateway`, `projections`, `nats`: one gateway, one projections replica, one NATS node (on a cluster,
+  `--cluster 3`, one of two gateways, one of two projections replicas, one of three nodes, chosen by the
+  round's seed);
 - `worker+scheduler`: a worker holding jobs and the scheduler leader at the same instant.
 """
 
@@ -42,6 +44,8 @@ SUBMIT_TIMEOUT_S = 5.0
 PROBE_EVERY_S = 0.2
 #: The most submissions waiting for an answer at once (a dead gateway must not pile them up).
 MAX_PENDING_SUBMITS = 64
+#: Gateways and projections replicas on a cluster (`--cluster N`): the fault kills one of them.
+CLUSTER_REPLICAS = 2
 
 
 @dataclass
@@ -126,14 +130,18 @@ class ChaosPlatform:
         self._supervisor: asyncio.Task[None] | None = None
 
     @classmethod
-    async def start(cls, data_dir: Path, workers: dict[str, str], heartbeat_interval_s: float) -> ChaosPlatform:
-        """Gateway, projections, a scheduler leader and a hot standby, and `workers` (name -> engines).
-        Children are spawned from this (the main) thread, as gpuctl does: a child dies with its thread."""
-        stack = LocalStack(data_dir)
+    async def start(
+        cls, data_dir: Path, workers: dict[str, str], heartbeat_interval_s: float, cluster: int = 1
+    ) -> ChaosPlatform:
+        """A scheduler leader and a hot standby, and `workers` (name -> engines); on one NATS server one
+        gateway and one projections, on a `cluster` of nodes two of each (`CLUSTER_REPLICAS`), as
+        `gpuctl up --cluster N --gateways 2 --projections 2` runs them. Children are spawned from this (the
+        main) thread, as gpuctl does: a child dies with its thread."""
+        replicas = CLUSTER_REPLICAS if cluster > 1 else 1
+        stack = LocalStack(data_dir, cluster=cluster, gateways=replicas, projections=replicas, schedulers=2)
         stack.start()
         platform = cls(stack, workers)
         try:
-            stack.service("scheduler-2", ["scheduler"])
             platform.http = HttpClient(stack.http_url, api_key=stack.operator_key)
             platform.client = await Client.connect(stack.nats_url, api_key=stack.operator_key, timeout_s=SUBMIT_TIMEOUT_S)
             await platform.http.set_config_defaults({"heartbeat_interval_s": heartbeat_interval_s})
