@@ -34,6 +34,7 @@ from nats.js import api as js_api
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from scheduler import metrics
+from scheduler.connections import WorkerConnections
 from scheduler.dispatch import Orders
 from scheduler.explain import PlacementQueries
 from scheduler.index import PlacementIndex, plan
@@ -124,6 +125,8 @@ class Scheduler:
         self._stopping = False
         #: The operator's latency table between regions, followed live (`platform-config`, key `regions`).
         self.regions = RegionsWatch(self._js)
+        #: Workers' connections closing (the gateway forwards nats-server's advisories): a faster loss.
+        self._connections = WorkerConnections()
         self._queries = PlacementQueries(nc, self.view, lambda: self.regions.table, lambda: not self._catching_up)
         #: Held by a pass's placement, and by a direct session's, so both count the same free slots.
         self._placing = asyncio.Lock()
@@ -161,6 +164,7 @@ class Scheduler:
             self._watch_config(self._config_watcher), name=f"config-{self.instance_id}"
         )
         await self.regions.start()
+        await self._connections.follow(self._nc, on_change=self._wake.set)
         await self._queries.start()
         await self._sessions.start()
         self._loop_task = asyncio.create_task(self._run(), name=f"scheduler-{self.instance_id}")
@@ -183,6 +187,7 @@ class Scheduler:
         # 3. Stop the feeds and the queries (the connection may be gone already: nothing to unsubscribe then).
         with contextlib.suppress(nats.errors.Error):
             await self._queries.stop()
+            await self._connections.stop()
             await self._sessions.stop()
             await self.regions.stop()
             if self._config_watcher is not None:
@@ -317,10 +322,13 @@ class Scheduler:
             await self._orders.dispatch(assigned, placement.worker_id, placement.region)
 
     async def _sweep(self, now_s: float) -> None:
-        """Declare silent workers lost; take back the jobs of gone workers and the jobs that living workers
-        say they do not hold; expire jobs that waited too long."""
+        """Declare silent workers, and workers whose connection closed for good, lost; take back the jobs of
+        gone workers and the jobs that living workers say they do not hold; expire jobs that waited too long."""
+        for worker, closed_s in self._connections.closed(self.view, now_s):
+            if await self._declare_lost(worker, f"its connection closed {closed_s:.1f}s ago and did not open again"):
+                self._connections.forget(worker.worker_id)
         for worker, silent_s in self.view.overdue_workers(now_s):
-            await self._declare_lost(worker, silent_s)
+            await self._declare_lost(worker, f"no heartbeat for {silent_s:.1f}s")
         outcomes: list[tuple[Job, JobEvent, str]] = [
             (job, recover(job, reason=reason), reason) for job, reason in self.view.orphaned_jobs()
         ]
@@ -329,14 +337,16 @@ class Scheduler:
         outcomes += [(job, JobExpired(job_id=job.id), "waited past its timeout") for job in expired]
         await asyncio.gather(*(self._settle(job, event, why) for job, event, why in outcomes))
 
-    async def _declare_lost(self, worker: TrackedWorker, silent_s: float) -> None:
-        event = WorkerLost(worker_id=worker.worker_id, reason=f"no heartbeat for {silent_s:.1f}s")
+    async def _declare_lost(self, worker: TrackedWorker, reason: str) -> bool:
+        """Append `WorkerLost`; False when the worker's log moved on first (the next sweep looks again)."""
+        event = WorkerLost(worker_id=worker.worker_id, reason=reason)
         try:
             ack = await append(self._js, subjects.worker_subject(worker.worker_id), event, expected_seq=worker.seq)
         except WrongLastSequence:
-            return  # the worker did something we have not folded yet; the next sweep looks again
+            return False  # the worker did something we have not folded yet
         self.view.mark_lost(worker.worker_id, ack.seq)
         logger.info("worker %s lost: %s", worker.worker_id, event.reason)
+        return True
 
     async def _settle(self, job: Job, event: JobEvent, why: str) -> None:
         if await self._append(job, event) is not None:

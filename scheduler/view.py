@@ -231,15 +231,18 @@ class SchedulerView:
         for worker in self.workers.values():
             worker.last_seen_s = max(worker.last_seen_s, until_s)
 
+    def heartbeat_interval_s(self, worker: TrackedWorker) -> float:
+        """The worker's own interval (its latest heartbeat's), else its config's."""
+        return worker.heartbeat_interval_s or self.config(worker.worker_id).heartbeat_interval_s
+
     def overdue_workers(self, now_s: float) -> list[tuple[TrackedWorker, float]]:
         """Alive workers silent for more than `LOST_AFTER_MISSED_HEARTBEATS` intervals, with the silence."""
         overdue = []
         for worker in self.workers.values():
             if not worker.alive:
                 continue
-            interval_s = worker.heartbeat_interval_s or self.config(worker.worker_id).heartbeat_interval_s
             silent_s = now_s - worker.last_seen_s
-            if silent_s > LOST_AFTER_MISSED_HEARTBEATS * interval_s:
+            if silent_s > LOST_AFTER_MISSED_HEARTBEATS * self.heartbeat_interval_s(worker):
                 overdue.append((worker, silent_s))
         return overdue
 

@@ -278,6 +278,24 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True):
     draining: bool = False
 
 
+# --- Connections (core NATS, subject `sched.workers.connection`; not stored) ---------------------
+
+
+class WorkerConnection(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's NATS connection opened or closed, as nats-server's system advisory says (the gateway
+    forwards them, `gateway.bus.advisories`): the scheduler takes a closed connection that is not opened
+    again within a heartbeat interval for the worker's loss, without waiting for three missed heartbeats."""
+
+    worker_id: str
+    connected: bool
+    #: The server and its client id: one connection, whatever order advisories of two servers arrive in.
+    server_id: str
+    client_id: int
+    #: When the server saw it (its clock, microseconds since the epoch), and why a connection closed.
+    at_us: int
+    reason: str = ""
+
+
 # --- Dispatch (stream DISPATCH, subject `dispatch.<region>.<worker_id>`) -------------------------
 
 
@@ -303,6 +321,7 @@ encoder = msgspec.json.Encoder()
 job_event_decoder = msgspec.json.Decoder(JobEvent)
 worker_event_decoder = msgspec.json.Decoder(WorkerEvent)
 heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+worker_connection_decoder = msgspec.json.Decoder(WorkerConnection)
 dispatch_decoder = msgspec.json.Decoder(Dispatch)
 session_event_decoder = msgspec.json.Decoder(SessionEvent)
 

@@ -162,6 +162,15 @@ def credential_inbox_prefix(root: str, credential: str) -> str:
     return f"{root}.{hashlib.sha256(credential.encode()).hexdigest()[:32]}"
 
 
+#: nats-server's advisories of the global account's connections, in the system account (`$G`: the
+#: account of the platform user and of every identity the auth callout names).
+CONNECT_ADVISORY = "$SYS.ACCOUNT.$G.CONNECT"
+DISCONNECT_ADVISORY = "$SYS.ACCOUNT.$G.DISCONNECT"
+#: Where the gateway forwards a worker's connection advisories (`sdk.events.WorkerConnection`) to the
+#: schedulers: a platform subject no worker or client may publish to.
+WORKER_CONNECTION = "sched.workers.connection"
+
+
 def kick_subject(server_id: str) -> str:
     """The system account's request that closes a client connection of server `server_id`."""
     return f"$SYS.REQ.SERVER.{server_id}.KICK"

@@ -12,6 +12,7 @@ from pathlib import Path
 from nats.aio.client import Client as NatsClient
 
 from gateway.auth import Credentials
+from gateway.bus.advisories import ConnectionAdvisories
 from gateway.bus.callout import BusAuthority
 from sdk.broker import NATS_ENV_FILE, load_or_create_issuer, password_variable, read_nats_env
 from sdk.connection import connect, nats_url_from_env, with_user
@@ -27,13 +28,19 @@ async def bus_authority(
 ) -> AsyncIterator[BusAuthority]:
     """The callout, answering while the context is open. Its issuer seed is in `secrets_dir` (or
     `$GF_AUTH_ISSUER_SEED`); the system account's password (for kicks) is read from `secrets_dir/nats.env`
-    when the server is ours, else from `$GF_SYSTEM_PASSWORD`."""
+    when the server is ours, else from `$GF_SYSTEM_PASSWORD`. With that connection the workers' connection
+    advisories are forwarded to the schedulers too (`advisories`)."""
     system = await _system_connection(secrets_dir, nats_url)
     authority = BusAuthority(nc, credentials, load_or_create_issuer(secrets_dir), system)
+    advisories = ConnectionAdvisories(nc, system) if system is not None else None
     await authority.start()
     try:
+        if advisories is not None:
+            await advisories.start()
         yield authority
     finally:
+        if advisories is not None:
+            await advisories.stop()
         await authority.stop()
         if system is not None:
             await system.close()
