@@ -300,7 +300,7 @@ async def test_job_completes_when_its_worker_is_killed_and_back_before_it_is_mis
     # inside the interval a closed connection may stay closed (`scheduler.connections`): the platform never
     # declares it lost, and only the restarted worker's heartbeats, which leave the job out, can tell that
     # the job is gone.
-    slow_interval_s = 30.0
+    slow_interval_s = 60.0
     workers = [w for w in await client.workers() if w.status == "online"]
     nc = await connect(stack.nats_url, name="test-inspect")
     js = nc.jetstream()
