@@ -86,7 +86,14 @@ class Heartbeats:
             draining=self.jobs.stopping,
         )
         try:
-            ack = await self.link.send(subjects.heartbeat_request_subject(worker_id), beat, HeartbeatAck)
+            # Waited for one interval at most: a heartbeat that went to a gateway that died with it gets no
+            # answer, and waiting the link's whole request timeout (5 s) silenced the worker for ten 0.5 s
+            # intervals, so the scheduler declared it lost (docs/reliability.md). The next one goes instead.
+            async with asyncio.timeout(config.heartbeat_interval_s):
+                ack = await self.link.send(subjects.heartbeat_request_subject(worker_id), beat, HeartbeatAck)
+        except TimeoutError:
+            logger.warning("heartbeat not answered within its interval (%gs); sending the next", config.heartbeat_interval_s)
+            return
         except WorkerNotFound:
             ack = HeartbeatAck(registered=False)
         except Unauthorized as exc:
