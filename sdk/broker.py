@@ -30,6 +30,7 @@ import nats.errors
 import nkeys
 
 from sdk import subjects
+from sdk.certs import NodeCertificate, node_certificate
 from sdk.connection import connect, port_open, redact, with_user
 from sdk.private_files import write_private
 from sdk.process import Child, stop_all
@@ -50,6 +51,8 @@ ROUTE_USER = "route"
 LEAF_USER = "leaf"
 #: The name every node of a cluster shares; a route from a server of another cluster is refused.
 CLUSTER_NAME = "gpu-fabric"
+#: Where, in the secrets dir, a local cluster's route CA and node certificates are kept (`route_tls`).
+ROUTE_TLS_DIR = "route-tls"
 #: How long a new cluster may take to elect its JetStream meta leader (streams cannot be created before).
 CLUSTER_READY_S = 30.0
 #: The stream `wait_for_jetstream` creates and deletes to learn whether the cluster can place replicas.
@@ -144,11 +147,13 @@ def free_ports(count: int, avoid: frozenset[int] = frozenset()) -> list[int]:
 @dataclass(frozen=True)
 class ClusterNode:
     """A node's place in a cluster: its server name (the identity its store's raft state is kept under, so
-    the same across restarts), the port it takes routes on, and every node's route port."""
+    the same across restarts), the port it takes routes on, and every node's route port. With `tls` its
+    routes are TLS both ways, each end verifying the other's certificate against the CA."""
 
     server_name: str
     route_port: int
     route_ports: tuple[int, ...]
+    tls: NodeCertificate | None = None
 
 
 class EmbeddedNats(Child):
@@ -224,11 +229,15 @@ class EmbeddedNats(Child):
             routes = ", ".join(
                 f"nats-route://{ROUTE_USER}:{password}@127.0.0.1:{port}" for port in node.route_ports if port != node.route_port
             )
+            tls = "" if node.tls is None else (
+                f'  tls {{ cert_file: "{node.tls.cert_file}", key_file: "{node.tls.key_file}", '
+                f'ca_file: "{node.tls.ca_file}", verify: true }}\n'
+            )
             blocks.append(
                 f"# --- Written by sdk.broker: node {node.server_name} of cluster {CLUSTER_NAME} ---\n"
                 f"cluster {{\n  name: {CLUSTER_NAME}\n  listen: 127.0.0.1:{node.route_port}\n"
                 f"  authorization {{ user: {ROUTE_USER}, password: ${password_variable(ROUTE_USER)} }}\n"
-                f"  routes: [ {routes} ]\n}}\n"
+                f"{tls}  routes: [ {routes} ]\n}}\n"
             )
         if self.leafnode_port is not None:
             blocks.append(
@@ -270,6 +279,8 @@ class NatsCluster:
     its store in `<root>/<server name>`. Client ports are `port`, `port + 1`, ... (free ports without
     `port`); route ports are free ports. Clients get every node's URL (`address`, comma-separated) and
     reconnect to a live one by themselves. With `leafnodes` every node also takes leaf servers' connections.
+    With `route_tls` the routes between the nodes are TLS, verified both ways against a local CA kept in
+    `<secrets_dir>/route-tls/` (`sdk.certs`).
     """
 
     def __init__(
@@ -282,6 +293,7 @@ class NatsCluster:
         log_dir: Path | None = None,
         env: dict[str, str] | None = None,
         leafnodes: bool = False,
+        route_tls: bool = False,
     ) -> None:
         if size < 2:
             raise ValueError(f"a cluster has 2 or more nodes, not {size}")
@@ -292,10 +304,11 @@ class NatsCluster:
         for index in range(size):
             name = "nats-server" if index == 0 else f"nats-server-{index + 1}"
             server_name = f"gf-{index + 1}"
+            tls = node_certificate(Path(secrets_dir) / ROUTE_TLS_DIR, server_name) if route_tls else None
             self.nodes.append(EmbeddedNats(
                 Path(root) / server_name, port=client_ports[index], env=env, secrets_dir=secrets_dir,
                 log_file=Path(log_dir) / f"{name}.log" if log_dir else None, name=name,
-                cluster=ClusterNode(server_name, route_ports[index], route_ports), leafnode_port=leaf_ports[index],
+                cluster=ClusterNode(server_name, route_ports[index], route_ports, tls), leafnode_port=leaf_ports[index],
             ))
 
     @property

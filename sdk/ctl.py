@@ -122,6 +122,7 @@ def up(
     projections: Count = 1,
     schedulers: Count | None = None,
     leafnodes: bool = False,
+    route_tls: bool = False,
 ) -> None:
     """Run the platform: NATS (unless NATS_URL is set), gateway, scheduler, projections and a local worker.
 
@@ -141,14 +142,17 @@ def up(
         Scheduler processes, one leader and hot standbys (default: 2 with --cluster, else 1).
     leafnodes
         Every NATS node also listens for far regions' leaf servers (docs/deployment.md, "Far regions").
+    route_tls
+        The routes between the cluster's nodes are TLS, verified both ways against a local CA that is made
+        in DATA_DIR/secrets/route-tls on first use (docs/deployment.md, "TLS between nodes").
     """
     setup_logging("WARNING")
-    if problem := _cluster_problem(cluster, replicas, nats_url):
+    if problem := _cluster_problem(cluster, replicas, nats_url, route_tls):
         console.print(f"[red]gpuctl: {problem}[/]")
         sys.exit(2)
     stack = LocalStack(
         data_dir, http_port=http_port, nats_port=nats_port, nats_url=nats_url, cluster=cluster, replicas=replicas,
-        gateways=gateways, projections=projections, schedulers=schedulers, leafnodes=leafnodes,
+        gateways=gateways, projections=projections, schedulers=schedulers, leafnodes=leafnodes, route_tls=route_tls,
     )
     stopping = threading.Event()  # set by a signal; wakes the loop below at once
 
@@ -183,8 +187,10 @@ def up(
         console.print("stopped every component")
 
 
-def _cluster_problem(cluster: int, replicas: int | None, nats_url: str | None) -> str | None:
+def _cluster_problem(cluster: int, replicas: int | None, nats_url: str | None, route_tls: bool = False) -> str | None:
     """Why these `gpuctl up` options cannot run together, if they cannot."""
+    if route_tls and cluster < 2:
+        return "--route-tls secures the routes between the nodes of a cluster: add --cluster 3"
     if cluster > 1 and nats_url is not None:
         return "--cluster starts its own NATS nodes; unset NATS_URL (or drop --cluster to use that server)"
     if replicas is not None and nats_url is None and replicas > cluster:

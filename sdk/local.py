@@ -147,6 +147,7 @@ class LocalStack:
         projections: int = 1,
         schedulers: int | None = None,
         leafnodes: bool = False,
+        route_tls: bool = False,
     ) -> None:
         """With `nats_url` (credentials included) the stack uses that server for every component
         instead of starting one. `cluster` > 1 starts that many NATS nodes routed to each other (client
@@ -155,7 +156,8 @@ class LocalStack:
         `projections` replicas each keep a database of their own, and `schedulers` (default 2 on a
         cluster, else 1) elect one leader; the first of each is named as on one node (`gateway`), the
         others `gateway-2`, ... (`replicas_of`). With `leafnodes` every NATS node also listens for far
-        regions' leaf servers (`leafnode_urls`, `sdk.broker.LeafNats`)."""
+        regions' leaf servers (`leafnode_urls`, `sdk.broker.LeafNats`). With `route_tls` the routes between
+        the nodes are TLS, verified both ways against a local CA in `secrets/route-tls/`."""
         self.data_dir = Path(data_dir).resolve()
         self.logs = self.data_dir / "logs"
         self.secrets_dir = self.data_dir / SECRETS_DIR
@@ -170,7 +172,7 @@ class LocalStack:
         elif cluster > 1:
             nodes = NatsCluster(
                 self.data_dir / CLUSTER_STORE_DIR, cluster, port=nats_port, secrets_dir=self.secrets_dir, log_dir=self.logs,
-                leafnodes=leafnodes,
+                leafnodes=leafnodes, route_tls=route_tls,
             )
             self.brokers = nodes.nodes
             self.platform_url = nodes.url_as("platform")

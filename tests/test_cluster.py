@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
+import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
+from nats.aio.client import Client as NatsClient
 
 from sdk import subjects
 from sdk.api import Accepted
+from sdk.broker import NatsCluster
 from sdk.connection import connect
 from sdk.errors import PlatformError
 from sdk.events import event_type
@@ -200,3 +204,32 @@ def test_single_node_stays_the_default(tmp_path: Path) -> None:
     stack = LocalStack(tmp_path)
     assert [b.name for b in stack.brokers] == ["nats-server"] and stack.brokers[0].cluster is None
     assert stack.replicas == 1 and stack.counts == {"gateway": 1, "projections": 1, "scheduler": 1}
+
+
+async def test_the_nodes_route_to_each_other_over_tls_verified_both_ways(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    # `start()` returns once a stream can be placed on all three nodes: every route is up, over TLS.
+    with NatsCluster(tmp_path / "nodes", 3, secrets_dir=secrets_dir, log_dir=tmp_path / "logs", route_tls=True) as nodes:
+        nc = await connect(nodes.url_as("system"), name="test-cluster-tls")
+        try:
+            varz = await _from_every_server(nc, "$SYS.REQ.SERVER.PING.VARZ", 3)
+            routez = await _from_every_server(nc, "$SYS.REQ.SERVER.PING.ROUTEZ", 3)
+        finally:
+            await nc.close()
+    assert [(v["cluster"].get("tls_required"), v["cluster"].get("tls_verify")) for v in varz] == [(True, True)] * 3
+    assert [r["num_routes"] >= 2 for r in routez] == [True] * 3
+    # The CA's and the nodes' keys are the owner's alone.
+    keys = sorted((secrets_dir / "route-tls").glob("*.key"))
+    assert [k.name for k in keys] == ["ca.key", "gf-1.key", "gf-2.key", "gf-3.key"]
+    assert {stat.S_IMODE(k.stat().st_mode) for k in keys} == {0o600}
+
+
+async def _from_every_server(nc: NatsClient, subject: str, servers: int) -> list[dict[str, object]]:
+    """The `data` of each server's answer to a system request that every server answers."""
+    inbox = nc.new_inbox()
+    answers = await nc.subscribe(inbox)
+    await nc.publish(subject, b"{}", reply=inbox)
+    try:
+        return [json.loads((await answers.next_msg(timeout=10)).data)["data"] for _ in range(servers)]
+    finally:
+        await answers.unsubscribe()
