@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,6 @@ from tests.conftest import running_stack, wait_until
 pytestmark = pytest.mark.slow
 
 INTERVAL_S = 3.0
-
-
-@pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
-    async with running_stack(tmp_path, ["a", "b"]) as local:
-        yield local
 
 
 async def _beating_every(nc: NatsClient, http: HttpClient, interval_s: float) -> None:
@@ -74,7 +67,12 @@ async def _losses(nc: NatsClient, worker_id: str) -> list[tuple[float, WorkerLos
     return found
 
 
-async def test_killed_worker_is_lost_when_its_connection_closes_not_after_three_heartbeats(stack: LocalStack) -> None:
+async def test_killed_worker_is_lost_when_its_connection_closes_not_after_three_heartbeats(tmp_path: Path) -> None:
+    async with running_stack(tmp_path, ["a", "b"]) as stack:
+        await _killed_worker_is_lost_by_its_connection(stack)
+
+
+async def _killed_worker_is_lost_by_its_connection(stack: LocalStack) -> None:
     nc = await connect(stack.nats_url, name="test-worker-loss")
     try:
         async with HttpClient(stack.http_url, api_key=stack.operator_key) as http:
@@ -99,9 +97,14 @@ async def test_killed_worker_is_lost_when_its_connection_closes_not_after_three_
         await nc.close()
 
 
-async def test_a_worker_whose_connection_drops_and_opens_again_keeps_its_job(stack: LocalStack) -> None:
+async def test_a_worker_whose_connection_drops_and_opens_again_keeps_its_job(tmp_path: Path) -> None:
     """A network blip, played by closing the worker's connection from the server (a kick): the worker
     reconnects at once, so it is not lost, and its job completes in its first attempt."""
+    async with running_stack(tmp_path, ["a", "b"]) as stack:
+        await _kicked_worker_keeps_its_job(stack)
+
+
+async def _kicked_worker_keeps_its_job(stack: LocalStack) -> None:
     nc = await connect(stack.nats_url, name="test-worker-loss")
     system = await connect(stack.brokers[0].url_as("system"), name="test-worker-loss-system")
     try:
