@@ -2,7 +2,7 @@
 --route-tls` runs on one machine: a CA made on first use (kept in the secrets dir, the key 0600) and one
 certificate per node signed by it, for 127.0.0.1 and localhost, good for a route's both ends (server and
 client auth: each node verifies the other against the CA). A deployment over several machines brings
-certificates of its own CA instead (docs/deployment.md, "TLS between nodes")."""
+certificates of its own CA instead (docs/deployment.md, "Three machines")."""
 
 from __future__ import annotations
 

@@ -144,7 +144,7 @@ def up(
         Every NATS node also listens for far regions' leaf servers (docs/deployment.md, "Far regions").
     route_tls
         The routes between the cluster's nodes are TLS, verified both ways against a local CA that is made
-        in DATA_DIR/secrets/route-tls on first use (docs/deployment.md, "TLS between nodes").
+        in DATA_DIR/secrets/route-tls on first use (docs/deployment.md, "One machine, a cluster").
     """
     setup_logging("WARNING")
     if problem := _cluster_problem(cluster, replicas, nats_url, route_tls):
