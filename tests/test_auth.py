@@ -20,7 +20,6 @@ from gateway.auth import AuthSettings, Credentials, NonceWindow, Principal, load
 from sdk import subjects
 from sdk.api import WorkerCredentials
 from sdk.broker import EmbeddedNats
-from sdk.connection import connect
 from sdk.errors import (
     HTTP_STATUS,
     ApiKeyNotFound,
@@ -31,7 +30,6 @@ from sdk.errors import (
     Unauthorized,
     WorkerNotFound,
 )
-from sdk.log import ensure_streams
 from sdk.signing import (
     MAX_SIGNED_BODY_BYTES,
     NONCE_HEADER,
@@ -42,7 +40,7 @@ from sdk.signing import (
     sign,
     verify_signature,
 )
-from tests.conftest import wait_until
+from tests.conftest import platform_nc, wait_until
 
 START_MS = 1_700_000_000_000
 
@@ -601,10 +599,8 @@ async def test_a_revocation_stops_tokens_stamped_by_a_gateway_whose_clock_runs_a
 async def test_a_revoke_whose_marker_write_failed_is_repaired_by_revoking_again(
     fresh_nats: EmbeddedNats, master_key: bytes, clock: FakeClock
 ) -> None:
-    nc = await connect(fresh_nats.url, name="test")
-    js = nc.jetstream()
-    await ensure_streams(js)
-    try:
+    async with platform_nc(fresh_nats) as nc:
+        js = nc.jetstream()
         async with await Credentials.open(js, master_key, clock=clock) as credentials:
             key_id, api_key = await credentials.create_api_key("leaked", "client")
             pair = await credentials.issue_tokens(api_key)
@@ -639,8 +635,6 @@ async def test_a_revoke_whose_marker_write_failed_is_repaired_by_revoking_again(
                         return False
 
                     await wait_until(refused, 5, "the other gateway to refuse the revoked tokens")
-    finally:
-        await nc.close()
 
 
 async def test_an_unbound_token_cannot_take_over_a_revoked_worker(credentials: Credentials) -> None:
@@ -686,37 +680,34 @@ async def test_the_auth_bucket_stays_bounded_under_10000_token_issues(
     """Every sign-in adds a family record; each expires with its refresh token, so the bucket holds the
     sign-ins of one refresh lifetime, not every one ever made."""
     settings = AuthSettings(access_ttl_s=1, refresh_ttl_s=1, clock_skew_s=1)
-    nc = await connect(fresh_nats.url, name="test")
-    js = nc.jetstream()
-    await ensure_streams(js)
-    async with await Credentials.open(js, master_key, settings=settings) as credentials:
-        key_id, api_key = await credentials.create_api_key("busy", "client")
-        pairs = []
-        for _ in range(10):
-            pairs += await asyncio.gather(*(credentials.issue_tokens(api_key) for _ in range(1_000)))
-        assert len({pair.refresh_token for pair in pairs}) == 10_000
-        await credentials.revoke_api_key(key_id)
-        kv = await js.key_value(subjects.AUTH_BUCKET)
+    async with platform_nc(fresh_nats) as nc:
+        js = nc.jetstream()
+        async with await Credentials.open(js, master_key, settings=settings) as credentials:
+            key_id, api_key = await credentials.create_api_key("busy", "client")
+            pairs = []
+            for _ in range(10):
+                pairs += await asyncio.gather(*(credentials.issue_tokens(api_key) for _ in range(1_000)))
+            assert len({pair.refresh_token for pair in pairs}) == 10_000
+            await credentials.revoke_api_key(key_id)
+            kv = await js.key_value(subjects.AUTH_BUCKET)
 
+            async def only_the_key_is_left() -> bool:
+                # nats-py's `keys()` waits for a "no more pending" marker that never comes when a record
+                # expires between the watch's start and its delivery (this test's records do): ask again.
+                try:
+                    return await asyncio.wait_for(kv.keys(), 5) == [f"apikey.{key_id}"]
+                except TimeoutError:
+                    return False
 
-        async def only_the_key_is_left() -> bool:
-            # nats-py's `keys()` waits for a "no more pending" marker that never comes when a record
-            # expires between the watch's start and its delivery (this test's records do): ask again.
-            try:
-                return await asyncio.wait_for(kv.keys(), 5) == [f"apikey.{key_id}"]
-            except TimeoutError:
-                return False
+            # The family records and the revocation marker expire: a gateway starting now loads no marker.
+            await wait_until(only_the_key_is_left, 30, "the family records and the revocation marker to expire")
 
-        # The family records and the revocation marker expire: a gateway starting now loads no marker.
-        await wait_until(only_the_key_is_left, 30, "the family records and the revocation marker to expire")
+            async def only_its_record_is_stored() -> bool:
+                # The server's markers of expired records go too (`gateway.kv.MARKER_TTL_S`).
+                state = (await js.stream_info(f"KV_{subjects.AUTH_BUCKET}")).state
+                return (state.messages, state.bytes < 1_000) == (1, True)
 
-        async def only_its_record_is_stored() -> bool:
-            # The server's markers of expired records go too (`gateway.kv.MARKER_TTL_S`).
-            state = (await js.stream_info(f"KV_{subjects.AUTH_BUCKET}")).state
-            return (state.messages, state.bytes < 1_000) == (1, True)
-
-        await wait_until(only_its_record_is_stored, 30, "the expiry markers to go")
-    await nc.close()
+            await wait_until(only_its_record_is_stored, 30, "the expiry markers to go")
 
 
 # --- Secrets stay secret -------------------------------------------------------------------------

@@ -76,7 +76,7 @@ from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import ensure_streams, read_subject
 from sdk.signing import sign
-from tests.conftest import enroll_over_nats, serving_gateway, wait_until
+from tests.conftest import enroll_over_nats, platform_nc, serving_gateway, wait_until
 from worker.engines.echo import EchoEngine
 from worker.runtime import Worker
 
@@ -754,10 +754,8 @@ async def test_a_lost_rotate_reply_recovers_and_a_replay_is_refused_by_every_gat
 async def test_an_endpoint_runs_a_bounded_number_of_handlers_and_leaves_the_others_free(
     fresh_nats: EmbeddedNats,
 ) -> None:
-    nc = await connect(fresh_nats.url, name="test-gateway")
-    js = nc.jetstream()
-    await ensure_streams(js)
-    try:
+    async with platform_nc(fresh_nats, "test-gateway") as nc:
+        js = nc.jetstream()
         async with await Credentials.open(js, secrets.token_bytes(32)) as credentials:
             gateway = Gateway(nc, credentials)
             await gateway.start()
@@ -791,8 +789,6 @@ async def test_an_endpoint_runs_a_bounded_number_of_handlers_and_leaves_the_othe
             finally:
                 await api.stop()
                 await gateway.stop()
-    finally:
-        await nc.close()
 
 
 # --- Secrets stay secret ---------------------------------------------------------------------------------
