@@ -17,8 +17,9 @@ the one before.
 
 A lone append (a chain too, one event after the other) is sent at once, as before: an atomic batch's commit
 measured 5-35 ms here against 0.5 ms for an acked publish, which only many appends together pay back.
-Batches form only while a batch is in flight, so the group commit adds no latency when the log is idle. The JOBS stream allows atomic batches (`sdk.log`); a server
-or stream without them refuses the first batch, and the appender sends one event at a time from then on.
+Batches form only while a batch is in flight, so the group commit adds no latency when the log is idle.
+The JOBS stream allows atomic batches (`sdk.log`); a server or stream without them refuses the first
+batch, and the appender sends one event at a time from then on.
 """
 
 from __future__ import annotations
