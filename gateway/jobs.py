@@ -206,16 +206,25 @@ class JobCommands(HistoryQueries):
         # Bounded: a reader slower than its worker loses chunks, never memory; the final text fills the gap.
         chunks: asyncio.Queue[bytes] = asyncio.Queue(maxsize=MAX_QUEUED_CHUNKS)
         reloaded_at = 0.0
+        known: Job | None = None  # the newest state seen, from the feed or a refold
+
+        def newest(job: Job | None) -> Job | None:
+            nonlocal known
+            if job is not None and (known is None or job.seq > known.seq):
+                known = job
+            return known
 
         async def on_chunk(msg: Msg) -> None:
             # Only the worker holding the job may add to its text (the subject names the sender, and
             # NATS lets a worker publish on its own subjects only); anything else is dropped.
             nonlocal reloaded_at
             sender = msg.subject.split(".")[1]
-            job = self.feed.get(job_id)
+            job = newest(self.feed.get(job_id))
             if (job is None or job.worker_id != sender) and time.monotonic() - reloaded_at > 1.0:
-                reloaded_at = time.monotonic()  # the feed may lag an assignment; refold, at most once a second
-                job = await load_job(self.js, job_id)
+                # The feed may lag an assignment: refold, at most once a second, and keep what it found
+                # (chunks in the second after it would be dropped while the feed still lags).
+                reloaded_at = time.monotonic()
+                job = newest(await load_job(self.js, job_id))
             if job is None or job.worker_id != sender or job.status not in HELD_BY_WORKER:
                 logger.warning("dropped a stream chunk for job %s from %s, which does not hold it", job_id, sender)
             elif not chunks.full():
