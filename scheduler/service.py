@@ -7,15 +7,15 @@ already has a warm view.
 
 Consumers only update the view and wake the leader's loop, which reacts at once to submissions,
 requeues, finished jobs, registrations, heartbeats and config changes, and every `tick_s` sweeps for
-silent workers and expired jobs. One pass appends all the assignments it decided concurrently, so a
-burst of submissions costs about one round trip, not one per job.
+silent workers and expired jobs. One pass appends all the assignments it decided as atomic batches
+(`sdk.group_commit`) and publishes each dispatch once its assignment is stored, pipelined, with one wait
+for all their acknowledgements: a burst of submissions costs a few round trips, not one per job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import os
 import random
@@ -61,7 +61,7 @@ from sdk.events import (
 )
 from sdk.group_commit import GroupCommit
 from sdk.jobs import HELD_BY_WORKER, Job, JobStatus, apply
-from sdk.log import FEED_IDLE_HEARTBEAT_S, WrongLastSequence, append, ensure_streams, load_job
+from sdk.log import FEED_IDLE_HEARTBEAT_S, WrongLastSequence, ack_fields, append, ensure_streams, load_job
 from sdk.metrics import DEFAULT_METRICS_HOST, metrics_endpoint
 from sdk.platform_config import RegionsWatch
 from sdk.tasks import cancel_and_wait
@@ -79,14 +79,6 @@ STOP_GRACE_S = 5.0
 #: their heartbeats could not be stored meanwhile. Without it a broker restart declared every worker lost
 #: and requeued every job (docs/reliability.md).
 RECONNECT_GRACE_S = 5.0
-
-_EPOCH = dt.datetime.fromtimestamp(0, dt.UTC)
-
-
-def _stored_at_us(msg: Msg) -> int:
-    """When the server stored a message, in microseconds: one clock for every stream."""
-    return (msg.metadata.timestamp - _EPOCH) // dt.timedelta(microseconds=1)
-
 
 def _holds(job: Job, assignment: JobAssigned) -> bool:
     """The job is assigned as `assignment` says and has not moved on."""
@@ -199,13 +191,18 @@ class Scheduler:
 
     # --- feeds: fold every stream into the view ---------------------------------------------------
 
-    async def _follow(self, stream: str, subject: str, handle: Callable[[Msg], None]) -> None:
+    async def _follow(self, stream: str, subject: str, handle: Callable[[Msg, int, int], None]) -> None:
+        """Fold `stream` from its start; `handle(msg, stream sequence, stored at µs)` for each message."""
+
         async def on_msg(msg: Msg) -> None:
+            # One split of the reply subject: nats-py's `msg.metadata` cost ten times as much CPU, for every
+            # event of every job (docs/benchmarks.md, "The scheduler alone").
+            seq, stored_at_ns, pending = ack_fields(msg.reply)
             try:
-                handle(msg)
+                handle(msg, seq, stored_at_ns // 1000)
             except msgspec.DecodeError as exc:
                 logger.warning("skipping an undecodable message on %s: %s", msg.subject, exc)
-            if msg.metadata.num_pending == 0:
+            if pending == 0:
                 self._caught_up(stream)
 
         sub = await self._js.subscribe(
@@ -223,9 +220,9 @@ class Scheduler:
                 logger.info("scheduler %s: view caught up with the streams", self.instance_id)
                 self._wake.set()
 
-    def _on_job(self, msg: Msg) -> None:
+    def _on_job(self, msg: Msg, seq: int, stored_at_us: int) -> None:
         event: JobEvent = job_event_decoder.decode(msg.data)
-        job = self.view.apply_job_event(event, msg.metadata.sequence.stream)
+        job = self.view.apply_job_event(event, seq)
         if job is None:
             return
         match event:
@@ -235,14 +232,14 @@ class Scheduler:
                 self._orders.cancels.add(job.id)
                 self._wake.set()
 
-    def _on_worker(self, msg: Msg) -> None:
+    def _on_worker(self, msg: Msg, seq: int, stored_at_us: int) -> None:
         event = worker_event_decoder.decode(msg.data)
-        self.view.apply_worker_event(event, msg.metadata.sequence.stream, _stored_at_us(msg), time.monotonic())
+        self.view.apply_worker_event(event, seq, stored_at_us, time.monotonic())
         self._wake.set()
 
-    def _on_heartbeat(self, msg: Msg) -> None:
+    def _on_heartbeat(self, msg: Msg, seq: int, stored_at_us: int) -> None:
         heartbeat = heartbeat_decoder.decode(msg.data)
-        self.view.apply_heartbeat(heartbeat, _stored_at_us(msg), time.monotonic())
+        self.view.apply_heartbeat(heartbeat, stored_at_us, time.monotonic())
         self._wake.set()
 
     async def _watch_config(self, watcher: KeyValue.KeyWatcher) -> None:
@@ -308,18 +305,30 @@ class Scheduler:
                 return  # every slot is taken: ordering a long queue would change nothing
             with metrics.PASS_SECONDS.time():
                 decisions = plan(self.view.queued(), index, self._rng.random)
-                await asyncio.gather(*(self._assign(job, placement, why) for job, placement, why in decisions))
+                await self._assign(decisions)
 
-    async def _assign(self, job: Job, placement: Placement, why: str) -> None:
-        event = JobAssigned(
-            job_id=job.id, worker_id=placement.worker_id, region=placement.region, attempt=job.attempt,
-            distance_ms=placement.distance_ms, rank=why,
-        )
-        assigned = await self._append(job, event)
-        if assigned is not None:
+    async def _assign(self, decisions: list[tuple[Job, Placement, str]]) -> None:
+        """Append a pass's assignments together (group commit: one atomic batch per `MAX_BATCH`), publish
+        each job's dispatch once its batch is stored, and wait once for all the dispatches' acks."""
+        events = [
+            JobAssigned(job_id=job.id, worker_id=placement.worker_id, region=placement.region, attempt=job.attempt,
+                        distance_ms=placement.distance_ms, rank=why)
+            for job, placement, why in decisions
+        ]
+        acks = self._log.append_many([(subjects.job_subject(e.job_id), e, job.seq) for (job, _, _), e in zip(decisions, events)])
+        orders = self._orders.batch()
+        refused = []
+        for (job, placement, why), event, pending in zip(decisions, events, acks):
+            try:
+                ack = await pending  # at once for every job but the first of a batch
+            except (WrongLastSequence, nats.errors.Error, TimeoutError) as exc:
+                refused.append(self._not_appended(job, event, exc))  # no dispatch without the assignment
+                continue
+            assigned = self._applied(job, event, ack)
             metrics.ASSIGNMENTS.inc()
             logger.debug("job %s attempt %d -> worker %s (%s)", job.id, job.attempt, placement.worker_id, why)
-            await self._orders.dispatch(assigned, placement.worker_id, placement.region)
+            await orders.dispatch(assigned, placement.worker_id, placement.region)
+        await asyncio.gather(orders.confirm(), *refused)
 
     async def _sweep(self, now_s: float) -> None:
         """Declare silent workers, and workers whose connection closed for good, lost; take back the jobs of
@@ -357,19 +366,26 @@ class Scheduler:
         """Append at the job's expected sequence and apply it to the view; None if it did not land."""
         try:
             ack = await self._log.append(subjects.job_subject(job.id), event, expected_seq=job.seq)
-        except WrongLastSequence:
-            await self._reload(job.id)  # someone else wrote first: decide again from the log
+        except (WrongLastSequence, nats.errors.Error, TimeoutError) as exc:
+            await self._not_appended(job, event, exc)
             return None
-        except (nats.errors.Error, TimeoutError) as exc:
-            # The append may have landed without an answer reaching us: the log says which.
-            logger.warning("job %s: %s not confirmed (%r); reloading", job.id, type(event).__name__, exc)
-            reloaded = await self._reload(job.id)
-            if isinstance(event, JobAssigned) and reloaded is not None and _holds(reloaded, event):
-                self._orders.redispatch.add(job.id)  # our assignment landed: it still needs its dispatch
-            return None
+        return self._applied(job, event, ack)
+
+    def _applied(self, job: Job, event: JobEvent, ack: js_api.PubAck) -> Job:
         new = apply(job, event, ack.seq)
         self.view.put_job(new)
         return new
+
+    async def _not_appended(self, job: Job, event: JobEvent, exc: Exception) -> None:
+        """An append refused, or not confirmed: decide again from the log."""
+        if isinstance(exc, WrongLastSequence):
+            await self._reload(job.id)  # someone else wrote first
+            return
+        # The append may have landed without an answer reaching us: the log says which.
+        logger.warning("job %s: %s not confirmed (%r); reloading", job.id, type(event).__name__, exc)
+        reloaded = await self._reload(job.id)
+        if isinstance(event, JobAssigned) and reloaded is not None and _holds(reloaded, event):
+            self._orders.redispatch.add(job.id)  # our assignment landed: it still needs its dispatch
 
     async def _reload(self, job_id: str) -> Job | None:
         try:

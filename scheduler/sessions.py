@@ -127,9 +127,9 @@ class DirectSessions:
             await self._sub.unsubscribe()
         await cancel_and_wait(*self._tasks)
 
-    def on_event(self, msg: Msg) -> None:
-        """A message of the SESSIONS stream (every instance folds it)."""
-        closed = self._apply(session_event_decoder.decode(msg.data), msg.metadata.sequence.stream)
+    def on_event(self, msg: Msg, seq: int, stored_at_us: int) -> None:
+        """A message of the SESSIONS stream (every instance folds it), stored at `seq`."""
+        closed = self._apply(session_event_decoder.decode(msg.data), seq)
         if closed:
             self._slot_freed()
 

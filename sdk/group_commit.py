@@ -86,14 +86,34 @@ class GroupCommit:
         """Append one event (see `sdk.log.append`), or several in order (the ack is the last's), in the next batch."""
         if msg_id is not None or not self.atomic:
             return await append(self._js, subject, event, expected_seq=expected_seq, msg_id=msg_id)
+        done = self._enqueue(subject, event, expected_seq)
+        self._start_flusher()
+        return await done
+
+    def append_many(self, appends: Sequence[tuple[str, Event, int | None]]) -> list[asyncio.Future[js_api.PubAck]]:
+        """Queue several appends (subject, event, expected sequence) at once, each answered as `append`
+        answers it. The futures are settled batch by batch in their order, so a caller awaiting them in
+        order acts on one batch's outcomes while the next is being stored, without a task per append."""
+        if not self.atomic:
+            return [asyncio.ensure_future(append(self._js, subject, event, expected_seq=expected_seq))
+                    for subject, event, expected_seq in appends]
+        futures = [self._enqueue(subject, event, expected_seq) for subject, event, expected_seq in appends]
+        self._start_flusher()
+        return futures
+
+    def _enqueue(
+        self, subject: str, event: Event | Sequence[Event], expected_seq: int | None
+    ) -> asyncio.Future[js_api.PubAck]:
         events = (event,) if isinstance(event, Event) else tuple(event)
         assert 0 < len(events) <= self._max_batch, "a chain of events fits in one batch"
         messages = [(encoder.encode(e), append_headers(e, None if n else expected_seq)) for n, e in enumerate(events)]
         done: asyncio.Future[js_api.PubAck] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(subject, events, messages, expected_seq, done))
+        return done
+
+    def _start_flusher(self) -> None:
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="group-commit")
-        return await done
 
     async def _flush(self) -> None:
         while self._queue:

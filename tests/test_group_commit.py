@@ -56,6 +56,31 @@ async def test_a_stale_expected_sequence_refuses_that_event_only(nc: NatsClient)
         assert len(await read_job_events(js, job_id)) == 1
 
 
+async def test_appends_queued_together_are_answered_batch_by_batch_in_their_order(nc: NatsClient) -> None:
+    js = nc.jetstream()
+    log = GroupCommit(js, max_batch=10)
+    taken = f"gc-{secrets.token_hex(6)}"
+    await log.append(subjects.job_subject(taken), _submitted(taken), expected_seq=0)
+    ids = [f"gc-{secrets.token_hex(6)}" for _ in range(35)]
+    appends = [(subjects.job_subject(i), _submitted(i), 0) for i in ids]
+    appends.insert(12, (subjects.job_subject(taken), _submitted(taken), 0))  # stale: refused alone
+
+    futures = log.append_many(appends)
+    first = await futures[0]
+    # The first batch is answered before the rest are stored: its ten events, contiguous.
+    assert [f.done() for f in futures[:10]] == [True] * 10 and not futures[-1].done()
+    outcomes = await asyncio.gather(*futures, return_exceptions=True)
+
+    refused = outcomes.pop(12)
+    assert isinstance(refused, WrongLastSequence)
+    assert [ack.seq for ack in outcomes[:10]] == list(range(first.seq, first.seq + 10))  # type: ignore[union-attr]
+    for job_id, ack in zip(ids, outcomes):
+        assert not isinstance(ack, BaseException), ack
+        stored = await js.get_msg(subjects.JOBS_STREAM, seq=ack.seq, direct=True)
+        assert stored.subject == subjects.job_subject(job_id)
+    assert len(await read_job_events(js, taken)) == 1
+
+
 async def test_an_idempotency_key_still_deduplicates(nc: NatsClient) -> None:
     log = GroupCommit(nc.jetstream())
     job_id = f"gc-{secrets.token_hex(6)}"

@@ -333,6 +333,25 @@ async def test_new_leader_sends_an_assignment_the_old_leader_appended_but_never_
     assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned"]
 
 
+async def test_dispatches_that_found_no_stream_are_sent_again_once_the_scheduler_made_it_again(
+    js: JetStreamContext, schedulers: Schedulers, workers: Callable[..., Awaitable[FakeWorker]]
+) -> None:
+    await leader_among(await schedulers.start("s1"))
+    worker = await workers("w1", max_concurrency=20)
+    # The broker lost DISPATCH (a memory stream) in a restart: the pass's dispatches find no stream.
+    await js.delete_stream(subjects.DISPATCH_STREAM)
+
+    job_ids = await asyncio.gather(*(submit(js) for _ in range(20)))
+
+    async def all_dispatched() -> bool:
+        return {d.job_id for d in await worker.dispatches()} == set(job_ids)
+
+    await eventually(all_dispatched, timeout_s=10.0, what="20 jobs dispatched after DISPATCH came back")
+    assert sorted(d.job_id for d in await worker.dispatches()) == sorted(job_ids)  # each once
+    for job_id in job_ids:
+        assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned"], job_id
+
+
 async def test_leader_steps_down_at_once_when_it_loses_the_lease(js: JetStreamContext, schedulers: Schedulers) -> None:
     scheduler = await schedulers.start("s1")
     await leader_among(scheduler)
