@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Annotated
 
-from cyclopts import App, Parameter
+from cyclopts import Parameter
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from rich.console import Console
-from rich.table import Table
 
+from bench.cli import bench_app, figures
 from bench.procstat import cpu_s
 from sdk import subjects
 from sdk.broker import EmbeddedNats
@@ -39,8 +38,7 @@ from sdk.group_commit import GroupCommit
 from sdk.log import append, ensure_streams
 from sdk.process import Child
 
-app = App(name="bench-scheduler", help=__doc__)
-console = Console(width=120)
+app, console = bench_app("bench-scheduler", __doc__, width=120)
 
 #: The most slots one worker may have (`sdk.api.workers`: max_concurrency <= 1024).
 SLOTS_PER_WORKER = 1024
@@ -161,17 +159,16 @@ def main(
     jobs: Annotated[int, Parameter(help="jobs queued before any worker exists")] = 10_000,
     workers: Annotated[int, Parameter(help=f"echo workers, {SLOTS_PER_WORKER} slots each")] = 10,
 ) -> None:
-    figures = asyncio.run(bench(jobs, workers))
-    table = Table(title=f"the scheduler alone: {jobs:,} queued jobs, {workers} workers (fsync before every ack)")
-    table.add_column("measure")
-    table.add_column("value")
-    table.add_row("jobs placed per second (JobAssigned appended + dispatch stored)", f"{figures['rate']:,.0f}")
-    table.add_row("scheduler CPU ms per job", f"{figures['scheduler_cpu_ms']:.3f}")
-    table.add_row("nats-server CPU ms per job", f"{figures['server_cpu_ms']:.3f}")
-    table.add_row("ceiling: the same appends + dispatches, no scheduler (jobs/s)", f"{figures['ceiling']:,.0f}")
-    table.add_row("placement rate / ceiling", f"{figures['rate'] / figures['ceiling']:.2f}")
-    console.print(table)
-
+    found = asyncio.run(bench(jobs, workers))
+    rows = [
+        ("jobs placed per second (JobAssigned appended + dispatch stored)", f"{found['rate']:,.0f}"),
+        ("scheduler CPU ms per job", f"{found['scheduler_cpu_ms']:.3f}"),
+        ("nats-server CPU ms per job", f"{found['server_cpu_ms']:.3f}"),
+        ("ceiling: the same appends + dispatches, no scheduler (jobs/s)", f"{found['ceiling']:,.0f}"),
+        ("placement rate / ceiling", f"{found['rate'] / found['ceiling']:.2f}"),
+    ]
+    title = f"the scheduler alone: {jobs:,} queued jobs, {workers} workers (fsync before every ack)"
+    console.print(figures(title, ("measure", "value"), rows, justify="left"))
 
 if __name__ == "__main__":
     app()

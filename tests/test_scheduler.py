@@ -346,7 +346,7 @@ async def test_dispatches_that_found_no_stream_are_sent_again_once_the_scheduler
     async def all_dispatched() -> bool:
         return {d.job_id for d in await worker.dispatches()} == set(job_ids)
 
-    await eventually(all_dispatched, timeout_s=10.0, what="20 jobs dispatched after DISPATCH came back")
+    await wait_until(all_dispatched, 10.0, "20 jobs dispatched after DISPATCH came back")
     assert sorted(d.job_id for d in await worker.dispatches()) == sorted(job_ids)  # each once
     for job_id in job_ids:
         assert kinds(await events(js, job_id)) == ["JobSubmitted", "JobAssigned"], job_id
