@@ -7,6 +7,9 @@ from typing import Any
 from scheduler.view import SchedulerView
 from sdk.events import (
     Heartbeat,
+    JobAssigned,
+    JobExpired,
+    JobSubmitted,
     WorkerDeregistered,
     WorkerDraining,
     WorkerEvent,
@@ -101,3 +104,18 @@ def test_a_broker_outage_does_not_count_as_the_workers_silence() -> None:
     assert [w.worker_id for w, _ in view.overdue_workers(now_s=9.6)] == ["w1"], "three intervals after the grace"
     beat(view, 9_700, interval_s=0.5)
     assert view.overdue_workers(now_s=10.0) == []
+
+
+def test_a_queued_job_expires_once_past_its_timeout_until_it_leaves_the_queue() -> None:
+    view = SchedulerView()
+    waiting = JobSubmitted(job_id="j1", job_type="echo", timeout_s=10.0, at_ms=1_000)
+    placed = JobSubmitted(job_id="j2", job_type="echo", timeout_s=10.0, at_ms=1_000)
+    for seq, event in enumerate([waiting, placed, JobAssigned(job_id="j2", worker_id="w1", region="eu", attempt=1)], 1):
+        view.apply_job_event(event, seq)
+
+    assert view.expired_jobs(now_ms=11_000) == []  # not past it yet
+    assert [job.id for job in view.expired_jobs(now_ms=11_001)] == ["j1"]  # the assigned one never
+    # Its JobExpired did not land: the next sweep offers it again, and once it lands, never again.
+    assert [job.id for job in view.expired_jobs(now_ms=11_300)] == ["j1"]
+    view.apply_job_event(JobExpired(job_id="j1"), 4)
+    assert view.expired_jobs(now_ms=12_000) == []
