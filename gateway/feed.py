@@ -31,7 +31,7 @@ from sdk import subjects
 from sdk.errors import InvalidTransition, StaleAttempt, Unavailable
 from sdk.events import job_event_decoder
 from sdk.jobs import Job, apply
-from sdk.log import FEED_IDLE_HEARTBEAT_S, load_job
+from sdk.log import FEED_IDLE_HEARTBEAT_S, ack_fields, load_job
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class JobFeed:
 
     async def _on_event(self, msg: Msg) -> None:
         event = job_event_decoder.decode(msg.data)
-        seq = msg.metadata.sequence.stream
+        seq, _, _ = ack_fields(msg.reply)  # not `msg.metadata`: ten times the CPU, on every event
         known = self._cache.get(event.job_id) or self._finished.get(event.job_id)
         if known is not None and known.seq >= seq:
             return

@@ -21,6 +21,7 @@ from nats.js import api as js_api
 
 from sdk import subjects
 from sdk.events import JobEvent, job_event_decoder
+from sdk.log import ack_fields
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,13 @@ class JobsFollower:
             await sub.unsubscribe()
 
     async def _on_msg(self, msg: Msg) -> None:
+        seq, _, pending = ack_fields(msg.reply)  # not `msg.metadata`: ten times the CPU, on every event
         try:
             event = job_event_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:  # a foreign message on jobs.* must stop no fold
-            logger.warning("JOBS follower: undecodable message at %d: %s", msg.metadata.sequence.stream, exc)
+            logger.warning("JOBS follower: undecodable message at %d: %s", seq, exc)
         else:
             for fold in self._folds:
-                fold.apply(event, msg.metadata.sequence.stream)
-        if msg.metadata.num_pending == 0:
+                fold.apply(event, seq)
+        if pending == 0:
             self._caught_up.set()
