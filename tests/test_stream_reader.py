@@ -10,6 +10,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import api as js_api
 
 from sdk.broker import EmbeddedNats
+from sdk.certs import NodeCertificate
 from sdk.connection import connect
 from sdk.stream_reader import Delivered, read_stream
 from sdk.tls import client_context
@@ -82,11 +83,10 @@ async def test_a_target_past_the_end_stops_at_the_end_and_removed_messages_are_s
 
 
 async def test_reads_over_tls_as_the_client_connected(
-    tmp_path: Path, certificate: tuple[Path, Path]  # noqa: F811
+    tmp_path: Path, certificate: NodeCertificate  # noqa: F811
 ) -> None:
-    cert_file, key_file = certificate
-    with EmbeddedNats(tmp_path / "nats", tls_cert=cert_file, tls_key=key_file) as server:
-        nc = await connect(server.url, name="test-reader-tls", tls=client_context(cert_file))
+    with EmbeddedNats(tmp_path / "nats", tls_cert=certificate.cert_file, tls_key=certificate.key_file) as server:
+        nc = await connect(server.url, name="test-reader-tls", tls=client_context(certificate.ca_file))
         try:
             stored = await filled_stream(nc, 30)
             assert [(d.seq, d.data) for d in await read_all(nc, stored[-1][0], batch=8)] == stored
