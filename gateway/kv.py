@@ -25,6 +25,7 @@ from nats.js.errors import APIError, InvalidKeyError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from sdk.errors import Conflict
+from sdk.subjects import Names
 
 logger = logging.getLogger(__name__)
 
@@ -132,12 +133,12 @@ class Bucket:
 
 
 class KeyMirror:
-    """Keys of a bucket mirrored in memory by a KV watch: `start` loads every key under `prefix`, then
-    the watch applies each change in the background. Subclasses say what a change does (`apply`)."""
+    """Keys of a bucket mirrored in memory by a KV watch: `start` loads every key of the family `names`,
+    then the watch applies each change in the background. Subclasses say what a change does (`apply`)."""
 
-    def __init__(self, kv: KeyValue, prefix: str) -> None:
+    def __init__(self, kv: KeyValue, names: Names) -> None:
         self._kv = kv
-        self._prefix = prefix
+        self._names = names
         self._watcher: KeyValue.KeyWatcher | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -148,10 +149,10 @@ class KeyMirror:
 
     async def start(self, timeout_s: float = 10.0) -> None:
         """Load every key, then follow changes in the background."""
-        self._watcher = await self._kv.watch(f"{self._prefix}>")
+        self._watcher = await self._kv.watch(self._names.below)
         while (entry := await self._watcher.updates(timeout=timeout_s)) is not None:
             self.apply(entry)
-        self._task = asyncio.create_task(self._follow(self._watcher), name=f"watch-{self._prefix}")
+        self._task = asyncio.create_task(self._follow(self._watcher), name=f"watch-{self._names.prefix}")
 
     async def stop(self) -> None:
         """Idempotent: a second call finds nothing left to stop."""

@@ -90,14 +90,14 @@ class NatsApi:
             subjects.API_WORKERS_REGISTER: self._register,
             subjects.API_WORKERS_CONFIG_GET: self._get_config,
             subjects.API_WORKERS_CONFIG_SET: self._as_operator(self._set_config),
-            f"{subjects.API_WORKERS_REPORT_PREFIX}.*": self._signed(
+            subjects.WORKER_REPORTS.each: self._signed(
                 lambda m, worker_id: g.report(worker_id, decode(m.data, WorkerReport))
             ),
-            f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.*": self._signed(
+            subjects.WORKER_HEARTBEATS.each: self._signed(
                 lambda m, worker_id: g.heartbeat(worker_id, decode(m.data, Heartbeat))
             ),
-            f"{subjects.API_WORKERS_ROTATE_PREFIX}.*": self._signed(self._rotate),
-            f"{subjects.API_WORKERS_RESULT_PREFIX}.*": self._signed(
+            subjects.WORKER_ROTATIONS.each: self._signed(self._rotate),
+            subjects.WORKER_RESULTS.each: self._signed(
                 lambda m, worker_id: g.store_result(worker_id, decode_upload(m.data)), MAX_UPLOAD_BODY_BYTES
             ),
         }

@@ -6,6 +6,37 @@ Components share only this contract and NATS; a name that appears anywhere else 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The subjects (or KV keys) one token below a prefix: `Names("jobs").of(job_id)` is `jobs.<job_id>`.
+
+    A builder below is a family's bound `of` (`job_subject = Names("jobs").of`), so call sites read
+    `job_subject(job_id)` and are typed `(str) -> str`; the family also gives its wildcards and reads
+    the token back, so a layout is written once for building, subscribing and parsing."""
+
+    prefix: str
+
+    def of(self, token: str) -> str:
+        return f"{self.prefix}.{token}"
+
+    def token(self, name: str) -> str | None:
+        """The token of one of this family's names (`jobs.j1` -> `j1`); None for any other name."""
+        head, _, token = name.rpartition(".")
+        return token if head == self.prefix and token else None
+
+    @property
+    def each(self) -> str:
+        """The wildcard of every name one token below the prefix (`jobs.*`)."""
+        return f"{self.prefix}.*"
+
+    @property
+    def below(self) -> str:
+        """The wildcard of every name under the prefix, at any depth (`revoked.>`)."""
+        return f"{self.prefix}.>"
+
 
 # --- Streams -------------------------------------------------------------------------------------
 
@@ -151,9 +182,8 @@ CLIENT_INBOX_ROOT = "_INBOX_client"
 ENROLL_INBOX_ROOT = "_INBOX_enroll"
 
 
-def worker_inbox_prefix(worker_id: str) -> str:
-    """A worker's inboxes (and its dispatch consumer's deliver subject): its own, by id."""
-    return f"{WORKER_INBOX_ROOT}.{worker_id}"
+#: A worker's inboxes (and its dispatch consumer's deliver subject): its own, by id.
+worker_inbox_prefix = Names(WORKER_INBOX_ROOT).of
 
 
 def credential_inbox_prefix(root: str, credential: str) -> str:
@@ -176,8 +206,17 @@ def kick_subject(server_id: str) -> str:
     return f"$SYS.REQ.SERVER.{server_id}.KICK"
 
 
-def result_upload_subject(worker_id: str) -> str:
-    return f"{API_WORKERS_RESULT_PREFIX}.{worker_id}"
+#: The signed requests of a worker whose subject's last token is the worker id, so NATS permissions
+#: let a worker send only its own (`gateway.auth.signed` reads the id back with `token`).
+WORKER_REPORTS = Names(API_WORKERS_REPORT_PREFIX)
+WORKER_HEARTBEATS = Names(API_WORKERS_HEARTBEAT_PREFIX)
+WORKER_ROTATIONS = Names(API_WORKERS_ROTATE_PREFIX)
+WORKER_RESULTS = Names(API_WORKERS_RESULT_PREFIX)
+SIGNED_BY_SUBJECT = (WORKER_REPORTS, WORKER_HEARTBEATS, WORKER_ROTATIONS, WORKER_RESULTS)
+report_subject = WORKER_REPORTS.of
+heartbeat_request_subject = WORKER_HEARTBEATS.of
+rotate_subject = WORKER_ROTATIONS.of
+result_upload_subject = WORKER_RESULTS.of
 
 
 # --- Headers -------------------------------------------------------------------------------------
@@ -204,12 +243,12 @@ STREAM_END_HEADER = "Gf-Stream-End"
 WRONG_LAST_SEQUENCE_ERR_CODES = frozenset({10071, 10164})
 
 
-def job_subject(job_id: str) -> str:
-    return f"jobs.{job_id}"
-
-
-def worker_subject(worker_id: str) -> str:
-    return f"workers.{worker_id}"
+#: `jobs.<job_id>`, `workers.<worker_id>`, `sessions.<session_id>`: each aggregate's subject in its stream.
+job_subject = Names("jobs").of
+worker_subject = Names("workers").of
+session_subject = Names("sessions").of
+#: Where a worker serves its direct sessions' requests (each carries a session token).
+direct_subject = Names("direct").of
 
 
 def heartbeat_subject(region: str, worker_id: str) -> str:
@@ -225,18 +264,6 @@ def dispatch_consumer(worker_id: str) -> str:
     return f"worker-{worker_id}"
 
 
-def report_subject(worker_id: str) -> str:
-    return f"{API_WORKERS_REPORT_PREFIX}.{worker_id}"
-
-
-def heartbeat_request_subject(worker_id: str) -> str:
-    return f"{API_WORKERS_HEARTBEAT_PREFIX}.{worker_id}"
-
-
-def rotate_subject(worker_id: str) -> str:
-    return f"{API_WORKERS_ROTATE_PREFIX}.{worker_id}"
-
-
 def stream_subject(worker_id: str, job_id: str) -> str:
     """Core pub/sub subject of a running job's token stream (not in the log). The worker id is in the
     subject so that NATS itself lets a worker publish only its own chunks; the gateway reads those of
@@ -247,16 +274,6 @@ def stream_subject(worker_id: str, job_id: str) -> str:
 def stream_subjects_of_job(job_id: str) -> str:
     """Every worker's chunks for `job_id` (the gateway filters them by sender)."""
     return f"stream.*.{job_id}"
-
-
-
-def session_subject(session_id: str) -> str:
-    return f"sessions.{session_id}"
-
-
-def direct_subject(worker_id: str) -> str:
-    """Where a worker serves its direct sessions' requests (each carries a session token)."""
-    return f"direct.{worker_id}"
 
 
 def direct_end_subject(worker_id: str) -> str:

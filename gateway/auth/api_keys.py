@@ -38,7 +38,7 @@ class ApiKeys(TokenFamilies):
 
     async def list_api_keys(self) -> list[ApiKeyInfo]:
         keys: list[ApiKeyRecord] = []
-        watcher = await self._bucket.kv.watch(f"{records.APIKEY_PREFIX}>", ignore_deletes=True)
+        watcher = await self._bucket.kv.watch(records.API_KEYS.below, ignore_deletes=True)
         while (entry := await watcher.updates()) is not None:
             keys.append(records.apikey_decoder.decode(entry.value or b""))
         await watcher.stop()

@@ -26,13 +26,17 @@ import hashlib
 import msgspec
 
 from gateway.auth.tokens import Kind, Role
+from sdk.subjects import Names
 
-APIKEY_PREFIX = "apikey."
-FAMILY_PREFIX = "family."
-ENROLL_PREFIX = "enroll."
-WORKER_PREFIX = "worker."
-REVOKED_PREFIX = "revoked."
-NONCE_PREFIX = "nonce."
+#: The key families of the table above; a family's `below` is what a watch of all its keys reads.
+API_KEYS = Names("apikey")
+WORKER_RECORDS = Names("worker")
+REVOKED = Names("revoked")
+apikey_key = API_KEYS.of
+family_key = Names("family").of
+enroll_key = Names("enroll").of
+worker_key = WORKER_RECORDS.of
+family_revocation_key = Names(f"{REVOKED.prefix}.family").of
 
 
 class ApiKeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -102,34 +106,14 @@ class NonceRecord(msgspec.Struct, frozen=True, kw_only=True):
     timestamp_ms: int
 
 
-def apikey_key(key_id: str) -> str:
-    return f"{APIKEY_PREFIX}{key_id}"
-
-
-def family_key(family: str) -> str:
-    return f"{FAMILY_PREFIX}{family}"
-
-
-def enroll_key(token_id: str) -> str:
-    return f"{ENROLL_PREFIX}{token_id}"
-
-
-def worker_key(worker_id: str) -> str:
-    return f"{WORKER_PREFIX}{worker_id}"
-
-
-def family_revocation_key(family: str) -> str:
-    return f"{REVOKED_PREFIX}family.{family}"
-
-
 def subject_revocation_key(kind: Kind, subject: str) -> str:
     """Workers need none: a worker has one live family at a time, so revoking it is revoking the family."""
-    return f"{REVOKED_PREFIX}{kind}.{subject}"
+    return f"{REVOKED.prefix}.{kind}.{subject}"
 
 
 def nonce_key(worker_id: str, nonce: str) -> str:
     """Hashed: a nonce is whatever the sender chose, a KV key allows only a few characters."""
-    return f"{NONCE_PREFIX}{worker_id}.{hashlib.sha256(nonce.encode()).hexdigest()[:32]}"
+    return f"nonce.{worker_id}.{hashlib.sha256(nonce.encode()).hexdigest()[:32]}"
 
 
 apikey_decoder = msgspec.json.Decoder(ApiKeyRecord)

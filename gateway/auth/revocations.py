@@ -21,7 +21,7 @@ import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from gateway.auth.records import (
-    REVOKED_PREFIX,
+    REVOKED,
     Revocation,
     family_revocation_key,
     revocation_decoder,
@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 class RevocationCache(KeyMirror):
     def __init__(self, kv: KeyValue, *, retain_ms: int, skew_ms: int) -> None:
-        super().__init__(kv, REVOKED_PREFIX)
+        super().__init__(kv, REVOKED)
         self._retain_ms = retain_ms
         self._skew_ms = skew_ms
         self._markers: dict[str, Revocation] = {}

@@ -36,15 +36,6 @@ from sdk.signing import (
 
 logger = logging.getLogger(__name__)
 
-#: Signed requests whose subject ends in the worker id.
-_WORKER_SUBJECT_PREFIXES = (
-    f"{subjects.API_WORKERS_REPORT_PREFIX}.",
-    f"{subjects.API_WORKERS_HEARTBEAT_PREFIX}.",
-    f"{subjects.API_WORKERS_ROTATE_PREFIX}.",
-    f"{subjects.API_WORKERS_RESULT_PREFIX}.",
-)
-
-
 class SignedRequests(WorkerEnrollment):
     nonces: NonceWindow
 
@@ -111,7 +102,7 @@ class SignedRequests(WorkerEnrollment):
 
 
 def _subject_worker(subject: str) -> str:
-    for prefix in _WORKER_SUBJECT_PREFIXES:
-        if subject.startswith(prefix) and "." not in subject[len(prefix) :]:
-            return subject[len(prefix) :]
+    for names in subjects.SIGNED_BY_SUBJECT:
+        if (worker_id := names.token(subject)) is not None:
+            return worker_id
     raise BadRequest(f"{subject} is not a worker report, heartbeat or rotate subject")

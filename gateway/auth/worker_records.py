@@ -16,7 +16,7 @@ import logging
 import msgspec
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from gateway.auth.records import WORKER_PREFIX, WorkerRecord, worker_decoder
+from gateway.auth.records import WORKER_RECORDS, WorkerRecord, worker_decoder
 from gateway.kv import KeyMirror, Versioned
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 class WorkerRecords(KeyMirror):
     def __init__(self, kv: KeyValue) -> None:
-        super().__init__(kv, WORKER_PREFIX)
+        super().__init__(kv, WORKER_RECORDS)
         self._records: dict[str, Versioned[WorkerRecord]] = {}
 
     async def start(self, timeout_s: float = 10.0) -> None:
@@ -42,7 +42,9 @@ class WorkerRecords(KeyMirror):
             self._records[worker_id] = loaded
 
     def apply(self, entry: KeyValue.Entry) -> None:
-        worker_id = entry.key[len(WORKER_PREFIX):]
+        worker_id = WORKER_RECORDS.token(entry.key)
+        if worker_id is None:  # not a record's key (the watch reads every depth under `worker.`)
+            return
         if entry.operation in (KV_DEL, KV_PURGE):
             self._records.pop(worker_id, None)
             return

@@ -27,7 +27,7 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from gateway.auth import Credentials
-from gateway.auth.records import REVOKED_PREFIX, family_revocation_key, subject_revocation_key
+from gateway.auth.records import REVOKED, family_revocation_key, subject_revocation_key
 from gateway.auth.tokens import ACCESS_PREFIX, API_KEY_PREFIX, ENROLLMENT_PREFIX
 from gateway.bus import jwt
 from gateway.bus.permissions import client_permissions, enrolling_permissions, worker_permissions
@@ -92,7 +92,7 @@ class BusAuthority:
         )
         self._subs.append(await self._nc.subscribe(subjects.worker_subject("*"), cb=self._on_worker_event))
         kv = await self._nc.jetstream().key_value(subjects.AUTH_BUCKET)
-        self._watcher = await kv.watch(f"{REVOKED_PREFIX}>", ignore_deletes=True, include_history=False)
+        self._watcher = await kv.watch(REVOKED.below, ignore_deletes=True, include_history=False)
         self._tasks.add(asyncio.create_task(self._follow_revocations(self._watcher)))
         logger.info("answering the NATS auth callout")
 
