@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
-from cyclopts import App, Parameter
-from rich.console import Console
-from rich.table import Table
+from cyclopts import Parameter
 
+from bench.cli import bench_app, figures
 from sdk.broker import NATS_CONF
 from sdk.client import Client
 from sdk.connection import connect
@@ -30,8 +29,7 @@ from sdk.events import JobSubmitted, encoder
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 
-app = App(name="bench-echo", help=__doc__)
-console = Console()
+app, console = bench_app("bench-echo", __doc__)
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -129,18 +127,19 @@ async def bench(jobs: int, concurrency: int, workers: int, worker_concurrency: i
             sequential, pipelined = await raw_jetstream(stack.nats_url, 5000)
 
     sync = "fsync before every ack" if fsync else "no per-write fsync"
-    table = Table(title=f"echo jobs through the platform ({workers} worker(s), max_concurrency {worker_concurrency}, {sync})")
-    for column in ("measure", "value"):
-        table.add_column(column)
-    table.add_row("jobs/s (concurrency %d, %d jobs)" % (concurrency, jobs), f"{rate:,.0f}")
-    table.add_row("latency p50 / p95 / p99, concurrency 1 (ms)",
-                  " / ".join(f"{percentile(single, q):.1f}" for q in (50, 95, 99)))
-    table.add_row(f"latency p50 / p95 / p99, concurrency {concurrency} (ms)",
-                  " / ".join(f"{percentile(loaded, q):.1f}" for q in (50, 95, 99)))
-    table.add_row("mean latency, concurrency 1 (ms)", f"{statistics.fmean(single):.1f}")
-    table.add_row("raw JetStream acked publishes/s, one at a time", f"{sequential:,.0f}")
-    table.add_row("raw JetStream acked publishes/s, pipelined", f"{pipelined:,.0f}")
-    table.add_row("jobs/s ÷ pipelined publishes/s", f"{rate / pipelined:.3f}")
+    latencies = " / ".join(f"{percentile(single, q):.1f}" for q in (50, 95, 99))
+    latencies_loaded = " / ".join(f"{percentile(loaded, q):.1f}" for q in (50, 95, 99))
+    rows = [
+        ("jobs/s (concurrency %d, %d jobs)" % (concurrency, jobs), f"{rate:,.0f}"),
+        ("latency p50 / p95 / p99, concurrency 1 (ms)", latencies),
+        (f"latency p50 / p95 / p99, concurrency {concurrency} (ms)", latencies_loaded),
+        ("mean latency, concurrency 1 (ms)", f"{statistics.fmean(single):.1f}"),
+        ("raw JetStream acked publishes/s, one at a time", f"{sequential:,.0f}"),
+        ("raw JetStream acked publishes/s, pipelined", f"{pipelined:,.0f}"),
+        ("jobs/s ÷ pipelined publishes/s", f"{rate / pipelined:.3f}"),
+    ]
+    title = f"echo jobs through the platform ({workers} worker(s), max_concurrency {worker_concurrency}, {sync})"
+    table = figures(title, ("measure", "value"), rows, justify="left")
     console.print(table)
 
 

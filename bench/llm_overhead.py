@@ -16,10 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cyclopts import App
-from rich.console import Console
-from rich.table import Table
-
+from bench.cli import bench_app, figures
 from bench.hops import HOPS, job_hops
 from sdk.client import Client
 from sdk.local import LocalStack
@@ -27,8 +24,7 @@ from tests.tiny_models import build_tiny_gpt2
 from worker.engines.base import JobContext, ModelSpec
 from worker.engines.llm import LLMEngine
 
-app = App(name="bench-llm", help=__doc__)
-console = Console()
+app, console = bench_app("bench-llm", __doc__)
 
 
 async def bench(runs: int, max_new_tokens: int) -> None:
@@ -71,22 +67,21 @@ async def bench(runs: int, max_new_tokens: int) -> None:
             stack.stop()
     direct_ms, platform_ms = statistics.median(alone), statistics.median(platform)
     overhead_ms = platform_ms - direct_ms
-    table = Table(title=f"LLM job, {max_new_tokens} new tokens, median of {runs} warm runs (alternating)")
-    for column in ("path", "median ms", "p95 ms"):
-        table.add_column(column)
-    table.add_row("generate, called directly", f"{direct_ms:.1f}", f"{sorted(alone)[int(0.95 * (runs - 1))]:.1f}")
-    table.add_row("through the platform", f"{platform_ms:.1f}", f"{sorted(platform)[int(0.95 * (runs - 1))]:.1f}")
-    table.add_row("platform overhead (difference of the medians)", f"{overhead_ms:.1f}",
-                  f"{overhead_ms / platform_ms:.0%} of the job")
-    table.add_row("platform job less its own engine time (same job)", f"{statistics.median(around):.1f}",
-                  f"{statistics.median(around) / platform_ms:.0%} of the job")
-    console.print(table)
-    breakdown = Table(title="through the platform, median ms of each hop (the engine runs inside started -> completed)")
-    breakdown.add_column("hop")
-    breakdown.add_column("median ms")
-    for hop in HOPS:
-        breakdown.add_row(hop, f"{hops.get(hop, float('nan')):.2f}")
-    console.print(breakdown)
+    p95 = int(0.95 * (runs - 1))
+    rows = [
+        ("generate, called directly", f"{direct_ms:.1f}", f"{sorted(alone)[p95]:.1f}"),
+        ("through the platform", f"{platform_ms:.1f}", f"{sorted(platform)[p95]:.1f}"),
+        ("platform overhead (difference of the medians)", f"{overhead_ms:.1f}",
+         f"{overhead_ms / platform_ms:.0%} of the job"),
+        ("platform job less its own engine time (same job)", f"{statistics.median(around):.1f}",
+         f"{statistics.median(around) / platform_ms:.0%} of the job"),
+    ]
+    title = f"LLM job, {max_new_tokens} new tokens, median of {runs} warm runs (alternating)"
+    console.print(figures(title, ("path", "median ms", "p95 ms"), rows, justify="left"))
+    console.print(figures(
+        "through the platform, median ms of each hop (the engine runs inside started -> completed)",
+        ("hop", "median ms"), ((hop, f"{hops.get(hop, float('nan')):.2f}") for hop in HOPS), justify="left",
+    ))
 
 
 @app.default
