@@ -1,4 +1,4 @@
-"""The gateway's live view of recent jobs, fed by one ordered consumer on `jobs.*`.
+"""The gateway's live view of recent jobs: a fold of the gateway's one follower of JOBS (`gateway.follow`).
 
 Two things ride on it: `wait` (a caller waiting for a job's terminal state is woken by the event that
 ends it, with no polling and no consumer per waiter), and a cache of recent job states that makes a
@@ -24,14 +24,11 @@ import logging
 from collections import OrderedDict
 
 from nats.aio.client import Client as NatsClient
-from nats.aio.msg import Msg
-from nats.js.api import DeliverPolicy
 
-from sdk import subjects
 from sdk.errors import InvalidTransition, StaleAttempt, Unavailable
-from sdk.events import job_event_decoder
+from sdk.events import JobEvent
 from sdk.jobs import Job, apply
-from sdk.log import FEED_IDLE_HEARTBEAT_S, ack_fields, load_job
+from sdk.log import load_job
 
 logger = logging.getLogger(__name__)
 
@@ -51,23 +48,14 @@ class JobFeed:
         self._finished: OrderedDict[str, Job] = OrderedDict()
         self._finished_size = finished_size
         self._waiters: dict[str, list[asyncio.Future[Job]]] = {}
-        self._sub = None
+        #: Re-reads of jobs whose cached copy missed events (kept: a task nobody holds may be collected).
+        self._refreshes: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def start(self) -> None:
-        self._sub = await self._js.subscribe(
-            subjects.JOBS_SUBJECTS,
-            stream=subjects.JOBS_STREAM,
-            ordered_consumer=True,
-            deliver_policy=DeliverPolicy.NEW,
-            idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
-            cb=self._on_event,
-        )
-
     async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        for task in self._refreshes:
+            task.cancel()
+        await asyncio.gather(*self._refreshes, return_exceptions=True)
         for futures in self._waiters.values():
             for future in futures:
                 future.cancel()
@@ -142,19 +130,21 @@ class JobFeed:
             if not future.done():
                 future.set_result(job)
 
-    async def _on_event(self, msg: Msg) -> None:
-        event = job_event_decoder.decode(msg.data)
-        seq, _, _ = ack_fields(msg.reply)  # not `msg.metadata`: ten times the CPU, on every event
+    def apply(self, event: JobEvent, seq: int) -> None:
+        """Fold one event of the log (`gateway.follow.JobFold`): the cached job moves on, its waiters wake."""
         known = self._cache.get(event.job_id) or self._finished.get(event.job_id)
         if known is not None and known.seq >= seq:
             return
         try:
             job = apply(known, event, seq)
         except (InvalidTransition, StaleAttempt):
-            # The cache missed events of this job (it was evicted or started late): drop the guess.
+            # The cache missed events of this job (it was evicted, or the log's start was replayed): drop
+            # the guess, and read the job again for whoever waits on it.
             self._cache.pop(event.job_id, None)
             if event.job_id in self._waiters:
-                asyncio.get_running_loop().create_task(self._refresh(event.job_id))
+                task = asyncio.get_running_loop().create_task(self._refresh(event.job_id))
+                self._refreshes.add(task)
+                task.add_done_callback(self._refreshes.discard)
             return
         self.remember(job)
 

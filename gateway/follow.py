@@ -1,6 +1,7 @@
 """The gateway's one follower of the whole JOBS log: an ordered consumer from the first event that decodes
-each event once and hands it, in stream order, to every fold kept of the log as a whole: the queue depth
-(`gateway.backpressure.QueueDepth`) and the job metrics (`gateway.metrics.jobs.JobMetrics`).
+each event once and hands it, in stream order, to every fold kept of the log: the job feed that wakes
+waits (`gateway.feed.JobFeed`), the queue depth (`gateway.backpressure.QueueDepth`) and the job metrics
+(`gateway.metrics.jobs.JobMetrics`). One consumer, not one per fold: each is a delivery of every event.
 
 A starting gateway waits until the existing events are folded (at most `CATCH_UP_S`, then it serves and
 folds on in the background), so queue limits hold from the first submission and the metrics are exact
@@ -21,7 +22,7 @@ from nats.js import api as js_api
 
 from sdk import subjects
 from sdk.events import JobEvent, job_event_decoder
-from sdk.log import ack_fields
+from sdk.log import FEED_IDLE_HEARTBEAT_S, ack_fields
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class JobsFollower:
         `CATCH_UP_S`, folding on in the background)."""
         self._sub = await self._js.subscribe(
             subjects.JOBS_SUBJECTS, stream=subjects.JOBS_STREAM, cb=self._on_msg, ordered_consumer=True,
-            deliver_policy=js_api.DeliverPolicy.ALL,
+            deliver_policy=js_api.DeliverPolicy.ALL, idle_heartbeat=FEED_IDLE_HEARTBEAT_S,
         )
         if (await self._sub.consumer_info()).num_pending == 0:
             self._caught_up.set()

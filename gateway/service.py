@@ -32,24 +32,25 @@ logger = logging.getLogger(__name__)
 
 
 class Gateway(JobCommands, WorkerCommands, WorkerConfigs, GeoCommands, DirectCommands):
-    def __init__(self, nc: NatsClient, credentials: Credentials, job_folds: Sequence[JobFold] = ()) -> None:
+    def __init__(
+        self, nc: NatsClient, credentials: Credentials, job_folds: Sequence[JobFold] = (), feed: JobFeed | None = None
+    ) -> None:
         """`job_folds`: more folds of the whole JOBS log for the gateway's one follower to feed (the
-        metrics'), beside its own queue depth."""
+        metrics'), beside its own job feed and queue depth; `feed`: the job feed, when not the default."""
         self.nc = nc
         self.js = nc.jetstream()
-        self.feed = JobFeed(nc)
+        self.feed = feed if feed is not None else JobFeed(nc)
         self.log = GroupCommit(self.js)
         self.credentials = credentials
         self.admin = Admin(self.js, credentials)
         self.backpressure = Backpressure(self.js)
-        self.jobs_follower = JobsFollower(self.js, [self.backpressure.depth, *job_folds])
+        self.jobs_follower = JobsFollower(self.js, [self.feed, self.backpressure.depth, *job_folds])
         self.session_signer = credentials.session_signer
 
     async def start(self) -> None:
         self.config_bucket = await Bucket.open(self.js, subjects.WORKER_CONFIG_BUCKET)
         self.platform_config = await Bucket.open(self.js, subjects.PLATFORM_CONFIG_BUCKET)
         await self.publish_session_key()
-        await self.feed.start()
         await self.backpressure.start()
         await self.jobs_follower.start()
 

@@ -32,8 +32,10 @@ import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from gateway.auth.master_key import derive_key
+from gateway.feed import JobFeed
 from gateway.kv import Bucket
 from sdk import subjects
 from sdk.api import Accepted, job_view
@@ -48,16 +50,15 @@ from sdk.events import (
 )
 from sdk.jobs import fold, visible_to
 from sdk.log import append, first_job_event, read_job_events
-from sdk.tasks import cancel_and_wait
 from sdk.tls import ENV_NAME_ENV, INSECURE_ENVIRONMENTS
 from sdk.webhooks import SECRET_PREFIX, WebhookSecret, signature
 
 logger = logging.getLogger(__name__)
 
-#: Event types that start a delivery: the four ends of a job, and a redelivery asked for by hand.
-TRIGGERS = frozenset(
-    {"job.completed", "job.failed", "job.cancelled", "job.expired", "job.webhook_redelivery_requested"}
-)
+#: A delivery asked for again by hand (only jobs with a webhook have one).
+REDELIVERY = "job.webhook_redelivery_requested"
+#: Event types that start a delivery: the four ends of a job, and a redelivery.
+TRIGGERS = frozenset({"job.completed", "job.failed", "job.cancelled", "job.expired", REDELIVERY})
 #: Deliveries in flight per gateway; a slow receiver holds one slot, not the whole consumer.
 MAX_IN_FLIGHT = 32
 
@@ -173,76 +174,61 @@ class WebhookSecrets:
 
 
 class WebhookDeliverer:
-    """The gateway's part of the shared `webhooks` consumer: fetches triggers and delivers them."""
+    """The gateway's part of the shared `webhooks` consumer: takes the triggers pushed to it and delivers them."""
 
-    def __init__(self, js: JetStreamContext, secrets: WebhookSecrets, settings: WebhookSettings) -> None:
+    def __init__(
+        self, js: JetStreamContext, secrets: WebhookSecrets, settings: WebhookSettings, feed: JobFeed | None = None
+    ) -> None:
+        """`feed`: the gateway's recent jobs, which tell most endings apart as jobs without a webhook."""
         self.js = js
         self.secrets = secrets
         self.settings = settings
+        self.feed = feed
         self._slots = asyncio.Semaphore(MAX_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._loop: asyncio.Task[None] | None = None
-        self._sub: JetStreamContext.PullSubscription | None = None
+        self._sub: JetStreamContext.PushSubscription | None = None
         self._http = httpx.AsyncClient(timeout=settings.timeout_s, follow_redirects=False)
 
     async def start(self) -> None:
-        config = ConsumerConfig(
-            durable_name=subjects.WEBHOOK_CONSUMER,
-            # Created once; from then on the consumer remembers its place across restarts.
-            deliver_policy=DeliverPolicy.NEW,
-            ack_policy=AckPolicy.EXPLICIT,
-            # A gateway that dies mid-try gives the trigger back after this long.
-            ack_wait=self.settings.timeout_s + 30,
-            max_deliver=-1,
-            max_ack_pending=4 * MAX_IN_FLIGHT,
+        await _replace_pull_consumer(self.js, self.settings)
+        # Pushed to the gateways' queue group: a pull consumer cost a pull request and a status reply
+        # per event besides its delivery and ack, and every event of every job passes through here.
+        self._sub = await self.js.subscribe(
+            subjects.JOBS_SUBJECTS, queue=subjects.WEBHOOK_CONSUMER, stream=subjects.JOBS_STREAM,
+            config=_consumer_config(self.settings), cb=self._on_msg, manual_ack=True,
         )
-        sub = await self.js.pull_subscribe(
-            subjects.JOBS_SUBJECTS, durable=subjects.WEBHOOK_CONSUMER,
-            stream=subjects.JOBS_STREAM, config=config,
-        )
-        self._sub = sub
-        self._loop = asyncio.create_task(self._run(sub))
 
     async def stop(self) -> None:
-        # Stop fetching, let tries in flight end (their triggers are acked or naked), then leave the
-        # consumer (a pull subscription left open would hold the connection's drain until it times out;
-        # the durable consumer itself stays, with its place).
-        await cancel_and_wait(self._loop)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Take no more triggers, let tries in flight end (their triggers are acked or naked), then leave
+        # the consumer (the durable consumer itself stays, with its place).
         if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+            sub, self._sub = self._sub, None
+            await sub.unsubscribe()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._http.aclose()
 
-    async def _run(self, sub: JetStreamContext.PullSubscription) -> None:
-        while True:
-            try:
-                msgs = await sub.fetch(batch=16, timeout=1)
-            except TimeoutError:
-                continue
-            except Exception as exc:  # NATS away: the consumer keeps its place; try again shortly
-                logger.warning("webhook consumer: %s", exc)
-                await asyncio.sleep(1)
-                continue
-            for msg in msgs:
-                await self._slots.acquire()
-                task = asyncio.create_task(self._handle(msg))
-                self._tasks.add(task)
-                task.add_done_callback(self._done)
+    async def _on_msg(self, msg: Msg) -> None:
+        kind = (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER)
+        if kind not in TRIGGERS or (kind != REDELIVERY and not self._may_have_webhook(msg.subject)):
+            await msg.ack()
+            return
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+    def _may_have_webhook(self, subject: str) -> bool:
+        """False for a job the feed knows was submitted without a webhook (most jobs): no read needed."""
+        job_id = subjects.JOBS.token(subject)
+        job = self.feed.recent(job_id) if self.feed is not None and job_id is not None else None
+        return job is None or job.webhook_url is not None
 
     async def _handle(self, msg: Msg) -> None:
-        try:
-            if (msg.headers or {}).get(subjects.EVENT_TYPE_HEADER) not in TRIGGERS:
-                await msg.ack()
-                return
-            await self._deliver(msg)
-        except Exception:
-            # Left unacked: JetStream gives it to a gateway again after `ack_wait`.
-            logger.exception("webhook delivery of %s failed unexpectedly", msg.subject)
+        async with self._slots:  # a slow receiver holds one slot, not the whole consumer
+            try:
+                await self._deliver(msg)
+            except Exception:
+                # Left unacked: JetStream gives it to a gateway again after `ack_wait`.
+                logger.exception("webhook delivery of %s failed unexpectedly", msg.subject)
 
     async def _deliver(self, msg: Msg) -> None:
         trigger = job_event_decoder.decode(msg.data)
@@ -332,3 +318,41 @@ async def request_redelivery(js: JetStreamContext, job_id: str, owner: str | Non
     ack = await append(js, subjects.job_subject(job_id), JobWebhookRedeliveryRequested(job_id=job_id))
     logger.info("webhook of job %s: redelivery requested", job_id)
     return Accepted(seq=ack.seq)
+
+
+
+def _consumer_config(settings: WebhookSettings, start_seq: int | None = None) -> ConsumerConfig:
+    """The same on every gateway, so whichever makes it first, the others find it as they would make it."""
+    return ConsumerConfig(
+        durable_name=subjects.WEBHOOK_CONSUMER,
+        deliver_group=subjects.WEBHOOK_CONSUMER,
+        deliver_subject=subjects.WEBHOOK_DELIVER_SUBJECT,
+        filter_subject=subjects.JOBS_SUBJECTS,
+        # Made once; from then on the consumer remembers its place across restarts.
+        deliver_policy=DeliverPolicy.NEW if start_seq is None else DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=start_seq,
+        ack_policy=AckPolicy.EXPLICIT,
+        # A gateway that dies mid-try gives the trigger back after this long.
+        ack_wait=settings.timeout_s + 30,
+        max_deliver=-1,
+        max_ack_pending=4 * MAX_IN_FLIGHT,
+    )
+
+
+async def _replace_pull_consumer(js: JetStreamContext, settings: WebhookSettings) -> None:
+    """A store made before the consumer was pushed holds it as a pull consumer, which a queue subscription
+    cannot bind: make it again from where the old one's acknowledgements end (a trigger delivered but not
+    acknowledged yet is delivered again: deliveries are at least once)."""
+    try:
+        info = await js.consumer_info(subjects.JOBS_STREAM, subjects.WEBHOOK_CONSUMER)
+    except NotFoundError:
+        return
+    if info.config.deliver_subject is not None:
+        return
+    start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+    try:
+        await js.delete_consumer(subjects.JOBS_STREAM, subjects.WEBHOOK_CONSUMER)
+    except NotFoundError:
+        pass  # another gateway replaces it
+    await js.add_consumer(subjects.JOBS_STREAM, _consumer_config(settings, start))
+    logger.info("webhook consumer: now pushed to the gateways, from JOBS sequence %d", start)

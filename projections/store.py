@@ -36,13 +36,13 @@ logger = logging.getLogger(__name__)
 #: serving it while they build the new one from the log beside it, then switch (`projections.service`,
 #: docs/operations.md "Read-model upgrades"). Files from before per-model versions carry one number in
 #: `PRAGMA user_version` (3 was the last).
-MODEL_VERSIONS = {"jobs": 3, "workers": 3}
+MODEL_VERSIONS = {"jobs": 4, "workers": 3}
 
 SCHEMA = """
 CREATE TABLE jobs (
     id TEXT PRIMARY KEY, type TEXT NOT NULL, model TEXT, params TEXT NOT NULL, region TEXT,
     priority INTEGER NOT NULL, max_attempts INTEGER NOT NULL, timeout_s REAL NOT NULL, owner TEXT,
-    region_policy TEXT, max_latency_ms REAL, status TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT, result TEXT, error TEXT,
+    region_policy TEXT, max_latency_ms REAL, webhook_url TEXT, status TEXT NOT NULL, attempt INTEGER NOT NULL, worker_id TEXT, result TEXT, error TEXT,
     progress REAL, cancel_requested INTEGER NOT NULL, submitted_at_ms INTEGER NOT NULL,
     assigned_at_ms INTEGER, started_at_ms INTEGER, finished_at_ms INTEGER,
     seq INTEGER NOT NULL, submitted_seq INTEGER NOT NULL

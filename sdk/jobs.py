@@ -88,6 +88,8 @@ class Job(msgspec.Struct, kw_only=True):
     #: `nearest`, `strict` or `any`, or None for the default (`sdk.regions.effective_policy`).
     region_policy: str | None = None
     max_latency_ms: float | None = None
+    #: Where the job's view is POSTed when it ends (`gateway.webhooks`).
+    webhook_url: str | None = None
     status: JobStatus = JobStatus.QUEUED
     #: The attempt that runs (or will run) now; starts at 1, + 1 per requeue.
     attempt: int = 1
@@ -144,6 +146,7 @@ def apply(job: Job | None, event: JobEvent, seq: int = 0) -> Job:
                 owner=event.owner,
                 region_policy=event.region_policy,
                 max_latency_ms=event.max_latency_ms,
+                webhook_url=event.webhook_url,
                 submitted_at_ms=event.at_ms,
                 submitted_seq=seq,
             )

@@ -111,7 +111,8 @@ AUTH_BUCKET = "auth"
 
 #: Each API key's webhook secret generation (the secret itself is derived from the master key, never stored).
 WEBHOOKS_BUCKET = "webhooks"
-#: The gateways' durable consumer of job events that delivers webhooks (shared: any gateway may deliver).
+#: The gateways' durable consumer of job events that delivers webhooks (shared: any gateway may deliver),
+#: and its queue group.
 WEBHOOK_CONSUMER = "webhooks"
 
 # --- Request-reply endpoints ---------------------------------------------------------------------
@@ -180,6 +181,8 @@ PLATFORM_INBOX_PREFIX = "_INBOX_platform"
 WORKER_INBOX_ROOT = "_INBOX_worker"
 CLIENT_INBOX_ROOT = "_INBOX_client"
 ENROLL_INBOX_ROOT = "_INBOX_enroll"
+#: Where the webhook consumer pushes (one name: every gateway makes the consumer with the same config).
+WEBHOOK_DELIVER_SUBJECT = f"{PLATFORM_INBOX_PREFIX}.webhooks"
 
 
 #: A worker's inboxes (and its dispatch consumer's deliver subject): its own, by id.
@@ -244,7 +247,8 @@ WRONG_LAST_SEQUENCE_ERR_CODES = frozenset({10071, 10164})
 
 
 #: `jobs.<job_id>`, `workers.<worker_id>`, `sessions.<session_id>`: each aggregate's subject in its stream.
-job_subject = Names("jobs").of
+JOBS = Names("jobs")
+job_subject = JOBS.of
 worker_subject = Names("workers").of
 session_subject = Names("sessions").of
 #: Where a worker serves its direct sessions' requests (each carries a session token).

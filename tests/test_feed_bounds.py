@@ -23,8 +23,8 @@ BOUND = 20
 
 async def test_feed_holds_at_most_its_bound_and_forgets_finished_jobs(nc: NatsClient) -> None:
     async with await Credentials.open(nc.jetstream(), secrets.token_bytes(32)) as credentials:
-        gateway = Gateway(nc, credentials)
-        gateway.feed = JobFeed(nc, cache_size=BOUND, finished_size=BOUND)  # the real feed, bounds a test can pass
+        # The real feed, with bounds a test can pass.
+        gateway = Gateway(nc, credentials, feed=JobFeed(nc, cache_size=BOUND, finished_size=BOUND))
         await gateway.start()
         try:
             # No scheduler: the jobs stay queued (live) until they are cancelled.

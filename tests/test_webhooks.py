@@ -13,14 +13,17 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from gateway.webhooks import WebhookSettings, backoff_s, check_target, check_url
+from sdk import subjects
 from sdk.broker import EmbeddedNats, free_port
 from sdk.errors import BadRequest
-from sdk.events import event_type
+from sdk.events import JobCancelled, JobSubmitted, event_type
 from sdk.http import HttpClient
+from sdk.log import append
 from sdk.webhooks import InvalidWebhook, signature, verify_webhook
-from tests.conftest import serving_gateway, wait_until
+from tests.conftest import platform_nc, serving_gateway, wait_until
 from tests.test_security_e2e import bearer, operator_key
 
 BODY = b'{"id":"job-1","status":"completed"}'
@@ -221,6 +224,33 @@ async def test_receiver_failing_twice_gets_the_third_delivery_across_a_gateway_r
     assert tries[1].retry_in_s >= 1.5, "the delay doubles: 1.5 s x 2 x jitter (0.5 to 1.5)"
     assert [json.loads(body)["id"] for _, _, body in receiver.received] == [job.id] * 3
     assert len(receiver.received) == 3, "delivered once it succeeded, not again"
+
+
+@pytest.mark.slow
+async def test_a_store_from_before_the_pushed_consumer_keeps_its_triggers(
+    fresh_nats: EmbeddedNats, receiver: Receiver, webhook_env: None
+) -> None:
+    """Older gateways left the webhook consumer as a pull consumer: the gateway makes it again as the
+    pushed one, from where the old one stopped, so a job that ended in between still gets its webhook."""
+    async with serving_gateway(fresh_nats.url, fresh_nats.secrets_dir) as url:
+        async with HttpClient(url, api_key=await operator_key(fresh_nats)) as operator:
+            key = await operator.create_api_key("hooks")
+    async with platform_nc(fresh_nats) as nc:
+        js = nc.jetstream()
+        await js.delete_consumer(subjects.JOBS_STREAM, subjects.WEBHOOK_CONSUMER)
+        await js.add_consumer(subjects.JOBS_STREAM, ConsumerConfig(
+            durable_name=subjects.WEBHOOK_CONSUMER, filter_subject=subjects.JOBS_SUBJECTS,
+            deliver_policy=DeliverPolicy.NEW, ack_policy=AckPolicy.EXPLICIT,
+        ))
+        # A job that ends while no gateway runs.
+        submitted = JobSubmitted(job_id="j-older", job_type="echo", owner=key.key_id, webhook_url=receiver.url)
+        await append(js, subjects.job_subject("j-older"), submitted, expected_seq=0)
+        await append(js, subjects.job_subject("j-older"), JobCancelled(job_id="j-older"))
+        async with serving_gateway(fresh_nats.url, fresh_nats.secrets_dir):
+            await wait_until(lambda: _count(receiver, 1), 20, "the webhook of the job that ended in between")
+            info = await js.consumer_info(subjects.JOBS_STREAM, subjects.WEBHOOK_CONSUMER)
+    assert [json.loads(body)["id"] for _, _, body in receiver.received] == ["j-older"]
+    assert info.config.deliver_subject == subjects.WEBHOOK_DELIVER_SUBJECT
 
 
 async def _count(receiver: Receiver, n: int) -> bool:

@@ -158,7 +158,7 @@ def create_app(
             await api.start()
         app.state.gateway = gateway
         app.state.webhook_secrets = WebhookSecrets(gateway.js, master_key)
-        deliverer = WebhookDeliverer(gateway.js, app.state.webhook_secrets, WebhookSettings.from_env())
+        deliverer = WebhookDeliverer(gateway.js, app.state.webhook_secrets, WebhookSettings.from_env(), gateway.feed)
         await deliverer.start()
         try:
             async with bus_authority(nc, credentials, secrets_dir, nats_url):
