@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -23,7 +25,8 @@ from urllib.parse import urlparse
 import msgspec
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
-from nats.errors import BadSubscriptionError, ConnectionClosedError, NoRespondersError
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from sdk import subjects
@@ -204,17 +207,53 @@ async def request(
 async def _request_on_own_inbox(
     nc: NatsClient, subject: str, data: bytes, timeout_s: float, sign_reply: Callable[[str], dict[str, str]]
 ) -> Msg:
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox, max_msgs=1)
-    try:
-        await nc.publish(subject, data, reply=inbox, headers=sign_reply(inbox))
-        msg = await sub.next_msg(timeout=timeout_s)
-    finally:
-        with contextlib.suppress(BadSubscriptionError, ConnectionClosedError):
-            await sub.unsubscribe()
+    replies = _replies.get(nc)
+    if replies is None:
+        replies = _replies[nc] = _Replies(nc)
+    msg = await replies.request(subject, data, timeout_s, sign_reply)
     if (msg.headers or {}).get("Status") == "503":
         raise NoRespondersError
     return msg
+
+
+class _Replies:
+    """The replies to one connection's requests whose reply subject is known before they are sent (signed
+    into them): one subscription to `<inbox>.*` for all of them, each request its own token below it. A
+    subscription per request cost a SUB and an UNSUB, on the client and on the server, per signed report."""
+
+    def __init__(self, nc: NatsClient) -> None:
+        self._nc = nc
+        self._prefix = nc.new_inbox()
+        self._sub: asyncio.Task[Subscription] | None = None
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._next = itertools.count()
+
+    async def request(
+        self, subject: str, data: bytes, timeout_s: float, sign_reply: Callable[[str], dict[str, str]]
+    ) -> Msg:
+        if self._sub is None:  # one subscription, also when the first requests come together
+            self._sub = asyncio.ensure_future(self._nc.subscribe(f"{self._prefix}.*", cb=self._on_reply))
+        await self._sub
+        token = str(next(self._next))
+        inbox = f"{self._prefix}.{token}"
+        answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = answer
+        try:
+            await self._nc.publish(subject, data, reply=inbox, headers=sign_reply(inbox))
+            return await asyncio.wait_for(answer, timeout_s)
+        except TimeoutError:
+            raise NatsTimeoutError from None
+        finally:
+            del self._waiting[token]
+
+    async def _on_reply(self, msg: Msg) -> None:
+        answer = self._waiting.get(msg.subject.rpartition(".")[2])
+        if answer is not None and not answer.done():  # else a late answer to a request that gave up
+            answer.set_result(msg)
+
+
+#: Each live connection's `_Replies` (gone with the connection).
+_replies: weakref.WeakKeyDictionary[NatsClient, _Replies] = weakref.WeakKeyDictionary()
 
 
 # A reply is `T | ErrorReply`. msgspec decodes a union of structs only when every member is tagged, which
