@@ -7,9 +7,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from nats.aio.client import Client as NatsClient
+from nats.js.api import ConsumerConfig
 
+import worker.jobs
+from sdk import subjects
 from sdk.client import Client
 from sdk.events import event_type
+from worker.jobs import _KeepAlive
 
 
 @pytest.mark.slow
@@ -39,3 +44,25 @@ async def test_a_job_that_ends_at_once_still_shows_its_start_in_the_log(client: 
         assert started.seq < completed.seq == view.seq
         assert (started.event.worker_id, started.event.attempt) == (view.worker_id, 1)
         assert view.started_at is not None
+
+
+async def test_a_held_dispatch_is_kept_from_redelivery_until_its_job_lets_go(
+    nc: NatsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that runs past the dispatch's ack wait must not be handed out again meanwhile; once the job
+    lets go without an ack (the worker died), JetStream hands it out again."""
+    monkeypatch.setattr(worker.jobs, "DISPATCH_ACK_WAIT_S", 1.2)  # extended every 0.4 s
+    js = nc.jetstream()
+    subject = subjects.dispatch_subject("r", "w-keep")
+    await js.publish(subject, b"{}", stream=subjects.DISPATCH_STREAM)
+    sub = await js.pull_subscribe(subject, durable="w-keep", stream=subjects.DISPATCH_STREAM,
+                                  config=ConsumerConfig(ack_wait=1.2))
+    (msg,) = await sub.fetch(1, timeout=5)
+    keep_alive = _KeepAlive(msg)
+    try:
+        with pytest.raises(TimeoutError):
+            await sub.fetch(1, timeout=3)  # 2.5 ack waits: still held
+    finally:
+        keep_alive.cancel()
+    (again,) = await sub.fetch(1, timeout=5)
+    assert again.metadata.num_delivered == 2

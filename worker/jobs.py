@@ -198,7 +198,7 @@ class JobRunner(EngineHost):
 
     async def _run(self, held: _HeldJob) -> None:
         a = held.assignment
-        keep_alive = asyncio.create_task(_keep_alive(held.msg))
+        keep_alive = _KeepAlive(held.msg)
         try:
             await self._slots.acquire()
             try:
@@ -411,11 +411,27 @@ class _Progress:
             self._task.cancel()
 
 
-async def _keep_alive(msg: Msg) -> None:
-    """Tell JetStream the dispatch is still being worked on, so it is not redelivered meanwhile."""
-    while True:
-        await asyncio.sleep(DISPATCH_ACK_WAIT_S / 3)
+class _KeepAlive:
+    """Tells JetStream, every third of the ack wait, that a dispatch is still being worked on, so it is not
+    redelivered meanwhile. A timer rather than a task per job: most jobs end long before it first fires."""
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(DISPATCH_ACK_WAIT_S / 3, self._fire)
+        self._extending: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+        if self._extending is not None:
+            self._extending.cancel()
+
+    def _fire(self) -> None:
+        self._extending = self._loop.create_task(self._extend())
+        self._handle = self._loop.call_later(DISPATCH_ACK_WAIT_S / 3, self._fire)
+
+    async def _extend(self) -> None:
         try:
-            await msg.in_progress()
+            await self._msg.in_progress()
         except Exception as exc:
             logger.debug("could not extend the ack deadline: %s", exc)
