@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -21,10 +22,11 @@ from tests.test_gpuctl import gpuctl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-async def platform(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    """A platform of this module's own: the second test writes bad events into its log."""
-    async with running_stack(tmp_path_factory.mktemp("verify"), ["w1"]) as stack:
+@pytest.fixture
+async def platform(tmp_path: Path) -> AsyncIterator[LocalStack]:
+    """A platform of each test's own: one test writes bad events into its log, which no later verify of
+    a clean run may see."""
+    async with running_stack(tmp_path / "verify", ["w1"]) as stack:
         yield stack
 
 
