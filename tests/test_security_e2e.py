@@ -14,6 +14,7 @@ import secrets
 import stat
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ from worker.runtime import Worker
 
 pytestmark = pytest.mark.slow
 
-#: Every secret the tests hand out or see, for the last test to look for in logs and the event log.
+#: Every secret the tests hand out or see, for `test_secrets_never_appear_in_logs_or_the_event_log` to look for
+#: in logs and the event log (besides the secrets it hands out itself).
 SEEN_SECRETS: set[str] = set()
 
 
@@ -126,15 +128,23 @@ def worker_credentials(stack: LocalStack, name: str) -> WorkerCredentials:
 # --- Workers of these tests' own (regions nobody else submits to) -----------------------------------
 
 HELD_REGION = "sec-a"
-REVOKE_REGION = "sec-b"
+OTHER_REGION = "sec-b"
+REVOKE_REGION = "sec-r"
 
 
 @pytest.fixture(scope="module")
 async def sec_workers(stack: LocalStack) -> AsyncIterator[dict[str, str]]:
-    """Echo-only workers: `sec1` in HELD_REGION, `sec2` and `sec3` in REVOKE_REGION; name -> worker id."""
-    names = {"sec1": HELD_REGION, "sec2": REVOKE_REGION, "sec3": REVOKE_REGION}
+    """Echo-only workers no test revokes: `sec1` in HELD_REGION, `sec2` in OTHER_REGION; name -> worker id."""
+    async with echo_workers(stack, {"sec1": HELD_REGION, "sec2": OTHER_REGION}) as ids:
+        yield ids
+
+
+@asynccontextmanager
+async def echo_workers(stack: LocalStack, names: dict[str, str]) -> AsyncIterator[dict[str, str]]:
+    """Echo-only worker processes `names` (name -> region), online for the `with` block; name -> worker id.
+    Their enrollment tokens join SEEN_SECRETS."""
     for name, region in names.items():
-        stack.start_worker(name, region, "--engines", "echo")
+        SEEN_SECRETS.add(stack.start_worker(name, region, "--engines", "echo").env.get("GPU_WORKER_ENROLLMENT_TOKEN", ""))
     try:
         async with HttpClient(stack.http_url, api_key=stack.operator_key) as http:
 
@@ -142,11 +152,18 @@ async def sec_workers(stack: LocalStack) -> AsyncIterator[dict[str, str]]:
                 views = [w for w in await http.workers() if w.name in names and w.status == "online"]
                 return len(views) == len(names)
 
-            await wait_until(online, 60, "the security tests' workers")
+            await wait_until(online, 60, f"the security tests' workers {sorted(names)}")
             yield {w.name: w.id for w in await http.workers() if w.name in names and w.status == "online"}
     finally:
         for name in names:
             stack.children.pop(f"worker-{name}").stop()
+
+
+@pytest.fixture
+async def revocable(stack: LocalStack) -> AsyncIterator[dict[str, str]]:
+    """Two workers of the revocation test's own, in REVOKE_REGION: the one it revokes is no other test's."""
+    async with echo_workers(stack, {"sec-r1": REVOKE_REGION, "sec-r2": REVOKE_REGION}) as ids:
+        yield ids
 
 
 @pytest.fixture(scope="module")
@@ -532,7 +549,7 @@ async def test_a_worker_reads_its_own_config_and_no_one_elses(
 
     assert (await config_of(creds.worker_id)).worker_id == creds.worker_id
     with pytest.raises(Forbidden) as exc:
-        await config_of(sec_workers["sec3"])
+        await config_of(sec_workers["sec1"])
     assert reason(exc) == "worker_mismatch"
     with pytest.raises(Unauthorized) as exc:
         await config_of(creds.worker_id, signed=False)
@@ -577,7 +594,7 @@ async def test_a_worker_rotates_its_credentials_when_an_operator_asks(
 
 
 async def test_a_revoked_workers_jobs_are_requeued(
-    stack: LocalStack, sec_workers: dict[str, str], http: HttpClient
+    stack: LocalStack, revocable: dict[str, str], http: HttpClient
 ) -> None:
     job = await http.submit("echo", params={"sleep_s": 2}, region=REVOKE_REGION)
 
@@ -586,7 +603,7 @@ async def test_a_revoked_workers_jobs_are_requeued(
 
     await wait_until(running, 30, "the job to start")
     victim = (await http.get(job.id)).worker_id
-    assert victim in (sec_workers["sec2"], sec_workers["sec3"])
+    assert victim in revocable.values()
     assert (await http.revoke_worker(victim)).status == "revoked"
 
     done = await http.wait(job.id, timeout_s=40)
@@ -797,7 +814,23 @@ async def test_an_endpoint_runs_a_bounded_number_of_handlers_and_leaves_the_othe
 async def test_secrets_never_appear_in_logs_or_the_event_log(
     stack: LocalStack, client: Client, http: HttpClient
 ) -> None:
-    """Runs last in this file: everything the tests above handed out is looked for."""
+    """Hands out a secret of each kind itself (an API key, a token pair and its refresh, an enrollment
+    token, a worker's credentials) and uses them, so it needs no other test; whatever the module's tests
+    that ran before it handed out (SEEN_SECRETS) is looked for too."""
+    key = await new_key(http, "secrets")
+    async with httpx.AsyncClient(base_url=stack.http_url) as raw:
+        issued = (await raw.post("/api/v1/auth/token", json={"api_key": key.api_key})).json()
+        refreshed = (await raw.post("/api/v1/auth/refresh", json={"refresh_token": issued["refresh_token"]})).json()
+    SEEN_SECRETS.update({issued["access_token"], issued["refresh_token"], refreshed["access_token"],
+                         refreshed["refresh_token"]})
+    async with HttpClient(stack.http_url, api_key=key.api_key) as holder:
+        job = await holder.submit("echo", params={"keep": "quiet"})
+        assert (await holder.wait(job.id, timeout_s=30)).status == "completed"
+    token = (await http.create_enrollment_token(ttl_s=60)).enrollment_token
+    enrolled = (await enroll_over_nats(stack.worker_url, token, "secret-keeper", "sec-secrets")).credentials
+    assert enrolled is not None
+    SEEN_SECRETS.update({token, enrolled.hmac_secret_hex, enrolled.access_token, enrolled.refresh_token})
+    await http.revoke_worker(enrolled.worker_id)
     await client.list()
     await http.list()
     found = set(SEEN_SECRETS) | {stack.operator_key or "", client.auth.access_token or "", http.auth.access_token or ""}
