@@ -55,6 +55,8 @@ async def test_tail_follow_prints_events_as_they_are_appended(stack: LocalStack,
     assert stack.broker is not None
     env = {**os.environ, "NATS_URL": stack.broker.address, "COLUMNS": "200"}
     env.pop("GF_API_KEY", None)
+    # A completed job of this test's own, so the backlog the follower prints first is never empty.
+    await http.wait((await http.submit("echo", params={"backlog": True})).id, timeout_s=30)
     follower = subprocess.Popen(
         [sys.executable, "-m", "sdk.ctl", "events", "tail", "--follow", "--json", "-n", "1", "--type", "job.completed",
          "--data-dir", str(stack.data_dir)],

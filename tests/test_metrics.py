@@ -138,6 +138,8 @@ async def test_queue_depth_by_type_and_region_counts_the_log_from_its_start(
 
 
 async def test_workers_leader_and_streams(stack: LocalStack, http: HttpClient) -> None:
+    # A job of this test's own, so the JOBS stream is not empty even on a platform that ran none yet.
+    assert (await http.wait((await http.submit("echo", params={"streams": True})).id, timeout_s=30)).status == "completed"
     workers = {w.id: w for w in await http.workers() if w.status == "online"}
     metrics = await scrape(stack.http_url)
     up = {labels["worker"]: labels["region"] for labels in metrics.labels("gf_worker_up")}
