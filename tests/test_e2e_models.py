@@ -15,6 +15,7 @@ from sdk.events import event_type
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from tests.conftest import wait_until
+from tests.tiny_models import build_tiny_gpt2
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +37,10 @@ async def model_loads(client: Client, worker_id: str, model: str) -> int:
     return sum(1 for e in events if isinstance(e, WorkerModelLoaded) and e.model == model)
 
 
-async def test_llm_job_returns_text_and_a_second_job_reuses_the_loaded_model(
-    client: Client, tiny_gpt2: Path
-) -> None:
-    model = str(tiny_gpt2)
+async def test_llm_job_returns_text_and_a_second_job_reuses_the_loaded_model(client: Client, tmp_path: Path) -> None:
+    # A model of this test's own: no worker holds it before its first job (another module's jobs may have
+    # loaded the session's tiny_gpt2 on both workers, and then either could take the second job).
+    model = str(build_tiny_gpt2(tmp_path / "gpt2"))
     first = await client.submit("llm", model=model, params={"prompt": "hello world", "max_new_tokens": 8})
     done = await client.wait(first.id, timeout_s=60)
     assert done.status == "completed", done.error
