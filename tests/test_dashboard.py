@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -39,10 +40,42 @@ async def browser() -> AsyncIterator[Browser]:
 
 
 @pytest.fixture(scope="module")
-async def bare_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
-    """A platform with no worker yet: the first test starts one and watches it appear."""
+async def shared_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LocalStack]:
+    """A platform the module's tests share: each starts the worker it needs unless one is there."""
     async with running_stack(tmp_path_factory.mktemp("dashboard"), []) as stack:
         yield stack
+
+
+@pytest.fixture
+async def bare_stack(tmp_path: Path) -> AsyncIterator[LocalStack]:
+    """A platform of the test's own where no worker has registered yet, whatever ran before."""
+    async with running_stack(tmp_path / "dashboard", []) as stack:
+        yield stack
+
+
+@pytest.fixture
+async def page(shared_stack: LocalStack, browser: Browser) -> AsyncIterator[Page]:
+    """A tab on the shared platform, signed in with the operator's key."""
+    async with signed_in_tab(shared_stack, browser) as tab:
+        yield tab
+
+
+@pytest.fixture
+async def bare_page(bare_stack: LocalStack, browser: Browser) -> AsyncIterator[Page]:
+    """A tab on the test's own bare platform, signed in with the operator's key."""
+    async with signed_in_tab(bare_stack, browser) as tab:
+        yield tab
+
+
+@asynccontextmanager
+async def signed_in_tab(stack: LocalStack, browser: Browser) -> AsyncIterator[Page]:
+    tab = await browser.new_page(viewport={"width": 1280, "height": 900})
+    assert stack.operator_key
+    await sign_in(tab, stack.http_url, stack.operator_key)
+    try:
+        yield tab
+    finally:
+        await tab.close()
 
 
 @pytest.fixture
@@ -50,16 +83,6 @@ def shots(tmp_path: Path) -> Path:
     folder = Path(os.environ.get("GF_SCREENSHOTS_DIR") or tmp_path / "screenshots")
     folder.mkdir(parents=True, exist_ok=True)
     return folder
-
-
-@pytest.fixture
-async def page(bare_stack: LocalStack, browser: Browser) -> AsyncIterator[Page]:
-    """A tab signed in with the operator's key."""
-    tab = await browser.new_page(viewport={"width": 1280, "height": 900})
-    assert bare_stack.operator_key
-    await sign_in(tab, bare_stack.http_url, bare_stack.operator_key)
-    yield tab
-    await tab.close()
 
 
 async def sign_in(page: Page, base_url: str, api_key: str) -> None:
@@ -77,45 +100,45 @@ async def ensure_worker(stack: LocalStack, page: Page, name: str, region: str) -
 
 
 async def test_sign_in_see_a_worker_appear_run_a_job_and_open_its_history(
-    bare_stack: LocalStack, page: Page, shots: Path
+    bare_stack: LocalStack, bare_page: Page, shots: Path
 ) -> None:
-    await expect(page.locator("#workers")).to_contain_text("No worker has registered yet.")
+    await expect(bare_page.locator("#workers")).to_contain_text("No worker has registered yet.")
 
     # A worker starts: it shows up live, in its region, online.
     bare_stack.start_worker("dash", region="eu-dash")
-    row = page.locator("#workers tr", has_text="dash")
+    row = bare_page.locator("#workers tr", has_text="dash")
     await expect(row).to_contain_text("online", timeout=WORKER_APPEARS_MS)
-    await expect(page.locator("#workers .region h3")).to_have_text(["Region eu-dash"])
+    await expect(bare_page.locator("#workers .region h3")).to_have_text(["Region eu-dash"])
 
     # A job, submitted from the page, goes from queued to completed without a reload.
-    await page.select_option("#submit-type", "echo")
-    await page.fill("#submit-params", '{"greeting": "hello from the dashboard"}')
-    await page.click("#submit-form button")
-    job_row = page.locator("#jobs tbody tr").first
+    await bare_page.select_option("#submit-type", "echo")
+    await bare_page.fill("#submit-params", '{"greeting": "hello from the dashboard"}')
+    await bare_page.click("#submit-form button")
+    job_row = bare_page.locator("#jobs tbody tr").first
     await expect(job_row.locator(".status")).to_have_text("completed", timeout=JOB_MS)
     await expect(job_row).to_contain_text("eu-dash")
-    await page.screenshot(path=shots / "dashboard-fleet.png", full_page=True)
+    await bare_page.screenshot(path=shots / "dashboard-fleet.png", full_page=True)
 
     # Its page: parameters, result, and the history as a timeline.
     await job_row.locator("a").click()
-    timeline = page.locator("#job-timeline li")
+    timeline = bare_page.locator("#job-timeline li")
     await expect(timeline.last).to_have_attribute("data-event", "job.completed", timeout=JOB_MS)
     events = [await item.get_attribute("data-event") for item in await timeline.all()]
     assert events == ["job.submitted", "job.assigned", "job.started", "job.completed"]
-    await expect(page.locator("#job-status")).to_have_text("completed")
-    await expect(page.locator("#job-params")).to_contain_text("hello from the dashboard")
-    await expect(page.locator("#job-result")).to_contain_text("hello from the dashboard")
-    await expect(page.locator("#job-cancel")).to_be_disabled()
+    await expect(bare_page.locator("#job-status")).to_have_text("completed")
+    await expect(bare_page.locator("#job-params")).to_contain_text("hello from the dashboard")
+    await expect(bare_page.locator("#job-result")).to_contain_text("hello from the dashboard")
+    await expect(bare_page.locator("#job-cancel")).to_be_disabled()
     # Where it ran and why: the placement explanation, from the log once the job was placed.
-    await expect(page.locator("#placement-summary")).to_contain_text("completed; placed on worker ")
-    await expect(page.locator("#placement-summary")).to_contain_text("in region eu-dash")
-    await page.screenshot(path=shots / "dashboard-job.png", full_page=True)
+    await expect(bare_page.locator("#placement-summary")).to_contain_text("completed; placed on worker ")
+    await expect(bare_page.locator("#placement-summary")).to_contain_text("in region eu-dash")
+    await bare_page.screenshot(path=shots / "dashboard-job.png", full_page=True)
 
 
 async def test_an_image_jobs_page_shows_the_picture(
-    bare_stack: LocalStack, page: Page, shots: Path, tiny_diffusion: Path
+    shared_stack: LocalStack, page: Page, shots: Path, tiny_diffusion: Path
 ) -> None:
-    await ensure_worker(bare_stack, page, "dash", "eu-dash")
+    await ensure_worker(shared_stack, page, "dash", "eu-dash")
     await page.select_option("#submit-type", "image")
     await page.fill("#submit-model", str(tiny_diffusion))
     await page.fill("#submit-params", '{"prompt": "a red square", "width": 64, "height": 80, "steps": 2, "seed": 3}')
@@ -134,9 +157,9 @@ async def test_an_image_jobs_page_shows_the_picture(
 
 
 async def test_cancel_a_running_job_and_manage_keys_and_enrollment(
-    bare_stack: LocalStack, page: Page, shots: Path
+    shared_stack: LocalStack, page: Page, shots: Path
 ) -> None:
-    await ensure_worker(bare_stack, page, "slow", "local")
+    await ensure_worker(shared_stack, page, "slow", "local")
 
     await page.fill("#submit-params", '{"sleep_s": 60}')
     await page.click("#submit-form button")
@@ -161,7 +184,7 @@ async def test_cancel_a_running_job_and_manage_keys_and_enrollment(
 
     # A client signs in: no workers, no operator page, and none of the operator's jobs.
     await page.click("#sign-out")
-    await sign_in(page, bare_stack.http_url, client_key)
+    await sign_in(page, shared_stack.http_url, client_key)
     await expect(page.locator("#workers-panel")).to_be_hidden()
     await expect(page.locator("#nav-admin")).to_be_hidden()
     await expect(page.locator("#jobs tbody tr")).to_have_count(0)
