@@ -2,8 +2,9 @@
 --projections 2`, two schedulers), each replicated service losing one process to SIGKILL while it works:
 the survivors answer, and nothing acknowledged is lost.
 
-One stack for the module (starting it is the slow part); each test kills a different process, the NATS
-node last, since it shakes every other component."""
+One stack for the module (starting it is the slow part); each test kills a process of a different service,
+so the service it kills is whole when it starts, and what earlier tests killed leaves survivors that serve it:
+the tests pass in any order (checked in reverse)."""
 
 from __future__ import annotations
 
