@@ -22,6 +22,7 @@ from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,8 @@ CHUNK_BYTES = 128 * 1024
 #: How long the old server may take to send a whole snapshot, and the cluster to restore one.
 TRANSFER_TIMEOUT_S = 300.0
 API_TIMEOUT_S = 10.0
+#: How long a restore's chunks wait for the restoring node's interest to reach this client's node.
+INTEREST_WAIT_S = 10.0
 
 
 class MigrationError(RuntimeError):
@@ -93,10 +96,25 @@ async def restore(nc: NatsClient, meta: dict[str, Any], data: bytes) -> None:
     name = meta["config"]["name"]
     reply = await _api(nc, f"$JS.API.STREAM.RESTORE.{name}", meta)
     for start in range(0, len(data), CHUNK_BYTES):
-        ack = await nc.request(reply["deliver_subject"], data[start:start + CHUNK_BYTES], timeout=API_TIMEOUT_S)
+        ack = await send_chunk(nc, reply["deliver_subject"], data[start:start + CHUNK_BYTES], API_TIMEOUT_S)
         _check(ack.data, f"restore of {name}")
-    done = await nc.request(reply["deliver_subject"], b"", timeout=TRANSFER_TIMEOUT_S)
+    done = await send_chunk(nc, reply["deliver_subject"], b"", TRANSFER_TIMEOUT_S)
     _check(done.data, f"restore of {name}")
+
+
+async def send_chunk(nc: NatsClient, subject: str, chunk: bytes, timeout_s: float) -> Msg:
+    """A request to the node that restores: its subscription is made on that node as the restore starts,
+    and reaches the node this client is on a moment later (routes tell each other of new interest
+    asynchronously; on a loaded machine the first chunk found no responder). Nobody received a chunk
+    that found no responder, so it is sent again, for up to `INTEREST_WAIT_S`."""
+    deadline = asyncio.get_running_loop().time() + INTEREST_WAIT_S
+    while True:
+        try:
+            return await nc.request(subject, chunk, timeout=timeout_s)
+        except NoRespondersError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
 
 
 async def _stream_names(nc: NatsClient) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from sdk import subjects
 from sdk.api import Accepted
@@ -29,6 +30,7 @@ from sdk.events import event_type
 from sdk.http import HttpClient
 from sdk.local import LocalStack
 from sdk.log import LEASE_TTL_S
+from sdk.migrate import send_chunk
 from tests.conftest import running_stack, wait_until
 
 pytestmark = pytest.mark.slow
@@ -199,6 +201,24 @@ async def test_killed_nats_node_mid_load_loses_no_acknowledged_job(cluster: Loca
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_restore_chunk_waits_for_the_restoring_nodes_interest(nc: NatsClient) -> None:
+    """The restoring node subscribes as the restore starts, and its interest reaches the client's node a
+    moment later: a chunk sent before then found no responder, which aborted a move under load."""
+    subject = nc.new_inbox()
+
+    async def respond(msg: Msg) -> None:
+        await msg.respond(b"{}")
+
+    async def responder_comes_late() -> None:
+        await asyncio.sleep(0.3)
+        await nc.subscribe(subject, cb=respond)
+
+    late = asyncio.create_task(responder_comes_late())
+    answer = await send_chunk(nc, subject, b"chunk", 5)
+    await late
+    assert answer.data == b"{}"
 
 
 def test_single_node_stays_the_default(tmp_path: Path) -> None:
