@@ -176,9 +176,7 @@ class WebhookSecrets:
 class WebhookDeliverer:
     """The gateway's part of the shared `webhooks` consumer: takes the triggers pushed to it and delivers them."""
 
-    def __init__(
-        self, js: JetStreamContext, secrets: WebhookSecrets, settings: WebhookSettings, feed: JobFeed | None = None
-    ) -> None:
+    def __init__(self, js: JetStreamContext, secrets: WebhookSecrets, settings: WebhookSettings, feed: JobFeed) -> None:
         """`feed`: the gateway's recent jobs, which tell most endings apart as jobs without a webhook."""
         self.js = js
         self.secrets = secrets
@@ -219,7 +217,7 @@ class WebhookDeliverer:
     def _may_have_webhook(self, subject: str) -> bool:
         """False for a job the feed knows was submitted without a webhook (most jobs): no read needed."""
         job_id = subjects.JOBS.token(subject)
-        job = self.feed.recent(job_id) if self.feed is not None and job_id is not None else None
+        job = self.feed.recent(job_id) if job_id is not None else None
         return job is None or job.webhook_url is not None
 
     async def _handle(self, msg: Msg) -> None:
@@ -318,7 +316,6 @@ async def request_redelivery(js: JetStreamContext, job_id: str, owner: str | Non
     ack = await append(js, subjects.job_subject(job_id), JobWebhookRedeliveryRequested(job_id=job_id))
     logger.info("webhook of job %s: redelivery requested", job_id)
     return Accepted(seq=ack.seq)
-
 
 
 def _consumer_config(settings: WebhookSettings, start_seq: int | None = None) -> ConsumerConfig:

@@ -43,11 +43,13 @@ class Names:
 #: Every job event, one subject per job: the subject is the aggregate, so
 #: `Nats-Expected-Last-Subject-Sequence` gives one writer per decision about a job.
 JOBS_STREAM = "JOBS"
-JOBS_SUBJECTS = "jobs.*"
+JOBS = Names("jobs")
+JOBS_SUBJECTS = JOBS.each
 
 #: Worker lifecycle events (registered, model loaded, lost, ...), one subject per worker.
 WORKERS_STREAM = "WORKERS"
-WORKERS_SUBJECTS = "workers.*"
+WORKERS = Names("workers")
+WORKERS_SUBJECTS = WORKERS.each
 
 #: The latest telemetry of each worker; short-lived, a few messages per subject.
 HEARTBEATS_STREAM = "HEARTBEATS"
@@ -60,7 +62,8 @@ DISPATCH_SUBJECTS = "dispatch.*.*"
 #: Direct sessions' openings and closings, one subject per session (the aggregate): who leased which
 #: worker, when, and on close the usage. Single requests are not in the log.
 SESSIONS_STREAM = "SESSIONS"
-SESSIONS_SUBJECTS = "sessions.*"
+SESSIONS = Names("sessions")
+SESSIONS_SUBJECTS = SESSIONS.each
 
 #: Each stream with the subjects it holds (what a reader of the whole stream filters on).
 STREAM_SUBJECTS = {
@@ -247,10 +250,9 @@ WRONG_LAST_SEQUENCE_ERR_CODES = frozenset({10071, 10164})
 
 
 #: `jobs.<job_id>`, `workers.<worker_id>`, `sessions.<session_id>`: each aggregate's subject in its stream.
-JOBS = Names("jobs")
 job_subject = JOBS.of
-worker_subject = Names("workers").of
-session_subject = Names("sessions").of
+worker_subject = WORKERS.of
+session_subject = SESSIONS.of
 #: Where a worker serves its direct sessions' requests (each carries a session token).
 direct_subject = Names("direct").of
 
