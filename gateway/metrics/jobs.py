@@ -2,8 +2,8 @@
 queue depth (by type and region), and latency histograms (queued, running, end to end).
 
 The gateway's follower of JOBS (`gateway.follow`) replays the log from its start into this fold, so every
-gateway exports the same totals and the queue depth is exact from the first scrape on. Memory: a small record per unfinished job; a job leaves
-when it reaches a terminal status.
+gateway exports the same totals and the queue depth is exact from the first scrape on. Memory: a small
+record per unfinished job; a job leaves when it reaches a terminal status.
 """
 
 from __future__ import annotations
